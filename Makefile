@@ -1,0 +1,30 @@
+# `make train` and `make test` set everything up from nothing: a virtual environment with the
+# project and its dev extra installed. The stamp file is rewritten only after a complete install.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+CONFIG ?= configs/default.yaml
+ARGS ?=
+
+.PHONY: install train test test-quick clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+train: $(STAMP)
+	$(PY) -m train --config $(CONFIG) $(ARGS)
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+test-quick: $(STAMP)
+	$(PY) -m pytest -m "not slow"
+
+clean:
+	rm -rf runs .pytest_cache

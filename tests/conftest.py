@@ -1,0 +1,58 @@
+"""Shared helpers: run the real command lines in fresh processes, read what they wrote."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+REPO = Path(__file__).resolve().parent.parent
+# No test may reach the network: Hugging Face libraries read these when first imported.
+os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+# A few cheap steps on the CPU: enough to exercise every phase of the loop.
+TINY = ["model.arch=dcgan", "data.batch_size=8", "train.steps=6", "logging.every=3",
+        "logging.samples_every=0", "checkpoint.every=0", "logging.wandb=disabled", "train.cpu=true"]
+
+
+def run_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", WANDB_SILENT="true", OMP_NUM_THREADS="1")
+    env.update(extra)
+    return env
+
+
+def run_train(args: list[str], env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    """`python -m train ARGS` in a new process, as a user types it."""
+    return subprocess.run([sys.executable, "-m", "train", *args], cwd=REPO, env=env or run_env(),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def accelerate_launch(num_processes: int, args: list[str], env: dict | None = None,
+                      timeout: int = 300) -> subprocess.CompletedProcess:
+    """`accelerate launch --multi_gpu --num_processes N ARGS` on the CPU: real processes talking over gloo.
+
+    (`--cpu --num_processes N` starts one process in Accelerate 1.x; `--multi_gpu` goes through torchrun.)
+    """
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(num_processes),
+               "--num_machines", "1", "--main_process_port", str(free_port()), "--mixed_precision", "no", "--dynamo_backend", "no", *args]
+    return subprocess.run(command, cwd=REPO, env=env or run_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def final_weights(run_dir: Path) -> dict[str, dict]:
+    folder = run_dir / "checkpoints" / (run_dir / "checkpoints" / "latest").read_text().strip()
+    return {name: load_file(folder / f"{name}.safetensors") for name in ("generator", "discriminator")}
+
+
+@pytest.fixture
+def mnist_dir() -> Path:
+    return REPO / "data" / "mnist"

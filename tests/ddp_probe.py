@@ -1,0 +1,61 @@
+"""Run by test_distributed under `accelerate launch --cpu --num_processes 2`.
+
+Drives the loop's own step functions while a DDP communication hook counts the all-reduces of
+each network in each phase, then writes this rank's weights, buffers, shard and counts to OUT.
+Usage: ddp_probe.py OUT key=value ...
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+from train import config, loop
+from train.distributed import sync_buffers_from_main
+
+out, overrides = Path(sys.argv[1]), sys.argv[2:]
+cfg = config.load(None, overrides)
+accelerator, batches, run_dir = loop.set_up(cfg)
+generator, discriminator = loop.build_models(cfg)
+g_optimizer, d_optimizer = loop.build_optimizers(cfg, generator, discriminator)
+generator, discriminator, g_optimizer, d_optimizer = accelerator.prepare(generator, discriminator, g_optimizer, d_optimizer)
+
+phase = "setup"
+allreduces = {f"{network}/{p}": 0 for network in ("generator", "discriminator") for p in ("d_step", "g_step")}
+
+
+def counting(network):
+    def hook(state, bucket):
+        allreduces[f"{network}/{phase}"] += 1
+        return allreduce_hook(state, bucket)
+    return hook
+
+
+generator.register_comm_hook(None, counting("generator"))
+discriminator.register_comm_hook(None, counting("discriminator"))
+shard = batches.epoch_indices.clone()
+noise = torch.Generator().manual_seed(1000 + accelerator.process_index)
+for step in range(cfg.train.steps):
+    real = batches.next()
+    z = torch.randn(real.shape[0], cfg.model.z_dim, generator=noise)
+    phase = "d_step"
+    fake = generator(z)
+    loop.discriminator_step(accelerator, cfg.loss, discriminator, d_optimizer, real, fake)
+    phase = "g_step"
+    loop.generator_step(accelerator, cfg.loss, discriminator, g_optimizer, fake)
+
+rank = accelerator.process_index
+state = {f"{name}.{key}": value.detach().clone() for name, model in (("generator", generator), ("discriminator", discriminator))
+         for key, value in accelerator.unwrap_model(model).state_dict().items()}
+sync_buffers_from_main(generator)
+sync_buffers_from_main(discriminator)
+synced = {f"{name}.{key}": value.detach().clone() for name, model in (("generator", generator), ("discriminator", discriminator))
+          for key, value in accelerator.unwrap_model(model).state_dict().items()}
+save_file(state, out / f"rank{rank}_local.safetensors")
+save_file(synced, out / f"rank{rank}_synced.safetensors")
+save_file({"shard": shard}, out / f"rank{rank}_shard.safetensors")
+(out / f"rank{rank}_allreduces.json").write_text(json.dumps(allreduces))
+accelerator.wait_for_everyone()

@@ -1,0 +1,46 @@
+"""Every config mistake stops the run before any work, naming the key and what is allowed."""
+
+import pytest
+
+from train.config import ConfigError, available_configs, load
+
+
+@pytest.mark.parametrize("name", available_configs())
+def test_every_shipped_config_loads(name):
+    load(name, [])
+
+
+def test_overrides_take_dotted_keys_and_convert_types():
+    cfg = load("configs/smoke.yaml", ["train.steps=7", "data.batch_size=3", "loss=hinge", "optim.amsgrad=false"])
+    assert (cfg.train.steps, cfg.data.batch_size, cfg.loss, cfg.optim.amsgrad) == (7, 3, "hinge", False)
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    (["train.stepz=5"], "unknown config key 'train.stepz'; valid keys here: steps, mixed_precision, cpu"),
+    (["nonsense=1"], "unknown config key 'nonsense'"),
+    (["train.steps=many"], "config key 'train.steps'"),
+    (["data.batch_size=0"], "config key 'data.batch_size' is 0; it must be greater than 0"),
+    (["optim.g_lr=-0.001"], "config key 'optim.g_lr' is -0.001; it must be greater than 0"),
+    (["optim.beta1=1.5"], "config key 'optim.beta1' is 1.5; it must be in [0, 1)"),
+    (["model.arch=stylegan"], "config key 'model.arch' is 'stylegan'; allowed values: seed, dcgan"),
+    (["loss=wasserstein"], "config key 'loss' is 'wasserstein'; allowed values: bce, hinge"),
+    (["logging.wandb=maybe"], "allowed values: online, offline, disabled"),
+    (["train.mixed_precision=fp8"], "allowed values: null, fp32, bf16, fp16"),
+    (["train.steps"], "override 'train.steps' is not of the form key=value"),
+])
+def test_bad_values_name_the_key_and_the_fix(overrides, expected):
+    with pytest.raises(ConfigError) as error:
+        load("configs/smoke.yaml", overrides)
+    assert expected in str(error.value)
+
+
+def test_unknown_key_in_a_yaml_file_is_named(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("train:\n  steps: 5\n  learning_rate: 0.1\n")
+    with pytest.raises(ConfigError, match="unknown config key 'train.learning_rate'"):
+        load(str(path), [])
+
+
+def test_missing_config_file_lists_the_shipped_ones():
+    with pytest.raises(ConfigError, match="configs/nope.yaml.*does not exist.*configs/smoke.yaml"):
+        load("configs/nope.yaml", [])

@@ -1,0 +1,152 @@
+"""Reading MNIST from every source, refusing bad files clearly, and dealing epochs to ranks."""
+
+import gzip
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from train.config import DataConfig
+from train.data import DataError, DataPosition, ShardedBatches, load_images, read_idx_images
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def mnist_train():
+    from conftest import REPO
+    return read_idx_images(REPO / "data" / "mnist", "train")
+
+
+def copy_mnist(mnist_dir, destination):
+    shutil.copytree(mnist_dir, destination)
+    return destination
+
+
+def test_shipped_mnist_reads_and_verifies(mnist_dir, mnist_train):
+    test = read_idx_images(mnist_dir, "test")
+    assert mnist_train.shape == (60000, 28, 28) and mnist_train.dtype == torch.uint8
+    assert test.shape == (10000, 28, 28)
+    assert 0 < mnist_train.float().mean() < 255
+
+
+def test_uncompressed_idx_reads_the_same(tmp_path, mnist_dir, mnist_train):
+    raw = gzip.decompress((mnist_dir / "train-images-idx3-ubyte.gz").read_bytes())
+    (tmp_path / "train-images-idx3-ubyte").write_bytes(raw)  # no SHA256SUMS here: nothing to verify against
+    assert torch.equal(read_idx_images(tmp_path, "train"), mnist_train)
+
+
+def test_missing_file_is_named(tmp_path, mnist_dir):
+    folder = copy_mnist(mnist_dir, tmp_path / "mnist")
+    (folder / "train-images-idx3-ubyte.gz").unlink()
+    with pytest.raises(DataError, match="missing data file .*train-images-idx3-ubyte.gz"):
+        read_idx_images(folder, "train")
+
+
+def test_corrupt_file_fails_its_checksum(tmp_path, mnist_dir):
+    folder = copy_mnist(mnist_dir, tmp_path / "mnist")
+    path = folder / "train-images-idx3-ubyte.gz"
+    data = bytearray(path.read_bytes())
+    data[5000] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(DataError, match="train-images-idx3-ubyte.gz is corrupt: SHA-256 .* does not match"):
+        read_idx_images(folder, "train")
+
+
+def test_bad_magic_and_truncation_are_reported(tmp_path):
+    (tmp_path / "train-images-idx3-ubyte").write_bytes(b"\x00\x00\x08\x04" + bytes(100))
+    with pytest.raises(DataError, match="magic number 2052, expected 2051"):
+        read_idx_images(tmp_path, "train")
+    (tmp_path / "train-images-idx3-ubyte").write_bytes(
+        (2051).to_bytes(4, "big") + (10).to_bytes(4, "big") + (28).to_bytes(4, "big") * 2 + bytes(100))
+    with pytest.raises(DataError, match="holds 100 bytes of data, its header promises 7840"):
+        read_idx_images(tmp_path, "train")
+
+
+def test_hf_datasets_source_reads_a_local_parquet_dataset(tmp_path, mnist_train):
+    pytest.importorskip("datasets")
+    import datasets
+    from PIL import Image
+    subset = mnist_train[:300].numpy()
+    records = {"image": [Image.fromarray(image) for image in subset], "label": list(range(300))}
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.Value("int64")})
+    datasets.Dataset.from_dict(records, features=features).to_parquet(str(tmp_path / "train.parquet"))
+    images = load_images(DataConfig(source="hf", path=str(tmp_path)))
+    assert torch.equal(images, torch.from_numpy(subset))
+
+
+def test_hf_hub_id_without_network_says_how_to_use_local_files():
+    pytest.importorskip("datasets")
+    with pytest.raises(DataError, match="could not load Hugging Face dataset 'ylecun/mnist'.*local folder or parquet"):
+        load_images(DataConfig(source="hf", path="ylecun/mnist"))
+
+
+def test_torchvision_source_reads_files_already_in_place(tmp_path, mnist_dir, mnist_train):
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for path in mnist_dir.glob("*.gz"):
+        (raw / path.stem).write_bytes(gzip.decompress(path.read_bytes()))
+    images = load_images(DataConfig(source="torchvision", path=str(tmp_path)))
+    assert torch.equal(images, mnist_train)
+
+
+def deal(num_images, batch_size, world_size, seed=0, epochs=2):
+    """Every rank's batches, as index lists, for `epochs` epochs."""
+    images = torch.arange(num_images).view(num_images, 1, 1).to(torch.uint8)  # index encoded in the pixel
+    ranks = [ShardedBatches(images, batch_size, rank, world_size, seed, CPU) for rank in range(world_size)]
+    steps = ranks[0].steps_per_epoch * epochs
+    return [[(r.next().flatten() * 255).round().long().tolist() for _ in range(steps)] for r in ranks], ranks[0]
+
+
+def test_shards_are_disjoint_and_cover_each_epoch():
+    per_rank, batches = deal(num_images=96, batch_size=4, world_size=3)  # 96 = 8 global batches of 12
+    for epoch in range(2):
+        seen = [i for rank in per_rank for batch in rank[epoch * 8:(epoch + 1) * 8] for i in batch]
+        assert sorted(seen) == list(range(96))
+    assert all(len(rank) == 16 for rank in per_rank)  # every rank runs the same number of steps
+
+
+def test_tail_that_does_not_fill_a_global_batch_is_left_out_and_changes_each_epoch():
+    per_rank, batches = deal(num_images=100, batch_size=4, world_size=3)
+    epoch_sets = [{i for rank in per_rank for batch in rank[e * 8:(e + 1) * 8] for i in batch} for e in range(2)]
+    assert all(len(s) == 96 for s in epoch_sets)
+    assert epoch_sets[0] != epoch_sets[1]
+
+
+def test_epoch_order_depends_on_seed_and_epoch_only():
+    one, _ = deal(96, 4, 1)
+    again, _ = deal(96, 4, 1)
+    assert one == again
+    other_seed, _ = deal(96, 4, 1, seed=1)
+    assert one != other_seed
+    assert one[0][:24] != one[0][24:]  # epochs differ
+
+
+def test_global_batches_do_not_depend_on_the_number_of_processes():
+    single, _ = deal(96, 12, 1)
+    split, _ = deal(96, 4, 3)
+    for step in range(16):
+        assert single[0][step] == split[0][step] + split[1][step] + split[2][step]
+
+
+def test_position_resumes_mid_epoch_exactly():
+    images = torch.arange(96).view(96, 1, 1).to(torch.uint8)
+    straight = ShardedBatches(images, 4, 1, 2, 5, CPU)
+    expected = [straight.next() for _ in range(20)]
+    first = ShardedBatches(images, 4, 1, 2, 5, CPU)
+    for _ in range(7):
+        first.next()
+    resumed = ShardedBatches(images, 4, 1, 2, 5, CPU, position=DataPosition(**vars(first.position)))
+    assert all(torch.equal(a, b) for a, b in zip(expected[7:], [resumed.next() for _ in range(13)]))
+
+
+def test_more_processes_than_samples_is_refused():
+    with pytest.raises(DataError, match="fewer than one global batch of 64 .*data.batch_size=8 x 8 processes"):
+        ShardedBatches(torch.zeros(50, 28, 28, dtype=torch.uint8), 8, 0, 8, 0, CPU)
+
+
+def test_batches_are_float_images_in_unit_range(mnist_train):
+    batch = ShardedBatches(mnist_train, 16, 0, 1, 0, CPU).next()
+    assert batch.shape == (16, 1, 28, 28) and batch.dtype == torch.float32
+    assert batch.min() >= 0 and batch.max() <= 1 and np.isclose(batch.max().item(), 1.0)

@@ -1,0 +1,71 @@
+"""Two real processes over gloo: the ranks stay in lockstep and only the updated network communicates."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import REPO, TINY, accelerate_launch, final_weights
+from train.data import ShardedBatches, read_idx_images
+
+pytestmark = pytest.mark.slow
+PROBE_STEPS = 5
+
+
+@pytest.fixture(scope="module")
+def probe(tmp_path_factory):
+    out = tmp_path_factory.mktemp("probe")
+    args = [str(REPO / "tests" / "ddp_probe.py"), str(out), "model.arch=seed", "data.batch_size=8",
+            f"train.steps={PROBE_STEPS}", "logging.wandb=disabled", "train.cpu=true", f"run.dir={out / 'run'}"]
+    result = accelerate_launch(2, args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
+def test_parameters_agree_and_batchnorm_statistics_are_rank_0s_after_sync(probe):
+    local = [load_file(probe / f"rank{r}_local.safetensors") for r in (0, 1)]
+    synced = [load_file(probe / f"rank{r}_synced.safetensors") for r in (0, 1)]
+    parameters = [key for key in local[0] if not key.rsplit(".", 1)[1].startswith(("running_", "num_batches"))]
+    assert parameters
+    for key in parameters:
+        assert torch.equal(local[0][key], local[1][key]), key
+    running = [key for key in local[0] if "running_" in key]
+    # Each rank tracks statistics of its own shard (no broadcast between the two D forwards) ...
+    assert any(not torch.equal(local[0][key], local[1][key]) for key in running)
+    # ... and the sync before eval or saving gives every rank rank 0's, as DDP's default would.
+    for key in synced[0]:
+        assert torch.equal(synced[0][key], synced[1][key]), key
+        assert torch.equal(synced[0][key], local[0][key]), key
+
+
+def test_only_the_network_being_updated_all_reduces(probe):
+    for rank in (0, 1):
+        counts = json.loads((probe / f"rank{rank}_allreduces.json").read_text())
+        assert counts["discriminator/g_step"] == 0  # D runs under no_sync with requires_grad off
+        assert counts["generator/d_step"] == 0  # the D step sees G's output detached
+        assert counts["discriminator/d_step"] >= PROBE_STEPS
+        assert counts["generator/g_step"] >= PROBE_STEPS
+
+
+def test_ranks_hold_disjoint_shards_that_cover_the_epoch(probe):
+    shards = [load_file(probe / f"rank{r}_shard.safetensors")["shard"] for r in (0, 1)]
+    assert shards[0].shape == shards[1].shape == (60000 // 16, 8)
+    together = torch.cat([shards[0].flatten(), shards[1].flatten()])
+    assert len(set(together.tolist())) == together.numel() == 60000  # 60000 = 3750 global batches of 16
+    images = read_idx_images(REPO / "data" / "mnist", "train")
+    expected = ShardedBatches(images, 8, 0, 2, 0, torch.device("cpu")).epoch_order(0)
+    assert torch.equal(torch.stack(shards, 1).flatten(), expected)
+
+
+def test_accelerate_launch_two_processes_trains_the_smoke_config(tmp_path):
+    run_dir = tmp_path / "run"
+    result = accelerate_launch(2, ["-m", "train", "--config", "configs/smoke.yaml", f"run.dir={run_dir}",
+                                   "train.steps=60", "checkpoint.every=30", "logging.every=20"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == [20, 40, 60]
+    assert all(line["global_batch"] == 32 for line in lines)
+    weights = final_weights(run_dir)
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["latest", "step_00000030", "step_00000060"]
+    assert all(torch.isfinite(t).all() for tensors in weights.values() for t in tensors.values())

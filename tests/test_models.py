@@ -1,0 +1,76 @@
+"""The seed architecture is the blog's; the losses are the blog's in logit form."""
+
+import torch
+from torch import nn
+
+from blog_reference import Discriminator as BlogDiscriminator, Generator as BlogGenerator, blog_losses
+from train import losses, models
+
+LOSS_TOLERANCE = 1e-5  # float32 BCE on probabilities vs softplus on logits
+
+
+def count(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def test_seed_networks_have_the_blogs_parameter_counts_and_shapes():
+    generator, discriminator = models.build("seed", z_dim=100)
+    blog_generator, blog_discriminator = BlogGenerator(100), BlogDiscriminator()
+    assert count(generator) == count(blog_generator) == 1_636_033
+    assert count(discriminator) == count(blog_discriminator) == 26_545
+    assert [p.shape for p in generator.parameters()] == [p.shape for p in blog_generator.parameters()]
+    assert [b.shape for b in discriminator.buffers()] == [b.shape for b in blog_discriminator.buffers()]
+    z = torch.randn(5, 100)
+    assert generator(z).shape == (5, 1, 28, 28)
+    assert discriminator(generator(z)).shape == (5,)
+
+
+def test_seed_networks_compute_the_blogs_functions():
+    torch.manual_seed(1)
+    generator, discriminator = models.build("seed", z_dim=100)
+    blog_generator, blog_discriminator = BlogGenerator(100), BlogDiscriminator()
+    # Same parameter and buffer order and shapes, so our weights copy into the blog's positionally.
+    with torch.no_grad():
+        for ours, blog in ((generator, blog_generator), (discriminator, blog_discriminator)):
+            for mine, theirs in zip([*ours.parameters(), *ours.buffers()], [*blog.parameters(), *blog.buffers()]):
+                theirs.copy_(mine)
+    z = torch.randn(7, 100)
+    images = generator(z)
+    assert torch.equal(images, blog_generator(z))
+    assert torch.equal(discriminator(images).sigmoid(), blog_discriminator(images).squeeze(1))
+
+
+def test_bce_is_the_blogs_loss_with_the_label_convention_flipped():
+    torch.manual_seed(2)
+    real_logits, fake_logits = torch.randn(64) * 3, torch.randn(64) * 3
+
+    class BlogDiscriminatorOf(nn.Module):  # the blog's D outputs P(fake) = sigmoid(-our logit)
+        def forward(self, x):
+            return torch.where(x[:, :1] > 0, -real_logits, -fake_logits).sigmoid().unsqueeze(1)
+
+    real_marker, fake_marker = torch.ones(64, 1), -torch.ones(64, 1)
+    blog_d_loss, blog_g_loss = blog_losses(BlogDiscriminatorOf(), fake_marker, real_marker)
+    d_loss = losses.discriminator_loss("bce", real_logits, fake_logits)
+    g_loss = losses.generator_loss("bce", fake_logits)
+    torch.testing.assert_close(d_loss, blog_d_loss, rtol=LOSS_TOLERANCE, atol=LOSS_TOLERANCE)
+    torch.testing.assert_close(g_loss, blog_g_loss, rtol=LOSS_TOLERANCE, atol=LOSS_TOLERANCE)
+
+
+def test_bce_on_logits_stays_finite_where_sigmoid_then_bce_saturates():
+    logits = torch.tensor([-200.0, 200.0])
+    assert torch.isfinite(losses.discriminator_loss("bce", logits, -logits))
+    assert torch.isfinite(losses.generator_loss("bce", logits))
+
+
+def test_hinge_loss_values():
+    real, fake = torch.tensor([2.0, 0.5]), torch.tensor([-2.0, 0.5])
+    assert losses.discriminator_loss("hinge", real, fake).item() == (0 + 0.5) / 2 + (0 + 1.5) / 2
+    assert losses.generator_loss("hinge", fake).item() == 0.75
+
+
+def test_dcgan_shapes():
+    generator, discriminator = models.build("dcgan", z_dim=64)
+    images = generator(torch.randn(3, 64))
+    assert images.shape == (3, 1, 28, 28)
+    assert images.min() >= 0 and images.max() <= 1
+    assert discriminator(images).shape == (3,)

@@ -1,0 +1,85 @@
+"""`python -m train` as a user runs it: reproducible, finite, and refusing bad input before any work."""
+
+import json
+import math
+import shutil
+
+import pytest
+import torch
+
+from conftest import REPO, TINY, final_weights, run_train
+
+
+def metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_same_seed_gives_bitwise_identical_weights_and_another_seed_does_not(tmp_path):
+    runs = {name: tmp_path / name for name in ("a", "b", "other")}
+    for name, run_dir in runs.items():
+        seed = 1 if name == "other" else 0
+        result = run_train(TINY + [f"run.dir={run_dir}", f"run.seed={seed}"])
+        assert result.returncode == 0, result.stderr[-2000:]
+    a, b, other = (final_weights(runs[name]) for name in ("a", "b", "other"))
+    for network in a:
+        assert a[network].keys() == b[network].keys()
+        assert all(torch.equal(a[network][key], b[network][key]) for key in a[network])
+    assert not all(torch.equal(a["generator"][k], other["generator"][k]) for k in a["generator"])
+    timeless = [[{k: v for k, v in line.items() if k != "images_per_second"} for line in metrics(runs[name])]
+                for name in ("a", "b")]
+    assert timeless[0] == timeless[1]
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_losses_stay_finite(tmp_path, precision):
+    result = run_train(TINY + [f"run.dir={tmp_path}", f"train.mixed_precision={precision}", "model.arch=seed"])
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = metrics(tmp_path)
+    assert [line["step"] for line in lines] == [3, 6]
+    for line in lines:
+        assert all(math.isfinite(line[key]) for key in ("loss/d", "loss/g", "d/real", "d/fake"))
+        assert 0 <= line["d/real"] <= 1 and 0 <= line["d/fake"] <= 1
+
+
+@pytest.mark.slow
+def test_smoke_config_writes_a_complete_run(tmp_path):
+    result = run_train(["--config", "configs/smoke.yaml", f"run.dir={tmp_path}"])
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert [line["step"] for line in metrics(tmp_path)] == list(range(25, 201, 25))
+    assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step_00000200"
+    assert sorted(p.name for p in (tmp_path / "checkpoints").glob("step_*")) == ["step_00000100", "step_00000200"]
+    assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == ["step_00000100.png", "step_00000200.png"]
+    assert "arch: dcgan" in (tmp_path / "config.yaml").read_text()
+    assert not list(tmp_path.glob("checkpoints/.incomplete*"))
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["train.stepz=3"], "unknown config key 'train.stepz'"),
+    (["data.batch_size=0"], "config key 'data.batch_size' is 0"),
+    (["train.mixed_precision=fp16"], "train.mixed_precision=fp16 needs a GPU"),
+    (["data.batch_size=70000"], "fewer than one global batch"),
+    (["data.path=/nonexistent/mnist"], "data.path '/nonexistent/mnist' is not a folder"),
+])
+def test_bad_input_stops_with_a_message_and_leaves_no_run_dir(tmp_path, overrides, message):
+    run_dir = tmp_path / "run"
+    result = run_train(TINY + [f"run.dir={run_dir}", *overrides])
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not run_dir.exists()
+
+
+def test_corrupt_data_file_stops_before_the_run_dir_is_made(tmp_path):
+    data = shutil.copytree(REPO / "data" / "mnist", tmp_path / "mnist")
+    (data / "train-images-idx3-ubyte.gz").write_bytes(b"\x1f\x8b truncated")
+    result = run_train(TINY + [f"run.dir={tmp_path / 'run'}", f"data.path={data}"])
+    assert result.returncode == 2 and "train-images-idx3-ubyte.gz is corrupt" in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_run_dir_with_checkpoints_is_never_overwritten(tmp_path):
+    assert run_train(TINY + [f"run.dir={tmp_path}"]).returncode == 0
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    result = run_train(TINY + [f"run.dir={tmp_path}", "run.seed=3"])
+    assert result.returncode == 2 and "already holds checkpoints" in result.stderr
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before

@@ -1,0 +1,1 @@
+"""Distributed GAN training on MNIST with Hugging Face Accelerate."""

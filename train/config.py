@@ -1,0 +1,177 @@
+"""Typed run configuration: dataclasses, read from YAML with dotted overrides by OmegaConf.
+
+Everything a run does is decided here, and every mistake a user can make in a config is
+caught here, before any data is read or any directory is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from omegaconf import OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class ConfigError(ValueError):
+    """A configuration the run cannot start with; the message names the key and the fix."""
+
+
+@dataclass
+class RunConfig:
+    dir: str = "runs/default"  # everything the run writes goes here
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    source: str = "idx"  # idx | hf | torchvision
+    path: str = str(REPO_ROOT / "data" / "mnist")  # IDX folder, HF dataset id/folder/parquet, or torchvision root
+    batch_size: int = 64  # per process
+    split: str = "train"  # Hugging Face split name
+    torchvision_name: str = "MNIST"  # MNIST | FashionMNIST | KMNIST
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "seed"  # seed | dcgan
+    z_dim: int = 100
+
+
+@dataclass
+class OptimConfig:
+    g_lr: float = 1e-3
+    d_lr: float = 1e-3
+    beta1: float = 0.9
+    beta2: float = 0.999
+    amsgrad: bool = True
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 5000
+    mixed_precision: str | None = None  # fp32 | bf16 | fp16; null: what `accelerate launch` was told
+    cpu: bool = False  # force the CPU even where a GPU is present
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 1000  # steps; 0 writes only the final checkpoint
+
+
+@dataclass
+class LoggingConfig:
+    wandb: str = "offline"  # online | offline | disabled
+    project: str = "mnist-gan"
+    every: int = 50  # steps between metric lines (the only host synchronisation of the loop)
+    samples_every: int = 500  # steps between sample grids; 0: only the final grid
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: str = "bce"  # bce | hinge
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+CHOICES = {
+    "data.source": ("idx", "hf", "torchvision"),
+    "data.torchvision_name": ("MNIST", "FashionMNIST", "KMNIST"),
+    "model.arch": ("seed", "dcgan"),
+    "loss": ("bce", "hinge"),
+    "train.mixed_precision": (None, "fp32", "bf16", "fp16"),
+    "logging.wandb": ("online", "offline", "disabled"),
+}
+_GREATER_THAN_ZERO = (lambda v: v > 0, "greater than 0")
+_NOT_NEGATIVE = (lambda v: v >= 0, "0 or more")
+_IN_UNIT_INTERVAL = (lambda v: 0 <= v < 1, "in [0, 1)")
+RULES = {
+    "data.batch_size": _GREATER_THAN_ZERO,
+    "model.z_dim": _GREATER_THAN_ZERO,
+    "optim.g_lr": _GREATER_THAN_ZERO,
+    "optim.d_lr": _GREATER_THAN_ZERO,
+    "optim.beta1": _IN_UNIT_INTERVAL,
+    "optim.beta2": _IN_UNIT_INTERVAL,
+    "train.steps": _GREATER_THAN_ZERO,
+    "checkpoint.every": _NOT_NEGATIVE,
+    "logging.every": _GREATER_THAN_ZERO,
+    "logging.samples_every": _NOT_NEGATIVE,
+    "run.seed": _NOT_NEGATIVE,
+}
+
+
+def load(config_path: str | None, overrides: list[str]) -> Config:
+    """Merge defaults, the YAML file and `key=value` overrides into a validated Config."""
+    merged = OmegaConf.structured(Config)
+    try:
+        if config_path is not None:
+            path = Path(config_path)
+            if not path.is_file():
+                raise ConfigError(f"config file {config_path!r} does not exist; pick one of {available_configs()}")
+            merged = OmegaConf.merge(merged, OmegaConf.load(path))
+        for item in overrides:
+            if "=" not in item:
+                raise ConfigError(f"override {item!r} is not of the form key=value (e.g. train.steps=200)")
+        merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(overrides))
+    except OmegaConfBaseException as error:
+        raise ConfigError(_explain(error)) from None
+    cfg: Config = OmegaConf.to_object(merged)
+    validate(cfg)
+    return cfg
+
+
+def _explain(error: OmegaConfBaseException) -> str:
+    key = getattr(error, "full_key", None)
+    reason = str(error).splitlines()[0]
+    if not key:
+        return f"config error: {reason}"
+    if isinstance(error, ConfigKeyError):
+        parent = OmegaConf.select(OmegaConf.structured(Config), key.rpartition(".")[0]) if "." in key else None
+        section = parent if parent is not None else OmegaConf.structured(Config)
+        return f"unknown config key '{key}'; valid keys here: {', '.join(section.keys())}"
+    return f"config key '{key}': {reason}"
+
+
+def validate(cfg: Config) -> None:
+    """Reject impossible values with a message naming the key and what is allowed."""
+    node = OmegaConf.structured(cfg)
+    for key, allowed in CHOICES.items():
+        value = OmegaConf.select(node, key)
+        if value not in allowed:
+            shown = ", ".join("null" if a is None else a for a in allowed)
+            raise ConfigError(f"config key '{key}' is {value!r}; allowed values: {shown}")
+    for key, (holds, rule) in RULES.items():
+        value = OmegaConf.select(node, key)
+        if not holds(value):
+            raise ConfigError(f"config key '{key}' is {value!r}; it must be {rule}")
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def to_dict(cfg: Config) -> dict:
+    return OmegaConf.to_container(OmegaConf.structured(cfg))
+
+
+def available_configs() -> list[str]:
+    return sorted(str(p.relative_to(REPO_ROOT)) for p in (REPO_ROOT / "configs").glob("*.yaml"))
+
+
+def parse_args(argv: list[str] | None = None) -> Config:
+    parser = argparse.ArgumentParser(
+        prog="python -m train",
+        description="Train a GAN on MNIST (one process, or many under `accelerate launch -m train`).",
+    )
+    parser.add_argument("--config", help="YAML experiment config, e.g. configs/seed.yaml")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides such as train.steps=200 data.batch_size=32")
+    args = parser.parse_args(argv)
+    return load(args.config, args.overrides)

@@ -1,0 +1,177 @@
+"""MNIST-like data: reading it (IDX files, Hugging Face `datasets`, torchvision) and dealing it to ranks.
+
+Every source ends as one uint8 tensor [N, 28, 28]. Training keeps that tensor on the device and
+draws batches by indexing it with an epoch permutation, so a step costs no host-to-device copy.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from train.config import DataConfig
+
+IDX_MAGIC = {2049: 1, 2051: 3}  # labels: 1 dimension, images: 3 dimensions
+IDX_FILES = {"train": "train-images-idx3-ubyte", "test": "t10k-images-idx3-ubyte"}
+CHECKSUM_FILE = "SHA256SUMS"
+
+
+class DataError(ValueError):
+    """Data that cannot be used; the message names the file or source and how to fix it."""
+
+
+def load_images(cfg: DataConfig, split: str = "train") -> torch.Tensor:
+    """The images of `split` as a uint8 tensor [N, 28, 28] on the CPU."""
+    if cfg.source == "idx":
+        return read_idx_images(Path(cfg.path), split)
+    if cfg.source == "hf":
+        return _hf_images(cfg.path, cfg.split if split == "train" else split)
+    return _torchvision_images(cfg.path, cfg.torchvision_name, train=split == "train")
+
+
+def read_idx_images(folder: Path, split: str) -> torch.Tensor:
+    if not folder.is_dir():
+        raise DataError(f"data.path {str(folder)!r} is not a folder; point it at a folder holding the MNIST IDX files")
+    name = IDX_FILES[split]
+    candidates = [folder / f"{name}.gz", folder / name]
+    path = next((p for p in candidates if p.is_file()), None)
+    if path is None:
+        raise DataError(
+            f"missing data file {candidates[0]} (or its unzipped form); restore it with "
+            f"`git checkout -- {candidates[0].name}` in the repository's data folder or copy the MNIST files there"
+        )
+    raw = path.read_bytes()
+    _verify_checksum(path, raw)
+    if raw[:2] == b"\x1f\x8b":
+        raw = gzip.decompress(raw)
+    return torch.from_numpy(parse_idx(raw, path))
+
+
+def parse_idx(raw: bytes, path: Path) -> np.ndarray:
+    if len(raw) < 8:
+        raise DataError(f"{path} is too short to be an IDX file")
+    magic, first_dim = struct.unpack(">II", raw[:8])
+    if magic not in IDX_MAGIC:
+        raise DataError(f"{path} has IDX magic number {magic}, expected 2051 (images) or 2049 (labels): not an IDX file")
+    ndim = IDX_MAGIC[magic]
+    header = 4 + 4 * ndim
+    shape = struct.unpack(f">{ndim}I", raw[4:header])
+    expected = int(np.prod(shape))
+    if len(raw) - header != expected:
+        raise DataError(f"{path} holds {len(raw) - header} bytes of data, its header promises {expected} for shape {shape}")
+    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape).copy()
+
+
+def _verify_checksum(path: Path, raw: bytes) -> None:
+    """Check `path` against the SHA256SUMS file beside it (the repository ships one for MNIST)."""
+    sums_file = path.parent / CHECKSUM_FILE
+    if not sums_file.is_file():
+        return
+    expected = dict(reversed(line.split(maxsplit=1)) for line in sums_file.read_text().splitlines() if line.strip())
+    if path.name not in expected:
+        raise DataError(f"{path.name} is not listed in {sums_file}; add its SHA-256 there or remove the file")
+    actual = hashlib.sha256(raw).hexdigest()
+    if actual != expected[path.name]:
+        raise DataError(
+            f"{path} is corrupt: SHA-256 {actual} does not match {expected[path.name]} in {sums_file}; "
+            f"restore the file (e.g. `git checkout -- {path.name}` in that folder)"
+        )
+
+
+def _hf_images(source: str, split: str) -> torch.Tensor:
+    """A `datasets` dataset with an `image` column: hub id, local folder, or parquet file(s)."""
+    try:
+        import datasets
+    except ImportError:
+        raise DataError("data.source=hf needs the `datasets` package: pip install datasets") from None
+    local = Path(source)
+    try:
+        if local.suffix == ".parquet" or (local.is_dir() and any(local.glob("*.parquet"))):
+            files = [str(local)] if local.is_file() else sorted(str(p) for p in local.glob("*.parquet"))
+            dataset = datasets.load_dataset("parquet", data_files={split: files}, split=split)
+        elif local.is_dir() and (local / "dataset_info.json").is_file():
+            dataset = datasets.load_from_disk(str(local))
+        else:
+            dataset = datasets.load_dataset(source, split=split)
+    except Exception as error:  # datasets raises many types for "not reachable" and "not found"
+        raise DataError(
+            f"could not load Hugging Face dataset {source!r} (split {split!r}): {type(error).__name__}: {error}. "
+            "Without network access, set data.path to a local folder or parquet file(s) with 'image' and 'label' "
+            "columns, or use data.source=idx with the MNIST files shipped in data/mnist"
+        ) from None
+    if "image" not in dataset.column_names:
+        raise DataError(f"Hugging Face dataset {source!r} has columns {dataset.column_names}; it needs an 'image' column")
+    images = np.stack([np.asarray(image.convert("L"), dtype=np.uint8) for image in dataset["image"]])
+    return torch.from_numpy(images)
+
+
+def _torchvision_images(root: str, name: str, train: bool) -> torch.Tensor:
+    import torchvision
+
+    dataset_class = getattr(torchvision.datasets, name)
+    try:
+        dataset = dataset_class(root=root, train=train, download=True)
+    except Exception as error:  # URLError, RuntimeError, ...: the download failed
+        raise DataError(
+            f"torchvision could not find or download {name} under {root!r}: {error}. Without network access, "
+            f"place the IDX files in {root}/{name}/raw, or use data.source=idx with the files shipped in data/mnist"
+        ) from None
+    return dataset.data.to(torch.uint8)
+
+
+@dataclass
+class DataPosition:
+    """Where the run is in the data stream: enough to continue mid-epoch exactly."""
+
+    epoch: int = 0
+    step_in_epoch: int = 0
+
+
+class ShardedBatches:
+    """Deals each epoch's permutation of the data set to the ranks, batch by batch, on the device.
+
+    The epoch order is a function of (seed, epoch) alone and the global batch is cut from it in
+    rank order, so ranks see disjoint samples, every rank runs the same number of steps, and the
+    samples a step trains on do not depend on how many processes share the global batch. The
+    tail of each epoch that does not fill a global batch is left out of that epoch (a different
+    tail each epoch).
+    """
+
+    def __init__(self, images: torch.Tensor, batch_size: int, rank: int, world_size: int, seed: int,
+                 device: torch.device, position: DataPosition | None = None):
+        self.global_batch = batch_size * world_size
+        self.steps_per_epoch = len(images) // self.global_batch
+        if self.steps_per_epoch == 0:
+            raise DataError(
+                f"the data set has {len(images)} images, fewer than one global batch of {self.global_batch} "
+                f"(data.batch_size={batch_size} x {world_size} processes); lower data.batch_size or use fewer processes"
+            )
+        self.images = images.to(device)
+        self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
+        self.position = position or DataPosition()
+        self.epoch_indices = self._indices_for(self.position.epoch)  # this rank's shard: [steps, batch]
+
+    def epoch_order(self, epoch: int) -> torch.Tensor:
+        """The permutation of the whole data set for `epoch`, identical on every rank and device."""
+        seed = int(np.random.SeedSequence([self.seed, epoch]).generate_state(1, dtype=np.uint64)[0] >> 1)
+        return torch.randperm(len(self.images), generator=torch.Generator().manual_seed(seed))
+
+    def _indices_for(self, epoch: int) -> torch.Tensor:
+        used = self.epoch_order(epoch)[: self.steps_per_epoch * self.global_batch]
+        per_step = used.view(self.steps_per_epoch, self.world_size, self.batch_size)
+        return per_step[:, self.rank].contiguous().to(self.images.device, non_blocking=True)
+
+    def next(self) -> torch.Tensor:
+        """This rank's next batch as float [B, 1, 28, 28] in [0, 1]."""
+        if self.position.step_in_epoch == self.steps_per_epoch:
+            self.position = DataPosition(self.position.epoch + 1, 0)
+            self.epoch_indices = self._indices_for(self.position.epoch)
+        indices = self.epoch_indices[self.position.step_in_epoch]
+        self.position.step_in_epoch += 1
+        return self.images[indices].unsqueeze(1).float().div_(255)

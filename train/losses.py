@@ -1,0 +1,31 @@
+"""GAN losses on discriminator logits (float32; safe under autocast).
+
+`bce` is the blog's loss: its Sigmoid + BCELoss written as softplus of logits, the same function
+without the overflow. The blog labels real 0 and fake 1; here the logit means "real". Flipping
+the logit's sign maps one convention onto the other, so the training dynamics are the same.
+"""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def discriminator_loss(kind: str, real_logits: Tensor, fake_logits: Tensor) -> Tensor:
+    """Sum of the real and fake terms, each a batch mean (as the blog adds two BCELoss means)."""
+    real_logits, fake_logits = real_logits.float(), fake_logits.float()
+    if kind == "bce":
+        return F.softplus(-real_logits).mean() + F.softplus(fake_logits).mean()
+    if kind == "hinge":
+        return F.relu(1 - real_logits).mean() + F.relu(1 + fake_logits).mean()
+    raise ValueError(f"unknown loss {kind!r}")
+
+
+def generator_loss(kind: str, fake_logits: Tensor) -> Tensor:
+    """Non-saturating BCE (the blog's), or the hinge generator loss."""
+    fake_logits = fake_logits.float()
+    if kind == "bce":
+        return F.softplus(-fake_logits).mean()
+    if kind == "hinge":
+        return -fake_logits.mean()
+    raise ValueError(f"unknown loss {kind!r}")

@@ -1,0 +1,100 @@
+"""Generators and discriminators for 28x28 single-channel images.
+
+Generators map z ~ N(0, I) to images in [0, 1]; discriminators return one logit per image (the
+loss applies the sigmoid, which keeps it correct under autocast). Nothing here knows about
+processes, devices or precision.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+
+def conv_bn_relu(in_channels: int, out_channels: int, kernel_size: int = 3, padding: int = 1) -> nn.Sequential:
+    """The seed's `Conv` block: convolution without bias (BatchNorm supplies it), BatchNorm, ReLU."""
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, kernel_size, padding=padding, bias=False),
+        nn.BatchNorm2d(out_channels),
+        nn.ReLU(),
+    )
+
+
+class SeedGenerator(nn.Module):
+    """The blog's generator: Linear -> 256x7x7 -> (bilinear x2, conv) x2 -> 1x1 conv -> sigmoid."""
+
+    def __init__(self, z_dim: int = 100):
+        super().__init__()
+        self.fc = nn.Linear(z_dim, 7 * 7 * 256)
+        self.upsample = nn.UpsamplingBilinear2d(scale_factor=2)  # align_corners=True, as in the blog
+        self.conv1 = conv_bn_relu(256, 128)
+        self.conv2 = conv_bn_relu(128, 64)
+        self.to_image = nn.Conv2d(64, 1, kernel_size=1, bias=True)
+
+    def forward(self, z: Tensor) -> Tensor:
+        x = self.fc(z).reshape(-1, 256, 7, 7)
+        x = self.conv1(self.upsample(x))
+        x = self.conv2(self.upsample(x))
+        return self.to_image(x).sigmoid()
+
+
+class SeedDiscriminator(nn.Module):
+    """The blog's discriminator without its final sigmoid: three conv blocks, two max-pools, Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(
+            conv_bn_relu(1, 16), nn.MaxPool2d(2),
+            conv_bn_relu(16, 32), nn.MaxPool2d(2),
+            conv_bn_relu(32, 64),
+        )
+        self.fc = nn.Linear(7 * 7 * 64, 1)
+
+    def forward(self, image: Tensor) -> Tensor:
+        return self.fc(self.features(image).flatten(1)).squeeze(1)
+
+
+class DCGANGenerator(nn.Module):
+    """DCGAN (Radford et al. 2016) sized for 28x28: transposed convolutions with BN+ReLU."""
+
+    def __init__(self, z_dim: int = 100, width: int = 64):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.ConvTranspose2d(z_dim, 2 * width, 7, 1, 0, bias=False),  # 7x7
+            nn.BatchNorm2d(2 * width),
+            nn.ReLU(),
+            nn.ConvTranspose2d(2 * width, width, 4, 2, 1, bias=False),  # 14x14
+            nn.BatchNorm2d(width),
+            nn.ReLU(),
+            nn.ConvTranspose2d(width, 1, 4, 2, 1),  # 28x28
+            nn.Sigmoid(),
+        )
+
+    def forward(self, z: Tensor) -> Tensor:
+        return self.net(z[:, :, None, None])
+
+
+class DCGANDiscriminator(nn.Module):
+    """DCGAN discriminator for 28x28: strided convolutions with LeakyReLU, BN after the first."""
+
+    def __init__(self, width: int = 64):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv2d(1, width, 4, 2, 1),  # 14x14
+            nn.LeakyReLU(0.2),
+            nn.Conv2d(width, 2 * width, 4, 2, 1, bias=False),  # 7x7
+            nn.BatchNorm2d(2 * width),
+            nn.LeakyReLU(0.2),
+            nn.Conv2d(2 * width, 1, 7, 1, 0),  # one logit
+        )
+
+    def forward(self, image: Tensor) -> Tensor:
+        return self.net(image).flatten()
+
+
+def build(arch: str, z_dim: int) -> tuple[nn.Module, nn.Module]:
+    """(generator, discriminator) for `model.arch`."""
+    if arch == "seed":
+        return SeedGenerator(z_dim), SeedDiscriminator()
+    if arch == "dcgan":
+        return DCGANGenerator(z_dim), DCGANDiscriminator()
+    raise ValueError(f"unknown model.arch {arch!r}")

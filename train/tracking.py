@@ -1,0 +1,68 @@
+"""Where a run's numbers and pictures go: JSON lines and PNG files in the run directory, always,
+and Weights & Biases through Accelerate's tracker when `logging.wandb` is online or offline.
+
+Only the main process writes; every method is safe to call on every rank.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from torchvision.utils import make_grid, save_image
+
+from train.config import Config, ConfigError, to_dict
+
+METRICS_FILE = "metrics.jsonl"
+SAMPLES_DIR = "samples"
+
+
+def check_available(cfg: Config) -> None:
+    """Fail before any work when W&B is asked for but not installed."""
+    if cfg.logging.wandb != "disabled" and importlib.util.find_spec("wandb") is None:
+        raise ConfigError(
+            f"logging.wandb={cfg.logging.wandb} needs the wandb package: `pip install wandb`, "
+            "or set logging.wandb=disabled to log to the run directory only"
+        )
+
+
+class RunLog:
+    def __init__(self, accelerator: Accelerator, cfg: Config, run_dir: Path):
+        self.accelerator = accelerator
+        self.run_dir = run_dir
+        self.use_wandb = cfg.logging.wandb != "disabled"
+        if self.use_wandb:
+            accelerator.init_trackers(
+                cfg.logging.project,
+                config=to_dict(cfg),
+                init_kwargs={"wandb": {"mode": cfg.logging.wandb, "dir": str(run_dir), "name": run_dir.name}},
+            )
+        if accelerator.is_main_process:
+            (run_dir / SAMPLES_DIR).mkdir(exist_ok=True)
+
+    def metrics(self, step: int, values: dict[str, float]) -> None:
+        if not self.accelerator.is_main_process:
+            return
+        with open(self.run_dir / METRICS_FILE, "a") as file:
+            file.write(json.dumps({"step": step, **values}) + "\n")
+        if self.use_wandb:
+            self.accelerator.log(values, step=step)
+
+    def samples(self, step: int, images: torch.Tensor) -> Path | None:
+        """Save a grid of `images` (in [0, 1]) as PNG and send it to W&B."""
+        if not self.accelerator.is_main_process:
+            return None
+        grid = make_grid(images.float().cpu(), nrow=8, padding=2, pad_value=1.0)
+        path = self.run_dir / SAMPLES_DIR / f"step_{step:08d}.png"
+        save_image(grid, path)
+        if self.use_wandb:
+            pixels = (grid.permute(1, 2, 0).numpy() * 255).round().astype("uint8")
+            self.accelerator.get_tracker("wandb").log_images({"samples": [pixels]}, step=step)
+        return path
+
+    def close(self) -> None:
+        if self.use_wandb:
+            self.accelerator.end_training()
