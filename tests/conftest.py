@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parent.parent
@@ -56,3 +57,39 @@ def final_weights(run_dir: Path) -> dict[str, dict]:
 @pytest.fixture
 def mnist_dir() -> Path:
     return REPO / "data" / "mnist"
+
+
+@pytest.fixture(scope="session")
+def tiny_mnist(tmp_path_factory) -> Path:
+    """The first 96 MNIST training images as an IDX folder: epochs of a few steps."""
+    from train.data import read_idx_images
+    images = read_idx_images(REPO / "data" / "mnist", "train")[:96].numpy()
+    folder = tmp_path_factory.mktemp("tiny_mnist")
+    header = (2051).to_bytes(4, "big") + b"".join(n.to_bytes(4, "big") for n in images.shape)
+    (folder / "train-images-idx3-ubyte").write_bytes(header + images.tobytes())
+    return folder
+
+
+def run_with_fault(fault: str, step: int, rank: int, args: list[str], processes: int = 1,
+                   env: dict | None = None) -> subprocess.CompletedProcess:
+    """tests/interrupt.py: the real training with one fault pinned to a step (see its docstring)."""
+    harness = [str(REPO / "tests" / "interrupt.py"), fault, str(step), str(rank)]
+    if processes == 1:
+        return subprocess.run([sys.executable, *harness, *args], cwd=REPO, env=env or run_env(),
+                              capture_output=True, text=True, timeout=300)
+    return accelerate_launch(processes, [*harness, *args], env=env)
+
+
+def all_state(run_dir: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of the newest checkpoint: weights, buffers and optimizer states."""
+    folder = run_dir / "checkpoints" / (run_dir / "checkpoints" / "latest").read_text().strip()
+    tensors = {}
+    for name in ("generator", "discriminator", "optimizers"):
+        tensors.update({f"{name}/{k}": v for k, v in load_file(folder / f"{name}.safetensors").items()})
+    return tensors
+
+
+def assert_bitwise_equal(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    different = [key for key in a if not torch.equal(a[key], b[key])]
+    assert not different, f"{len(different)} tensors differ, e.g. {different[:5]}"

@@ -13,12 +13,16 @@ import torch
 from safetensors.torch import save_file
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
-from train import config, loop
+from train import config, data, loop
 from train.distributed import sync_buffers_from_main
+from train.faults import FaultMonitor
 
 out, overrides = Path(sys.argv[1]), sys.argv[2:]
 cfg = config.load(None, overrides)
-accelerator, batches, run_dir = loop.set_up(cfg)
+accelerator, run_dir, _ = loop.set_up(cfg)
+batches = data.ShardedBatches(data.load_images(cfg.data), cfg.data.batch_size, accelerator.process_index,
+                              accelerator.num_processes, cfg.run.seed, accelerator.device)
+faults = FaultMonitor("stop", accelerator.device, check_gradients=True)
 generator, discriminator = loop.build_models(cfg)
 g_optimizer, d_optimizer = loop.build_optimizers(cfg, generator, discriminator)
 generator, discriminator, g_optimizer, d_optimizer = accelerator.prepare(generator, discriminator, g_optimizer, d_optimizer)
@@ -43,9 +47,9 @@ for step in range(cfg.train.steps):
     z = torch.randn(real.shape[0], cfg.model.z_dim, generator=noise)
     phase = "d_step"
     fake = generator(z)
-    loop.discriminator_step(accelerator, cfg.loss, discriminator, d_optimizer, real, fake)
+    loop.discriminator_step(accelerator, cfg.loss, discriminator, d_optimizer, real, fake, faults, step)
     phase = "g_step"
-    loop.generator_step(accelerator, cfg.loss, discriminator, g_optimizer, fake)
+    loop.generator_step(accelerator, cfg.loss, discriminator, g_optimizer, fake, faults, step)
 
 rank = accelerator.process_index
 state = {f"{name}.{key}": value.detach().clone() for name, model in (("generator", generator), ("discriminator", discriminator))

@@ -77,9 +77,10 @@ def test_corrupt_data_file_stops_before_the_run_dir_is_made(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def test_a_run_dir_with_checkpoints_is_never_overwritten(tmp_path):
+def test_rerunning_a_finished_run_leaves_its_checkpoints_alone(tmp_path):
     assert run_train(TINY + [f"run.dir={tmp_path}"]).returncode == 0
-    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
-    result = run_train(TINY + [f"run.dir={tmp_path}", "run.seed=3"])
-    assert result.returncode == 2 and "already holds checkpoints" in result.stderr
-    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+    before = {p: p.read_bytes() for p in (tmp_path / "checkpoints").rglob("*") if p.is_file()}
+    result = run_train(TINY + [f"run.dir={tmp_path}"])  # resume=auto: already at train.steps
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "resumed from" in result.stdout + result.stderr
+    assert {p: p.read_bytes() for p in (tmp_path / "checkpoints").rglob("*") if p.is_file()} == before

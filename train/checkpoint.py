@@ -1,49 +1,183 @@
-"""Checkpoints as folders of safetensors files, written so that a crash never leaves a bad one.
+"""Checkpoints that lose nothing: every tensor in safetensors, everything else in JSON, no pickle.
 
-A checkpoint is written into a hidden temporary folder, every file fsync'ed, then renamed into
-place; the `latest` marker moves only after that. A folder named like a checkpoint is complete.
+A checkpoint is the folder `<run.dir>/checkpoints/step_<N>/`:
+
+    generator.safetensors, discriminator.safetensors   weights and buffers (rank 0's BN statistics)
+    optimizers.safetensors + optimizers.json             Adam moments / hyper-parameters of both networks
+    rank_<r>.safetensors + rank_<r>.json                 RNG states of rank r (noise, torch, CUDA, numpy, python)
+    state.json                                           step, data position, counters, W&B id, config
+    manifest.json                                        format version and the SHA-256 of every file above
+
+It is written into a hidden `.incomplete_step_<N>` folder beside the final one: every rank writes
+its own RNG state there, the main process the shared state, each file fsync'ed; once all ranks
+are done the main process writes the manifest, renames the folder into place and only then moves
+the `latest` marker. A crash at any moment leaves the previous checkpoint valid. Loading reads
+only the files the manifest names, after checking their hashes; nothing is ever unpickled.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import random
 import shutil
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from safetensors.torch import save_file
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
+from train.data import DataPosition
+
+FORMAT_VERSION = 1
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
+MANIFEST = "manifest.json"
+STATE = "state.json"
+NETWORKS = ("generator", "discriminator")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; the message names the file and what is wrong."""
+
+
+@dataclass
+class Progress:
+    """Counters and positions the next step depends on, besides tensors."""
+
+    step: int = 0
+    images_seen: int = 0
+    data: DataPosition = field(default_factory=DataPosition)  # shared with the live ShardedBatches
+    seed_offset: int = 0  # bumped by each non-finite rollback, so the redone steps draw fresh noise
+    wandb_run_id: str | None = None
+
+
+@dataclass
+class Snapshot:
+    """Live objects a checkpoint is taken from and restored into (unwrapped from DDP)."""
+
+    networks: dict[str, nn.Module]
+    optimizers: dict[str, torch.optim.Optimizer]
+    noise: torch.Generator
+    progress: Progress
+    config: dict
+    scaler: torch.amp.GradScaler | None = None
+    extra_json: dict = field(default_factory=dict)
 
 
 def checkpoint_name(step: int) -> str:
     return f"step_{step:08d}"
 
 
-def existing_checkpoints(run_dir: Path) -> list[Path]:
-    folder = run_dir / CHECKPOINTS
+def checkpoints_dir(run_dir: Path) -> Path:
+    return Path(run_dir) / CHECKPOINTS
+
+
+def complete_checkpoints(run_dir: Path) -> list[Path]:
+    """Checkpoint folders by step, oldest first (hidden `.incomplete_*` folders are not checkpoints)."""
+    folder = checkpoints_dir(run_dir)
     return sorted(p for p in folder.glob("step_*") if p.is_dir()) if folder.is_dir() else []
 
 
-def save(run_dir: Path, step: int, modules: dict[str, nn.Module]) -> Path:
-    """Write `<name>.safetensors` for each module into `<run_dir>/checkpoints/step_N` atomically."""
-    folder = run_dir / CHECKPOINTS
-    final = folder / checkpoint_name(step)
-    if final.exists():
-        raise FileExistsError(f"checkpoint {final} already exists; it is never overwritten")
-    staging = folder / f".incomplete_{checkpoint_name(step)}"
-    shutil.rmtree(staging, ignore_errors=True)  # left by a crash: never valid, safe to discard
-    staging.mkdir(parents=True)
-    for name, module in modules.items():
-        tensors = {key: value.detach().cpu().contiguous() for key, value in module.state_dict().items()}
-        save_file(tensors, staging / f"{name}.safetensors")
-        _fsync(staging / f"{name}.safetensors")
-    _fsync(staging)
-    os.rename(staging, final)
-    _fsync(folder)
-    _write_atomically(folder / LATEST, final.name + "\n")
+# ----------------------------------------------------------------------------------------- saving
+
+
+def save(accelerator, run_dir: Path, snapshot: Snapshot, keep_last: int = 0) -> Path:
+    """Write a checkpoint of `snapshot` atomically; a collective: every rank calls it."""
+    folder = checkpoints_dir(run_dir)
+    final = folder / checkpoint_name(snapshot.progress.step)
+    staging = folder / f".incomplete_{final.name}"
+    if accelerator.is_main_process:
+        if final.exists():
+            _set_aside_damaged(final, accelerator.print)
+        shutil.rmtree(staging, ignore_errors=True)  # left by a crash: never valid, safe to discard
+        staging.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+
+    rank = accelerator.process_index
+    rng_tensors, rng_json = _rng_state(snapshot.noise)
+    _write_tensors(staging / f"rank_{rank}.safetensors", rng_tensors)
+    _write_json(staging / f"rank_{rank}.json", rng_json)
+    if accelerator.is_main_process:
+        for name, network in snapshot.networks.items():
+            _write_tensors(staging / f"{name}.safetensors", network.state_dict())
+        optimizer_tensors, optimizer_json = _optimizer_state(snapshot.optimizers)
+        _write_tensors(staging / "optimizers.safetensors", optimizer_tensors)
+        _write_json(staging / "optimizers.json", optimizer_json)
+        _write_json(staging / STATE, {
+            "progress": asdict(snapshot.progress),
+            "world_size": accelerator.num_processes,
+            "scaler": snapshot.scaler.state_dict() if snapshot.scaler is not None else None,
+            "config": snapshot.config,
+            **snapshot.extra_json,
+        })
+    accelerator.wait_for_everyone()
+
+    if accelerator.is_main_process:
+        files = sorted(p.name for p in staging.iterdir())
+        _write_json(staging / MANIFEST, {"format_version": FORMAT_VERSION,
+                                         "sha256": {name: _sha256(staging / name) for name in files}})
+        _fsync(staging)
+        os.rename(staging, final)
+        _fsync(folder)
+        _write_atomically(folder / LATEST, final.name + "\n")
+        if keep_last:
+            for old in complete_checkpoints(run_dir)[:-keep_last]:
+                shutil.rmtree(old)
+    accelerator.wait_for_everyone()
     return final
+
+
+def _set_aside_damaged(final: Path, report) -> None:
+    """A valid checkpoint is never overwritten; a damaged one (skipped on resume) is kept aside, renamed."""
+    try:
+        verify(final)
+    except CheckpointError as error:
+        aside = final.with_name(f"damaged_{final.name}")
+        suffix = 1
+        while aside.exists():
+            aside, suffix = final.with_name(f"damaged_{final.name}.{suffix}"), suffix + 1
+        os.rename(final, aside)
+        report(f"kept the damaged {final.name} as {aside.name} ({error})")
+        return
+    raise CheckpointError(f"checkpoint {final} already exists; it is never overwritten")
+
+
+def _rng_state(noise: torch.Generator) -> tuple[dict, dict]:
+    tensors = {"noise": noise.get_state(), "torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        tensors["torch_cuda"] = torch.stack(torch.cuda.get_rng_state_all())
+    kind, keys, position, has_gauss, cached_gauss = np.random.get_state()
+    tensors["numpy_keys"] = torch.from_numpy(keys.astype(np.int64))
+    version, internal, gauss = random.getstate()
+    return tensors, {
+        "numpy": {"kind": kind, "position": position, "has_gauss": has_gauss, "cached_gaussian": cached_gauss},
+        "python": {"version": version, "state": list(internal), "gauss": gauss},
+    }
+
+
+def _optimizer_state(optimizers: dict[str, torch.optim.Optimizer]) -> tuple[dict, dict]:
+    tensors, described = {}, {}
+    for name, optimizer in optimizers.items():
+        state = optimizer.state_dict()
+        for index, values in state["state"].items():
+            for key, value in values.items():
+                tensors[f"{name}.{index}.{key}"] = value
+        described[name] = {"param_groups": state["param_groups"]}
+    return tensors, described
+
+
+def _write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    save_file({key: value.detach().cpu().contiguous() for key, value in tensors.items()}, path)
+    _fsync(path)
+
+
+def _write_json(path: Path, value: dict) -> None:
+    path.write_text(json.dumps(value, indent=1))
+    _fsync(path)
 
 
 def _write_atomically(path: Path, text: str) -> None:
@@ -60,3 +194,165 @@ def _fsync(path: Path) -> None:
         os.fsync(descriptor)
     finally:
         os.close(descriptor)
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+# ---------------------------------------------------------------------------------------- loading
+
+
+def verify(path: Path) -> dict:
+    """Check that `path` is a complete checkpoint this code can read; return its manifest."""
+    path = Path(path)
+    manifest_path = path / MANIFEST
+    if not path.is_dir() or not manifest_path.is_file():
+        raise CheckpointError(f"{path} is not a checkpoint: it has no {MANIFEST} "
+                              "(point at a folder such as <run.dir>/checkpoints/step_00001000)")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        version, hashes = manifest["format_version"], manifest["sha256"]
+    except (ValueError, KeyError, TypeError):
+        raise CheckpointError(f"{manifest_path} is damaged: not a checkpoint manifest") from None
+    if version > FORMAT_VERSION:
+        raise CheckpointError(f"{path} was written with checkpoint format version {version}; this code reads up "
+                              f"to version {FORMAT_VERSION}: update the code to resume from it")
+    for name, expected in hashes.items():
+        if Path(name).name != name:
+            raise CheckpointError(f"{manifest_path} names {name!r}, which is not a file of the checkpoint")
+        if not (path / name).is_file():
+            raise CheckpointError(f"{path / name} is missing (listed in {MANIFEST})")
+        if _sha256(path / name) != expected:
+            raise CheckpointError(f"{path / name} is damaged: its SHA-256 does not match {MANIFEST}")
+    return manifest
+
+
+def read_state(path: Path) -> dict:
+    return json.loads((Path(path) / STATE).read_text())
+
+
+def restore(path: Path, snapshot: Snapshot, rank: int, world_size: int) -> bool:
+    """Load a verified checkpoint into `snapshot`'s live objects (identical shapes required).
+
+    Returns whether this rank's RNG states were restored: only when the number of processes is
+    the one the checkpoint was written with (each rank continues its own noise stream).
+    """
+    path = Path(path)
+    verify(path)
+    state = read_state(path)
+    for name, network in snapshot.networks.items():
+        _load_network(path, name, network)
+    tensors = load_file(path / "optimizers.safetensors")
+    described = json.loads((path / "optimizers.json").read_text())
+    for name, optimizer in snapshot.optimizers.items():
+        per_parameter: dict[int, dict] = {}
+        for key, value in tensors.items():
+            owner, index, field_name = key.split(".", 2)
+            if owner == name:
+                per_parameter.setdefault(int(index), {})[field_name] = value
+        groups = [dict(group, betas=tuple(group["betas"])) if "betas" in group else group
+                  for group in described[name]["param_groups"]]
+        optimizer.load_state_dict({"state": per_parameter, "param_groups": groups})
+    if snapshot.scaler is not None and state["scaler"] is not None:
+        snapshot.scaler.load_state_dict(state["scaler"])
+    progress = dict(state["progress"])
+    vars(snapshot.progress.data).update(progress.pop("data"))
+    vars(snapshot.progress).update(progress)
+    if state["world_size"] != world_size:
+        return False
+    _restore_rng(path, rank, snapshot.noise)
+    return True
+
+
+def _load_network(path: Path, name: str, network: nn.Module) -> None:
+    tensors = load_file(path / f"{name}.safetensors", device=str(next(network.parameters()).device))
+    expected = network.state_dict()
+    mismatched = [f"{key}: checkpoint {tuple(tensors[key].shape)} vs model {tuple(value.shape)}"
+                  for key, value in expected.items() if key in tensors and tensors[key].shape != value.shape]
+    missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+    if mismatched or missing or unexpected:
+        details = "; ".join(mismatched[:3] + [f"missing {k}" for k in missing[:3]] + [f"unexpected {k}" for k in unexpected[:3]])
+        raise CheckpointError(f"{path / (name + '.safetensors')} does not fit this model.arch/model.z_dim "
+                              f"(was it made with another config?): {details}")
+    network.load_state_dict(tensors)
+
+
+def _restore_rng(path: Path, rank: int, noise: torch.Generator) -> None:
+    tensors = load_file(path / f"rank_{rank}.safetensors")
+    described = json.loads((path / f"rank_{rank}.json").read_text())
+    noise.set_state(tensors["noise"])
+    torch.set_rng_state(tensors["torch_cpu"])
+    if "torch_cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(list(tensors["torch_cuda"]))
+    numpy_state = described["numpy"]
+    np.random.set_state((numpy_state["kind"], tensors["numpy_keys"].numpy().astype(np.uint32),
+                         numpy_state["position"], numpy_state["has_gauss"], numpy_state["cached_gaussian"]))
+    python_state = described["python"]
+    random.setstate((python_state["version"], tuple(python_state["state"]), python_state["gauss"]))
+
+
+def newest_valid(run_dir: Path, report) -> Path | None:
+    """The newest checkpoint in run_dir that verifies; each one skipped is reported with why."""
+    for candidate in reversed(complete_checkpoints(run_dir)):
+        try:
+            verify(candidate)
+            return candidate
+        except CheckpointError as error:
+            report(f"skipping checkpoint {candidate.name}: {error}")
+    return None
+
+
+EXPORTED_WEIGHTS = "generator.safetensors"
+EXPORTED_DESCRIPTION = "generator.json"
+
+
+def resolve(path: Path, report=print) -> Path:
+    """A checkpoint folder as given, or the newest valid checkpoint of a run directory."""
+    path = Path(path)
+    if (path / MANIFEST).is_file():
+        verify(path)
+        return path
+    if checkpoints_dir(path).is_dir():
+        found = newest_valid(path, report)
+        if found is None:
+            raise CheckpointError(f"{path} holds no valid checkpoint")
+        return found
+    raise CheckpointError(f"{path} is neither a checkpoint folder (with {MANIFEST}) nor a run directory "
+                          f"(with {CHECKPOINTS}/)")
+
+
+def export_generator(path: Path, out: Path) -> Path:
+    """Write `generator.safetensors` + `generator.json` (architecture and arguments) into `out`."""
+    source = resolve(path)
+    model = read_state(source)["config"]["model"]
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(source / "generator.safetensors", out / EXPORTED_WEIGHTS)
+    _fsync(out / EXPORTED_WEIGHTS)
+    description = {"arch": model["arch"], "z_dim": model["z_dim"], "step": read_state(source)["progress"]["step"],
+                   "source": str(source), "sha256": _sha256(out / EXPORTED_WEIGHTS)}
+    _write_json(out / EXPORTED_DESCRIPTION, description)
+    return out
+
+
+def load_generator(path: Path, build, device: str = "cpu") -> nn.Module:
+    """The generator of an exported folder, a checkpoint, or a run directory, in eval mode.
+
+    `build(arch, z_dim)` makes the empty network (models.build's generator), so this module needs
+    no knowledge of architectures.
+    """
+    path = Path(path)
+    if (path / EXPORTED_DESCRIPTION).is_file():
+        description = json.loads((path / EXPORTED_DESCRIPTION).read_text())
+        if _sha256(path / EXPORTED_WEIGHTS) != description["sha256"]:
+            raise CheckpointError(f"{path / EXPORTED_WEIGHTS} is damaged: its SHA-256 does not match "
+                                  f"{EXPORTED_DESCRIPTION}")
+        arch, z_dim, folder = description["arch"], description["z_dim"], path
+    else:
+        folder = resolve(path)
+        model = read_state(folder)["config"]["model"]
+        arch, z_dim = model["arch"], model["z_dim"]
+    network = build(arch, z_dim).to(device)
+    _load_network(folder, "generator", network)
+    return network.eval()

@@ -55,11 +55,15 @@ class TrainConfig:
     steps: int = 5000
     mixed_precision: str | None = None  # fp32 | bf16 | fp16; null: what `accelerate launch` was told
     cpu: bool = False  # force the CPU even where a GPU is present
+    check_every: int = 10  # steps between the collective checks for signals and non-finite numbers
+    on_nonfinite: str = "stop"  # stop | skip | rollback
+    timeout_s: int = 600  # a collective waiting longer than this (a rank died) fails the run
 
 
 @dataclass
 class CheckpointConfig:
     every: int = 1000  # steps; 0 writes only the final checkpoint
+    keep_last: int = 3  # complete checkpoints kept; 0 keeps all
 
 
 @dataclass
@@ -76,6 +80,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: str = "bce"  # bce | hinge
+    resume: str = "auto"  # auto | none | <path of a checkpoint folder>
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -89,6 +94,7 @@ CHOICES = {
     "loss": ("bce", "hinge"),
     "train.mixed_precision": (None, "fp32", "bf16", "fp16"),
     "logging.wandb": ("online", "offline", "disabled"),
+    "train.on_nonfinite": ("stop", "skip", "rollback"),
 }
 _GREATER_THAN_ZERO = (lambda v: v > 0, "greater than 0")
 _NOT_NEGATIVE = (lambda v: v >= 0, "0 or more")
@@ -101,6 +107,9 @@ RULES = {
     "optim.beta1": _IN_UNIT_INTERVAL,
     "optim.beta2": _IN_UNIT_INTERVAL,
     "train.steps": _GREATER_THAN_ZERO,
+    "train.check_every": _GREATER_THAN_ZERO,
+    "train.timeout_s": _GREATER_THAN_ZERO,
+    "checkpoint.keep_last": _NOT_NEGATIVE,
     "checkpoint.every": _NOT_NEGATIVE,
     "logging.every": _GREATER_THAN_ZERO,
     "logging.samples_every": _NOT_NEGATIVE,

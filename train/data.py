@@ -125,6 +125,11 @@ def _torchvision_images(root: str, name: str, train: bool) -> torch.Tensor:
     return dataset.data.to(torch.uint8)
 
 
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """Images in [0, 1] to uint8 pixels, rounding exactly as torchvision's save_image does for PNGs."""
+    return images.mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8)
+
+
 @dataclass
 class DataPosition:
     """Where the run is in the data stream: enough to continue mid-epoch exactly."""
@@ -167,10 +172,15 @@ class ShardedBatches:
         per_step = used.view(self.steps_per_epoch, self.world_size, self.batch_size)
         return per_step[:, self.rank].contiguous().to(self.images.device, non_blocking=True)
 
+    def seek(self, position: DataPosition) -> None:
+        """Continue from `position` (e.g. restored from a checkpoint); updates self.position in place."""
+        self.position.epoch, self.position.step_in_epoch = position.epoch, position.step_in_epoch
+        self.epoch_indices = self._indices_for(self.position.epoch)
+
     def next(self) -> torch.Tensor:
         """This rank's next batch as float [B, 1, 28, 28] in [0, 1]."""
         if self.position.step_in_epoch == self.steps_per_epoch:
-            self.position = DataPosition(self.position.epoch + 1, 0)
+            self.position.epoch, self.position.step_in_epoch = self.position.epoch + 1, 0
             self.epoch_indices = self._indices_for(self.position.epoch)
         indices = self.epoch_indices[self.position.step_in_epoch]
         self.position.step_in_epoch += 1

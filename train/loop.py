@@ -1,4 +1,4 @@
-"""The training loop: sample a batch, update D, update G, log, checkpoint.
+"""The training loop: sample a batch, update D, update G, log, check for faults, checkpoint.
 
 One process or many (`accelerate launch -m train`): Accelerate wraps G and D in DDP as two
 separate models with their own optimizers. Each phase turns on gradients for its own network
@@ -9,17 +9,21 @@ from __future__ import annotations
 
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
 import torch
 from accelerate import Accelerator
+from accelerate.utils import InitProcessGroupKwargs
 from tqdm import tqdm
 
 from train import checkpoint, config, data, losses, models, tracking
+from train.checkpoint import CheckpointError, Progress, Snapshot
 from train.config import Config, ConfigError
 from train.data import DataError, ShardedBatches
 from train.distributed import ddp_without_forward_buffer_sync, sync_buffers_from_main
+from train.faults import EXIT_NONFINITE, EXIT_PREEMPTED, FaultMonitor
 
 SAMPLE_GRID_SIZE = 64
 METRIC_NAMES = ("loss/d", "loss/g", "d/real", "d/fake")
@@ -27,68 +31,107 @@ METRIC_NAMES = ("loss/d", "loss/g", "d/real", "d/fake")
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        cfg = config.parse_args(argv)
-        train(cfg)
-    except (ConfigError, DataError) as error:
+        return train(config.parse_args(argv))
+    except (ConfigError, DataError, CheckpointError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    return 0
 
 
-def train(cfg: Config) -> None:
-    accelerator, batches, run_dir = set_up(cfg)
+def train(cfg: Config) -> int:
+    """Train until `train.steps`; returns the process exit code."""
+    accelerator, run_dir, resume_from = set_up(cfg)
+    progress = Progress()
+    batches = ShardedBatches(data.load_images(cfg.data), cfg.data.batch_size, accelerator.process_index,
+                             accelerator.num_processes, cfg.run.seed, accelerator.device, position=progress.data)
     generator, discriminator = build_models(cfg)
     g_optimizer, d_optimizer = build_optimizers(cfg, generator, discriminator)
     generator, discriminator, g_optimizer, d_optimizer = accelerator.prepare(
         generator, discriminator, g_optimizer, d_optimizer
     )
-    noise = torch.Generator(accelerator.device).manual_seed(seed_for(cfg.run.seed, "noise", accelerator.process_index))
+    snapshot = Snapshot(
+        networks={"generator": accelerator.unwrap_model(generator),
+                  "discriminator": accelerator.unwrap_model(discriminator)},
+        optimizers={"generator": g_optimizer, "discriminator": d_optimizer},
+        noise=torch.Generator(accelerator.device), progress=progress, config=config.to_dict(cfg),
+        scaler=accelerator.scaler, extra_json={"global_batch": batches.global_batch},
+    )
+    if resume_from is None:
+        reseed_noise(snapshot, cfg.run.seed, accelerator.process_index)
+    else:
+        resume(accelerator, resume_from, snapshot, batches, cfg.run.seed)
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(config.to_yaml(cfg))
+    log = tracking.RunLog(accelerator, cfg, run_dir, progress)
+    faults = FaultMonitor(cfg.train.on_nonfinite, accelerator.device, check_gradients=accelerator.scaler is None)
     fixed_z = torch.randn(SAMPLE_GRID_SIZE, cfg.model.z_dim, generator=torch.Generator().manual_seed(cfg.run.seed))
-    log = tracking.RunLog(accelerator, cfg, run_dir)
     running = torch.zeros(len(METRIC_NAMES), device=accelerator.device)
     window_start, window_steps = time.perf_counter(), 0
-    progress = tqdm(range(1, cfg.train.steps + 1), disable=not accelerator.is_main_process, desc="train")
+    bar = tqdm(total=cfg.train.steps, initial=progress.step, disable=not accelerator.is_main_process, desc="train")
 
-    for step in progress:
+    while progress.step < cfg.train.steps:
+        step = progress.step + 1
         real = batches.next()
-        z = torch.randn(real.shape[0], cfg.model.z_dim, device=accelerator.device, generator=noise)
+        z = torch.randn(real.shape[0], cfg.model.z_dim, device=accelerator.device, generator=snapshot.noise)
         fake = generator(z)
-        d_loss, real_logits, fake_logits = discriminator_step(accelerator, cfg.loss, discriminator, d_optimizer, real, fake)
-        g_loss = generator_step(accelerator, cfg.loss, discriminator, g_optimizer, fake)
+        d_loss, real_logits, fake_logits = discriminator_step(
+            accelerator, cfg.loss, discriminator, d_optimizer, real, fake, faults, step)
+        g_loss = generator_step(accelerator, cfg.loss, discriminator, g_optimizer, fake, faults, step)
+        progress.step, progress.images_seen = step, progress.images_seen + batches.global_batch
         running += torch.stack([d_loss, g_loss, real_logits.sigmoid().mean(), fake_logits.sigmoid().mean()])
         window_steps += 1
+        bar.update()
 
-        if step % cfg.logging.every == 0 or step == cfg.train.steps:
+        last = step == cfg.train.steps
+        if step % cfg.logging.every == 0 or last:
             means = (accelerator.reduce(running, reduction="mean") / window_steps).tolist()
-            seconds = time.perf_counter() - window_start
             values = dict(zip(METRIC_NAMES, means)) | {
                 "lr/g": g_optimizer.param_groups[0]["lr"],
                 "lr/d": d_optimizer.param_groups[0]["lr"],
-                "images_per_second": window_steps * batches.global_batch / seconds,
+                "images_per_second": window_steps * batches.global_batch / (time.perf_counter() - window_start),
                 "global_batch": batches.global_batch,
-                "epoch": batches.position.epoch,
+                "epoch": progress.data.epoch,
             }
             log.metrics(step, values)
-            progress.set_postfix({"D": f"{means[0]:.3f}", "G": f"{means[1]:.3f}",
-                                  "img/s": f"{values['images_per_second']:.0f}"})
+            bar.set_postfix({"D": f"{means[0]:.3f}", "G": f"{means[1]:.3f}", "img/s": f"{values['images_per_second']:.0f}"})
             running.zero_()
             window_start, window_steps = time.perf_counter(), 0
 
-        last = step == cfg.train.steps
         if last or (cfg.logging.samples_every and step % cfg.logging.samples_every == 0):
             log.samples(step, render_samples(accelerator, generator, fixed_z))
-        if last or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0):
-            save_checkpoint(accelerator, run_dir, step, generator, discriminator)
 
+        checkpoint_due = last or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0)
+        if checkpoint_due or step % cfg.train.check_every == 0:
+            nonfinite, preempted = faults.check()
+            if nonfinite is not None and cfg.train.on_nonfinite == "rollback":
+                rollback(accelerator, run_dir, snapshot, batches, cfg.run.seed, nonfinite, log)
+                faults.reset()
+                bar.n = progress.step
+                continue
+            if nonfinite is not None:
+                log.message(f"error: {nonfinite}; stopping (train.on_nonfinite=stop). The last checkpoint "
+                            f"in {run_dir / 'checkpoints'} is intact and resumable.")
+                log.close()
+                return EXIT_NONFINITE
+            if preempted:
+                path = save_checkpoint(accelerator, cfg, run_dir, snapshot)
+                faults.preemption.report_saved(path.name)
+                log.message(f"preempted: checkpoint {path.name} written; exiting with {EXIT_PREEMPTED} "
+                            "so the job can be requeued (the run resumes from it)")
+                log.close()
+                return EXIT_PREEMPTED
+        if checkpoint_due:
+            save_checkpoint(accelerator, cfg, run_dir, snapshot)
+
+    bar.close()
     log.close()
+    return 0
 
 
-def set_up(cfg: Config) -> tuple[Accelerator, ShardedBatches, Path]:
-    """Everything that can reject the run does so here, before the run directory is written."""
+def set_up(cfg: Config) -> tuple[Accelerator, Path, Path | None]:
+    """Everything that can reject the run does so here, before anything is written."""
     tracking.check_available(cfg)
     run_dir = Path(cfg.run.dir)
-    if checkpoint.existing_checkpoints(run_dir):
-        raise ConfigError(f"run.dir {str(run_dir)!r} already holds checkpoints; choose another run.dir")
     # Without an accelerator, say so to Accelerate: processes started by `accelerate launch
     # --multi_gpu` (torchrun) then form one gloo group instead of each believing it is alone.
     cpu = cfg.train.cpu or not torch.accelerator.is_available()
@@ -98,16 +141,45 @@ def set_up(cfg: Config) -> tuple[Accelerator, ShardedBatches, Path]:
         cpu=cpu,
         mixed_precision={"fp32": "no"}.get(cfg.train.mixed_precision, cfg.train.mixed_precision),
         log_with="wandb" if cfg.logging.wandb != "disabled" else None,
-        kwargs_handlers=[ddp_without_forward_buffer_sync()],
+        kwargs_handlers=[ddp_without_forward_buffer_sync(),
+                         InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.train.timeout_s))],
     )
-    images = data.load_images(cfg.data)
-    batches = ShardedBatches(images, cfg.data.batch_size, accelerator.process_index, accelerator.num_processes,
-                             cfg.run.seed, accelerator.device)
-    if accelerator.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(config.to_yaml(cfg))
-    accelerator.wait_for_everyone()
-    return accelerator, batches, run_dir
+    resume_from = find_resume_point(cfg, run_dir, report=accelerator.print)
+    if resume_from is not None:
+        check_global_batch(resume_from, cfg.data.batch_size, accelerator.num_processes)
+    return accelerator, run_dir, resume_from
+
+
+def find_resume_point(cfg: Config, run_dir: Path, report) -> Path | None:
+    """The checkpoint to continue from, per `resume`: auto, none, or a path."""
+    if cfg.resume == "none":
+        if run_dir.exists() and any(run_dir.iterdir()):
+            raise ConfigError(f"run.dir {str(run_dir)!r} is not empty and resume=none; choose another run.dir, "
+                              "or resume=auto to continue the run in it")
+        return None
+    if cfg.resume != "auto":
+        checkpoint.verify(Path(cfg.resume))
+        return Path(cfg.resume)
+    if not checkpoint.complete_checkpoints(run_dir):
+        return None
+    found = checkpoint.newest_valid(run_dir, report)
+    if found is None:
+        raise CheckpointError(f"no checkpoint in {run_dir / 'checkpoints'} is valid (see above); nothing was "
+                              "changed. Restore them, resume from a path with resume=..., or choose another run.dir")
+    latest = checkpoint.complete_checkpoints(run_dir)[-1]
+    if found != latest:
+        report(f"resuming from {found.name}, the newest valid checkpoint (not {latest.name})")
+    return found
+
+
+def check_global_batch(path: Path, batch_size: int, processes: int) -> None:
+    """Resuming on another number of processes keeps the global batch, or stops and says how."""
+    saved = checkpoint.read_state(path)["global_batch"]
+    if saved != batch_size * processes:
+        fix = (f"set data.batch_size={saved // processes}" if saved % processes == 0
+               else f"use a number of processes that divides {saved}")
+        raise ConfigError(f"checkpoint {path} was trained with a global batch of {saved}; this launch has "
+                          f"data.batch_size={batch_size} x {processes} processes = {batch_size * processes}: {fix}")
 
 
 def build_models(cfg: Config) -> tuple[torch.nn.Module, torch.nn.Module]:
@@ -124,7 +196,7 @@ def build_optimizers(cfg: Config, generator, discriminator) -> tuple[torch.optim
     )
 
 
-def discriminator_step(accelerator, loss, discriminator, d_optimizer, real, fake):
+def discriminator_step(accelerator, loss, discriminator, d_optimizer, real, fake, faults, step):
     """Update D on real and (detached) fake images; G's graph is not touched."""
     discriminator.requires_grad_(True)
     real_logits = discriminator(real)
@@ -132,11 +204,12 @@ def discriminator_step(accelerator, loss, discriminator, d_optimizer, real, fake
     d_loss = losses.discriminator_loss(loss, real_logits, fake_logits)
     d_optimizer.zero_grad(set_to_none=True)
     accelerator.backward(d_loss)
-    d_optimizer.step()
+    if faults.allows_update(step, "discriminator", d_loss, d_optimizer):
+        d_optimizer.step()
     return d_loss.detach(), real_logits.detach(), fake_logits.detach()
 
 
-def generator_step(accelerator, loss, discriminator, g_optimizer, fake):
+def generator_step(accelerator, loss, discriminator, g_optimizer, fake, faults, step):
     """Update G through the just-updated D; D gets no gradients and DDP syncs none of its."""
     discriminator.requires_grad_(False)
     with accelerator.no_sync(discriminator):
@@ -144,7 +217,8 @@ def generator_step(accelerator, loss, discriminator, g_optimizer, fake):
     g_loss = losses.generator_loss(loss, fake_logits)
     g_optimizer.zero_grad(set_to_none=True)
     accelerator.backward(g_loss)
-    g_optimizer.step()
+    if faults.allows_update(step, "generator", g_loss, g_optimizer):
+        g_optimizer.step()
     return g_loss.detach()
 
 
@@ -159,19 +233,37 @@ def render_samples(accelerator, generator, fixed_z: torch.Tensor) -> torch.Tenso
     return images
 
 
-def save_checkpoint(accelerator, run_dir: Path, step: int, generator, discriminator) -> None:
-    """A collective: all ranks agree on the buffers, the main process writes, everyone waits."""
-    sync_buffers_from_main(generator)
-    sync_buffers_from_main(discriminator)
-    if accelerator.is_main_process:
-        checkpoint.save(run_dir, step, {
-            "generator": accelerator.unwrap_model(generator),
-            "discriminator": accelerator.unwrap_model(discriminator),
-        })
-    accelerator.wait_for_everyone()
+def save_checkpoint(accelerator, cfg: Config, run_dir: Path, snapshot: Snapshot) -> Path:
+    """A collective: rank 0's BatchNorm statistics everywhere, then every rank writes its part."""
+    for network in snapshot.networks.values():
+        sync_buffers_from_main(network)
+    return checkpoint.save(accelerator, run_dir, snapshot, cfg.checkpoint.keep_last)
 
 
-def seed_for(seed: int, purpose: str, rank: int) -> int:
-    """A distinct, reproducible seed per (run seed, purpose, rank)."""
-    entropy = [seed, rank, *purpose.encode()]
-    return int(np.random.SeedSequence(entropy).generate_state(1, dtype=np.uint64)[0] >> 1)
+def resume(accelerator, path: Path, snapshot: Snapshot, batches: ShardedBatches, seed: int) -> None:
+    rng_restored = checkpoint.restore(path, snapshot, accelerator.process_index, accelerator.num_processes)
+    batches.seek(snapshot.progress.data)
+    if not rng_restored:
+        accelerator.print(f"{path.name} was written by another number of processes: the data order and global "
+                          "batch continue exactly; each rank's noise stream starts afresh")
+        reseed_noise(snapshot, seed, accelerator.process_index, salt=f"resumed@{snapshot.progress.step}")
+    accelerator.print(f"resumed from {path} at step {snapshot.progress.step}")
+
+
+def rollback(accelerator, run_dir: Path, snapshot: Snapshot, batches: ShardedBatches, seed: int, event, log) -> None:
+    """Go back to the newest valid checkpoint and redo the steps with fresh noise."""
+    path = checkpoint.newest_valid(run_dir, accelerator.print)
+    if path is None:
+        raise CheckpointError(f"{event}, and there is no checkpoint to roll back to in {run_dir / 'checkpoints'}")
+    offset = snapshot.progress.seed_offset + 1
+    checkpoint.restore(path, snapshot, accelerator.process_index, accelerator.num_processes)
+    snapshot.progress.seed_offset = offset
+    batches.seek(snapshot.progress.data)
+    reseed_noise(snapshot, seed, accelerator.process_index, salt=f"rollback{offset}")
+    log.message(f"{event}; rolled back to {path.name} (train.on_nonfinite=rollback, seed offset {offset})")
+
+
+def reseed_noise(snapshot: Snapshot, seed: int, rank: int, salt: str = "") -> None:
+    """A distinct, reproducible noise stream per (run seed, rank, salt)."""
+    entropy = [seed, rank, *f"noise{salt}".encode()]
+    snapshot.noise.manual_seed(int(np.random.SeedSequence(entropy).generate_state(1, dtype=np.uint64)[0] >> 1))

@@ -24,6 +24,7 @@ class SeedGenerator(nn.Module):
 
     def __init__(self, z_dim: int = 100):
         super().__init__()
+        self.z_dim = z_dim
         self.fc = nn.Linear(z_dim, 7 * 7 * 256)
         self.upsample = nn.UpsamplingBilinear2d(scale_factor=2)  # align_corners=True, as in the blog
         self.conv1 = conv_bn_relu(256, 128)
@@ -58,6 +59,7 @@ class DCGANGenerator(nn.Module):
 
     def __init__(self, z_dim: int = 100, width: int = 64):
         super().__init__()
+        self.z_dim = z_dim
         self.net = nn.Sequential(
             nn.ConvTranspose2d(z_dim, 2 * width, 7, 1, 0, bias=False),  # 7x7
             nn.BatchNorm2d(2 * width),

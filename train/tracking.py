@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import secrets
+import sys
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 from torchvision.utils import make_grid, save_image
 
+from train.checkpoint import Progress
 from train.config import Config, ConfigError, to_dict
 
 METRICS_FILE = "metrics.jsonl"
@@ -30,18 +33,27 @@ def check_available(cfg: Config) -> None:
 
 
 class RunLog:
-    def __init__(self, accelerator: Accelerator, cfg: Config, run_dir: Path):
+    def __init__(self, accelerator: Accelerator, cfg: Config, run_dir: Path, progress: Progress):
+        """Open the run's logs; a resumed run continues them from `progress.step`, without duplicates."""
         self.accelerator = accelerator
         self.run_dir = run_dir
         self.use_wandb = cfg.logging.wandb != "disabled"
+        if accelerator.is_main_process:
+            (run_dir / SAMPLES_DIR).mkdir(exist_ok=True)
+            _drop_lines_after(run_dir / METRICS_FILE, progress.step)
         if self.use_wandb:
+            progress.wandb_run_id = progress.wandb_run_id or secrets.token_hex(4)  # kept in checkpoints
             accelerator.init_trackers(
                 cfg.logging.project,
                 config=to_dict(cfg),
-                init_kwargs={"wandb": {"mode": cfg.logging.wandb, "dir": str(run_dir), "name": run_dir.name}},
+                init_kwargs={"wandb": {"mode": cfg.logging.wandb, "dir": str(run_dir), "name": run_dir.name,
+                                       "id": progress.wandb_run_id, "resume": "allow"}},
             )
-        if accelerator.is_main_process:
-            (run_dir / SAMPLES_DIR).mkdir(exist_ok=True)
+
+    def message(self, text: str) -> None:
+        """A line for the person watching (main process, stderr, flushed)."""
+        if self.accelerator.is_main_process:
+            print(f"\n{text}", file=sys.stderr, flush=True)
 
     def metrics(self, step: int, values: dict[str, float]) -> None:
         if not self.accelerator.is_main_process:
@@ -66,3 +78,13 @@ class RunLog:
     def close(self) -> None:
         if self.use_wandb:
             self.accelerator.end_training()
+
+
+def _drop_lines_after(path: Path, step: int) -> None:
+    """Forget metric lines a previous attempt wrote after the checkpoint this run resumes from."""
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if json.loads(line)["step"] <= step]
+    if len(kept) != len(lines):
+        path.write_text("".join(kept))

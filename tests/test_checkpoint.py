@@ -1,0 +1,187 @@
+"""Checkpoints: no pickle, verified on load, bad ones reported by name and never overwritten."""
+
+import json
+import pickle
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import REPO, TINY, all_state, assert_bitwise_equal, run_env, run_train
+from train import checkpoint, models
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A 6-step DCGAN run with checkpoints at steps 2, 4 and 6."""
+    run_dir = tmp_path_factory.mktemp("finished")
+    result = run_train(TINY + [f"run.dir={run_dir}", "checkpoint.every=2", "checkpoint.keep_last=0"])
+    assert result.returncode == 0, result.stderr[-2000:]
+    return run_dir
+
+
+def copy_run(finished_run, tmp_path):
+    return shutil.copytree(finished_run, tmp_path / "run")
+
+
+def snapshot_files(folder):
+    return {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def test_a_checkpoint_is_safetensors_and_json_named_in_its_manifest(finished_run):
+    folder = finished_run / "checkpoints" / "step_00000006"
+    names = sorted(p.name for p in folder.iterdir())
+    assert names == ["discriminator.safetensors", "generator.safetensors", "manifest.json", "optimizers.json",
+                     "optimizers.safetensors", "rank_0.json", "rank_0.safetensors", "state.json"]
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert sorted(manifest["sha256"]) == [n for n in names if n != "manifest.json"]
+    state = json.loads((folder / "state.json").read_text())
+    assert state["progress"] == {"step": 6, "images_seen": 48, "data": {"epoch": 0, "step_in_epoch": 6},
+                                 "seed_offset": 0, "wandb_run_id": None}
+    assert state["config"]["model"]["arch"] == "dcgan"
+    optimizer_state = load_file(folder / "optimizers.safetensors")
+    assert {key.rsplit(".", 1)[1] for key in optimizer_state} == {"step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"}
+    assert set(load_file(folder / "rank_0.safetensors")) == {"noise", "torch_cpu", "numpy_keys"}
+    assert (finished_run / "checkpoints" / "latest").read_text() == "step_00000006\n"
+
+
+def test_keep_last_deletes_only_older_complete_checkpoints(tmp_path):
+    result = run_train(TINY + [f"run.dir={tmp_path}", "checkpoint.every=2", "checkpoint.keep_last=2"])
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert [p.name for p in checkpoint.complete_checkpoints(tmp_path)] == ["step_00000004", "step_00000006"]
+
+
+def test_a_planted_pickle_is_never_loaded(finished_run, tmp_path):
+    run_dir = copy_run(finished_run, tmp_path)
+    marker = tmp_path / "unpickled"
+
+    class Bomb:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    folder = run_dir / "checkpoints" / "step_00000006"
+    for name in ("optimizer.bin", "pytorch_model.pt", "random_states_0.pkl"):
+        (folder / name).write_bytes(pickle.dumps(Bomb()))
+    result = run_train(TINY + [f"run.dir={run_dir}", "train.steps=8"])
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("truncate", "optimizers.safetensors is damaged: its SHA-256 does not match manifest.json"),
+    ("flip", "optimizers.safetensors is damaged: its SHA-256 does not match manifest.json"),
+    ("delete", "optimizers.safetensors is missing"),
+])
+def test_auto_resume_falls_back_to_the_newest_valid_checkpoint(finished_run, tmp_path, damage, message):
+    run_dir = copy_run(finished_run, tmp_path)
+    target = run_dir / "checkpoints" / "step_00000006" / "optimizers.safetensors"
+    raw = target.read_bytes()
+    if damage == "truncate":
+        target.write_bytes(raw[: len(raw) // 2])
+    elif damage == "flip":
+        target.write_bytes(raw[:-10] + bytes([raw[-10] ^ 1]) + raw[-9:])
+    else:
+        target.unlink()
+    damaged = target.read_bytes() if target.exists() else None
+    result = run_train(TINY + [f"run.dir={run_dir}", "train.steps=6", "checkpoint.every=2", "checkpoint.keep_last=0"])
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-2000:]
+    assert f"skipping checkpoint step_00000006: {target.parent / message}" in output
+    assert "resuming from step_00000004, the newest valid checkpoint (not step_00000006)" in output
+    # The new step 6 is complete; the damaged one is kept aside, unchanged, for a person to look at.
+    checkpoint.verify(run_dir / "checkpoints" / "step_00000006")
+    kept = run_dir / "checkpoints" / "damaged_step_00000006" / "optimizers.safetensors"
+    assert (kept.read_bytes() if kept.exists() else None) == damaged
+    assert "kept the damaged step_00000006 as damaged_step_00000006" in output
+
+
+def bad_checkpoint(kind, finished_run, tmp_path):
+    """(a path to resume from, the message expected) for each kind of bad checkpoint."""
+    run_dir = copy_run(finished_run, tmp_path)
+    folder = run_dir / "checkpoints" / "step_00000004"
+    if kind == "not a checkpoint":
+        return run_dir / "samples", "is not a checkpoint: it has no manifest.json"
+    if kind == "manifest mismatch":
+        manifest = json.loads((folder / "manifest.json").read_text())
+        manifest["sha256"]["generator.safetensors"] = "0" * 64
+        (folder / "manifest.json").write_text(json.dumps(manifest))
+        return folder, "generator.safetensors is damaged: its SHA-256 does not match manifest.json"
+    if kind == "newer format":
+        manifest = json.loads((folder / "manifest.json").read_text())
+        manifest["format_version"] = checkpoint.FORMAT_VERSION + 1
+        (folder / "manifest.json").write_text(json.dumps(manifest))
+        return folder, f"written with checkpoint format version {checkpoint.FORMAT_VERSION + 1}; this code reads up to"
+    assert kind == "other architecture"
+    return folder, "generator.safetensors does not fit this model.arch/model.z_dim"
+
+
+@pytest.mark.parametrize("kind", ["not a checkpoint", "manifest mismatch", "newer format", "other architecture"])
+def test_a_bad_checkpoint_is_named_and_nothing_is_overwritten(finished_run, tmp_path, kind):
+    path, message = bad_checkpoint(kind, finished_run, tmp_path)
+    run_dir = tmp_path / "run"
+    before = snapshot_files(run_dir)
+    arch = ["model.arch=seed"] if kind == "other architecture" else []
+    result = run_train(TINY + [f"run.dir={run_dir}", f"resume={path}", "train.steps=10", *arch])
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert snapshot_files(run_dir) == before
+
+
+def test_resume_none_refuses_a_used_run_dir(finished_run, tmp_path):
+    run_dir = copy_run(finished_run, tmp_path)
+    before = snapshot_files(run_dir)
+    result = run_train(TINY + [f"run.dir={run_dir}", "resume=none"])
+    assert result.returncode == 2 and "is not empty and resume=none" in result.stderr
+    assert snapshot_files(run_dir) == before
+
+
+def test_resume_from_a_path_continues_that_checkpoint_exactly(finished_run, tmp_path):
+    straight = tmp_path / "straight"
+    assert run_train(TINY + [f"run.dir={straight}", "train.steps=6"]).returncode == 0
+    resumed = tmp_path / "resumed"
+    source = finished_run / "checkpoints" / "step_00000004"
+    result = run_train(TINY + [f"run.dir={resumed}", f"resume={source}", "train.steps=6"])
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert_bitwise_equal(all_state(resumed), all_state(straight))
+
+
+def test_export_and_sample_give_the_same_images_from_every_form(finished_run, tmp_path):
+    exported = tmp_path / "exported"
+    result = subprocess.run([sys.executable, "-m", "train.export", "--checkpoint", str(finished_run),
+                             "--out", str(exported)], cwd=REPO, env=run_env(), capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in exported.iterdir()) == ["generator.json", "generator.safetensors"]
+    description = json.loads((exported / "generator.json").read_text())
+    assert (description["arch"], description["z_dim"], description["step"]) == ("dcgan", 100, 6)
+    # Built from the exported folder alone, without the training code's state.
+    generator = models.build(description["arch"], description["z_dim"])[0]
+    generator.load_state_dict(load_file(exported / "generator.safetensors"))
+
+    arrays = []
+    for source in (exported, finished_run, finished_run / "checkpoints" / "step_00000006"):
+        out = tmp_path / f"{len(arrays)}.npy"
+        result = subprocess.run([sys.executable, "-m", "train.sample", "--checkpoint", str(source), "--num", "12",
+                                 "--seed", "3", "--out", str(out), "--device", "cpu"],
+                                cwd=REPO, env=run_env(), capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr
+        arrays.append(np.load(out))
+    assert arrays[0].shape == (12, 28, 28) and arrays[0].dtype == np.uint8
+    assert all(np.array_equal(arrays[0], other) for other in arrays[1:])
+    with torch.no_grad():
+        direct = generator.eval()(torch.randn(12, 100, generator=torch.Generator().manual_seed(3)))
+    assert np.array_equal(arrays[0], direct.mul(255).add(0.5).clamp(0, 255).to(torch.uint8).squeeze(1).numpy())
+    png = tmp_path / "grid.png"
+    result = subprocess.run([sys.executable, "-m", "train.sample", "--checkpoint", str(exported), "--num", "16",
+                             "--out", str(png)], cwd=REPO, env=run_env(), capture_output=True, text=True)
+    assert result.returncode == 0 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_sample_names_a_path_that_is_no_checkpoint(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "train.sample", "--checkpoint", str(tmp_path), "--out",
+                             str(tmp_path / "x.png")], cwd=REPO, env=run_env(), capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "is neither a checkpoint folder (with manifest.json) nor a run directory" in result.stderr

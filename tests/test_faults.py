@@ -1,0 +1,83 @@
+"""Non-finite numbers on one rank and dead ranks: every rank reacts the same way, nobody hangs."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import REPO, free_port, run_env, run_with_fault
+from train import checkpoint
+from train.faults import EXIT_NONFINITE
+
+pytestmark = pytest.mark.slow
+
+
+def tiny_run(tiny_mnist, run_dir, *extra):
+    return ["model.arch=dcgan", "data.batch_size=8", f"data.path={tiny_mnist}", "train.steps=16",
+            "checkpoint.every=5", "train.check_every=1", "logging.every=4", "logging.samples_every=0",
+            "logging.wandb=disabled", "train.cpu=true", f"run.dir={run_dir}", *extra]
+
+
+def test_nan_on_one_rank_stops_every_rank_at_that_step(tiny_mnist, tmp_path):
+    result = run_with_fault("nan", 8, 1, tiny_run(tiny_mnist, tmp_path), processes=2)
+    assert result.returncode != 0
+    assert "non-finite discriminator loss or gradient at step 8 on rank 1 (loss nan)" in result.stderr
+    assert f"exitcode  : {EXIT_NONFINITE}" in result.stderr  # torchrun's summary of the ranks' exits
+    assert [p.name for p in checkpoint.complete_checkpoints(tmp_path)] == ["step_00000005"]
+    checkpoint.verify(tmp_path / "checkpoints" / "step_00000005")
+
+
+def test_skip_drops_the_bad_update_everywhere_and_training_goes_on(tiny_mnist, tmp_path):
+    result = run_with_fault("nan", 8, 1, tiny_run(tiny_mnist, tmp_path, "train.on_nonfinite=skip"), processes=2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    final = checkpoint.complete_checkpoints(tmp_path)[-1]
+    assert final.name == "step_00000016"
+    from safetensors.torch import load_file
+    for name in ("generator", "discriminator", "optimizers"):
+        assert all(torch.isfinite(t.float()).all() for t in load_file(final / f"{name}.safetensors").values())
+
+
+def test_rollback_returns_to_the_last_checkpoint_with_fresh_noise(tiny_mnist, tmp_path):
+    result = run_with_fault("nan", 8, 1, tiny_run(tiny_mnist, tmp_path, "train.on_nonfinite=rollback"), processes=2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "rolled back to step_00000005 (train.on_nonfinite=rollback, seed offset 1)" in result.stderr
+    state = json.loads((tmp_path / "checkpoints" / "step_00000016" / "state.json").read_text())
+    assert state["progress"]["seed_offset"] == 1 and state["progress"]["step"] == 16
+
+
+def test_a_dead_rank_ends_the_launch(tiny_mnist, tmp_path):
+    started = time.monotonic()
+    result = run_with_fault("die", 6, 1, tiny_run(tiny_mnist, tmp_path, "train.steps=400"), processes=2)
+    assert result.returncode != 0
+    assert "exitcode  : -9" in result.stderr
+    assert time.monotonic() - started < 120
+
+
+def test_without_a_supervising_launcher_the_survivor_times_out(tiny_mnist, tmp_path):
+    """Ranks started directly (as srun does, one process each): rank 0 must not wait forever."""
+    port = free_port()
+    processes = []
+    for rank in (0, 1):
+        env = run_env(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        fault = ["die", "6", "1"]
+        command = [sys.executable, str(REPO / "tests" / "interrupt.py"), *fault,
+                   *tiny_run(tiny_mnist, tmp_path, "train.steps=400", "train.timeout_s=10")]
+        processes.append(subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                          stderr=subprocess.PIPE, text=True))
+    survivor, dead = processes
+    started = time.monotonic()
+    try:
+        _, errors = survivor.communicate(timeout=120)
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+    assert dead.wait() == -9
+    assert survivor.returncode != 0
+    assert time.monotonic() - started < 90
+    assert "Traceback" in errors  # a collective raised instead of blocking

@@ -1,0 +1,28 @@
+"""`python -m train.export --checkpoint <checkpoint or run dir> --out <dir>`: the generator alone.
+
+Writes `generator.safetensors` and `generator.json` (architecture, z_dim, step, source, SHA-256):
+everything needed to build and load the generator without the training state.
+"""
+
+import argparse
+import sys
+
+from train.checkpoint import CheckpointError, export_generator
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m train.export", description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", required=True, help="a checkpoint folder or a run directory")
+    parser.add_argument("--out", required=True, help="folder to write generator.safetensors and generator.json into")
+    args = parser.parse_args(argv)
+    try:
+        out = export_generator(args.checkpoint, args.out)
+    except CheckpointError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"exported the generator to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,57 @@
+"""`python -m train.sample --checkpoint <path> --num N --seed S --out FILE`: images from a generator.
+
+FILE ending in .png gets a grid; .npy gets the N samples as uint8 [N, 28, 28], rounded exactly as
+the PNG is. The checkpoint may be a checkpoint folder, a run directory or an exported generator.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from torchvision.utils import make_grid, save_image
+
+from train import models
+from train.checkpoint import CheckpointError, load_generator
+from train.data import to_uint8
+
+
+@torch.no_grad()
+def generate(generator: torch.nn.Module, num: int, seed: int, batch_size: int = 1000) -> torch.Tensor:
+    """`num` images in [0, 1] from z drawn on the CPU with `seed`: the same on any device."""
+    z = torch.randn(num, generator.z_dim, generator=torch.Generator().manual_seed(seed))
+    device = next(generator.parameters()).device
+    return torch.cat([generator(chunk.to(device)).float().cpu() for chunk in z.split(batch_size)])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m train.sample", description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", required=True, help="checkpoint folder, run directory or exported generator")
+    parser.add_argument("--num", type=int, default=64)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", required=True, help="a .png (grid) or .npy (uint8 [N, 28, 28]) file")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    if out.suffix not in (".png", ".npy"):
+        parser.error(f"--out {out} must end in .png or .npy")
+    if args.num < 1:
+        parser.error("--num must be at least 1")
+    try:
+        generator = load_generator(args.checkpoint, lambda arch, z: models.build(arch, z)[0], args.device)
+    except CheckpointError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    images = generate(generator, args.num, args.seed)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix == ".png":
+        save_image(make_grid(images, nrow=int(np.ceil(np.sqrt(args.num))), padding=2, pad_value=1.0), out)
+    else:
+        np.save(out, to_uint8(images).squeeze(1).numpy())
+    print(f"wrote {args.num} samples to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
