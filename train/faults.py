@@ -47,7 +47,7 @@ class PreemptionFlag:
         """On the rank(s) that got the signal: how long the way to a finished checkpoint took."""
         if self.signal_name is not None:
             seconds = time.monotonic() - self.received_at
-            print(f"{checkpoint_name} finished {seconds:.2f} s after the signal", file=sys.stderr, flush=True)
+            print(f"\n{checkpoint_name} finished {seconds:.2f} s after the signal", file=sys.stderr, flush=True)
 
 
 @dataclass
