@@ -17,7 +17,8 @@ REPO = Path(__file__).resolve().parent.parent
 os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
 # A few cheap steps on the CPU: enough to exercise every phase of the loop.
 TINY = ["model.arch=dcgan", "data.batch_size=8", "train.steps=6", "logging.every=3",
-        "logging.samples_every=0", "checkpoint.every=0", "logging.wandb=disabled", "train.cpu=true"]
+        "logging.samples_every=0", "checkpoint.every=0", "logging.wandb=disabled", "train.cpu=true",
+        "eval.num_samples=0"]
 
 
 def run_env(**extra: str) -> dict[str, str]:
@@ -84,7 +85,7 @@ def all_state(run_dir: Path) -> dict[str, torch.Tensor]:
     """Every tensor of the newest checkpoint: weights, buffers and optimizer states."""
     folder = run_dir / "checkpoints" / (run_dir / "checkpoints" / "latest").read_text().strip()
     tensors = {}
-    for name in ("generator", "discriminator", "optimizers"):
+    for name in ("generator", "discriminator", "generator_ema", "optimizers"):
         tensors.update({f"{name}/{k}": v for k, v in load_file(folder / f"{name}.safetensors").items()})
     return tensors
 

@@ -14,7 +14,8 @@ from safetensors.torch import save_file
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
 from train import config, data, loop
-from train.distributed import sync_buffers_from_main
+from train.checkpoint import Snapshot
+from train.ema import GeneratorEMA
 from train.faults import FaultMonitor
 
 out, overrides = Path(sys.argv[1]), sys.argv[2:]
@@ -38,6 +39,7 @@ def counting(network):
     return hook
 
 
+ema = GeneratorEMA(loop.build_models(cfg)[0], accelerator.unwrap_model(generator), 500, 0.05)
 generator.register_comm_hook(None, counting("generator"))
 discriminator.register_comm_hook(None, counting("discriminator"))
 shard = batches.epoch_indices.clone()
@@ -50,14 +52,16 @@ for step in range(cfg.train.steps):
     loop.discriminator_step(accelerator, cfg.loss, discriminator, d_optimizer, real, fake, faults, step)
     phase = "g_step"
     loop.generator_step(accelerator, cfg.loss, discriminator, g_optimizer, fake, faults, step)
+    ema.update(generator, (step + 1) * batches.global_batch, batches.global_batch)
 
 rank = accelerator.process_index
-state = {f"{name}.{key}": value.detach().clone() for name, model in (("generator", generator), ("discriminator", discriminator))
-         for key, value in accelerator.unwrap_model(model).state_dict().items()}
-sync_buffers_from_main(generator)
-sync_buffers_from_main(discriminator)
-synced = {f"{name}.{key}": value.detach().clone() for name, model in (("generator", generator), ("discriminator", discriminator))
-          for key, value in accelerator.unwrap_model(model).state_dict().items()}
+networks = {"generator": accelerator.unwrap_model(generator), "discriminator": accelerator.unwrap_model(discriminator),
+            "generator_ema": ema.network}
+state = {f"{name}.{key}": value.detach().clone() for name, model in networks.items()
+         for key, value in model.state_dict().items()}
+loop.share_buffers(Snapshot(networks, {}, None, None, {}), ema)
+synced = {f"{name}.{key}": value.detach().clone() for name, model in networks.items()
+          for key, value in model.state_dict().items()}
 save_file(state, out / f"rank{rank}_local.safetensors")
 save_file(synced, out / f"rank{rank}_synced.safetensors")
 save_file({"shard": shard}, out / f"rank{rank}_shard.safetensors")

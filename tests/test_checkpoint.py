@@ -35,7 +35,8 @@ def snapshot_files(folder):
 def test_a_checkpoint_is_safetensors_and_json_named_in_its_manifest(finished_run):
     folder = finished_run / "checkpoints" / "step_00000006"
     names = sorted(p.name for p in folder.iterdir())
-    assert names == ["discriminator.safetensors", "generator.safetensors", "manifest.json", "optimizers.json",
+    assert names == ["discriminator.safetensors", "generator.safetensors", "generator_ema.safetensors",
+                     "manifest.json", "optimizers.json",
                      "optimizers.safetensors", "rank_0.json", "rank_0.safetensors", "state.json"]
     manifest = json.loads((folder / "manifest.json").read_text())
     assert sorted(manifest["sha256"]) == [n for n in names if n != "manifest.json"]

@@ -11,6 +11,7 @@ from train.data import ShardedBatches, read_idx_images
 
 pytestmark = pytest.mark.slow
 PROBE_STEPS = 5
+BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
 
 
 @pytest.fixture(scope="module")
@@ -33,10 +34,21 @@ def test_parameters_agree_and_batchnorm_statistics_are_rank_0s_after_sync(probe)
     running = [key for key in local[0] if "running_" in key]
     # Each rank tracks statistics of its own shard (no broadcast between the two D forwards) ...
     assert any(not torch.equal(local[0][key], local[1][key]) for key in running)
-    # ... and the sync before eval or saving gives every rank rank 0's, as DDP's default would.
+    # ... and the sync before eval or saving gives every rank rank 0's, as DDP's default would;
+    # the EMA generator takes the synced generator's.
     for key in synced[0]:
         assert torch.equal(synced[0][key], synced[1][key]), key
-        assert torch.equal(synced[0][key], local[0][key]), key
+        source = key.replace("generator_ema.", "generator.") if key.rsplit(".", 1)[1] in BUFFERS else key
+        assert torch.equal(synced[0][key], local[0][source]), key
+
+
+def test_the_ema_generator_is_identical_on_both_ranks(probe):
+    local = [load_file(probe / f"rank{r}_local.safetensors") for r in (0, 1)]
+    ema_parameters = [key for key in local[0] if key.startswith("generator_ema.") and "running_" not in key]
+    assert len(ema_parameters) >= 10
+    for key in ema_parameters:
+        assert torch.equal(local[0][key], local[1][key]), key
+    assert not torch.equal(local[0]["generator_ema.fc.weight"], local[0]["generator.fc.weight"])  # it averages
 
 
 def test_only_the_network_being_updated_all_reduces(probe):

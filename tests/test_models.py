@@ -1,5 +1,6 @@
 """The seed architecture is the blog's; the losses are the blog's in logit form."""
 
+import pytest
 import torch
 from torch import nn
 
@@ -7,6 +8,7 @@ from blog_reference import Discriminator as BlogDiscriminator, Generator as Blog
 from train import losses, models
 
 LOSS_TOLERANCE = 1e-5  # float32 BCE on probabilities vs softplus on logits
+UPSAMPLE_TOLERANCE = 1e-5  # float32 matrix products vs the native kernel's weighted sums
 
 
 def count(module: nn.Module) -> int:
@@ -27,7 +29,7 @@ def test_seed_networks_have_the_blogs_parameter_counts_and_shapes():
 
 def test_seed_networks_compute_the_blogs_functions():
     torch.manual_seed(1)
-    generator, discriminator = models.build("seed", z_dim=100)
+    generator, discriminator = models.build("seed", z_dim=100, upsample="native")
     blog_generator, blog_discriminator = BlogGenerator(100), BlogDiscriminator()
     # Same parameter and buffer order and shapes, so our weights copy into the blog's positionally.
     with torch.no_grad():
@@ -74,3 +76,24 @@ def test_dcgan_shapes():
     assert images.shape == (3, 1, 28, 28)
     assert images.min() >= 0 and images.max() <= 1
     assert discriminator(images).shape == (3,)
+
+
+@pytest.mark.parametrize("shape", [(2, 256, 7, 7), (3, 128, 14, 14), (1, 1, 5, 9)])
+def test_matmul_upsampling_is_the_native_function_forward_and_backward(shape):
+    torch.manual_seed(3)
+    x = torch.randn(shape, requires_grad=True)
+    upstream = torch.randn(shape[0], shape[1], 2 * shape[2], 2 * shape[3])
+    native = nn.UpsamplingBilinear2d(scale_factor=2)(x)
+    (native_grad,) = torch.autograd.grad(native, x, upstream)
+    ours = models.BilinearUpsample2x()(x)
+    (our_grad,) = torch.autograd.grad(ours, x, upstream)
+    torch.testing.assert_close(ours, native, rtol=UPSAMPLE_TOLERANCE, atol=UPSAMPLE_TOLERANCE)
+    torch.testing.assert_close(our_grad, native_grad, rtol=UPSAMPLE_TOLERANCE, atol=UPSAMPLE_TOLERANCE)
+
+
+def test_both_seed_generators_compute_the_same_function_from_the_same_weights():
+    torch.manual_seed(4)
+    fast, native = models.build("seed", 100, "matmul")[0], models.build("seed", 100, "native")[0]
+    native.load_state_dict(fast.state_dict())
+    z = torch.randn(16, 100)
+    torch.testing.assert_close(fast(z), native(z), rtol=UPSAMPLE_TOLERANCE, atol=UPSAMPLE_TOLERANCE)

@@ -322,21 +322,30 @@ def resolve(path: Path, report=print) -> Path:
                           f"(with {CHECKPOINTS}/)")
 
 
-def export_generator(path: Path, out: Path) -> Path:
+def export_generator(path: Path, out: Path, use_ema: bool = True) -> Path:
     """Write `generator.safetensors` + `generator.json` (architecture and arguments) into `out`."""
     source = resolve(path)
-    model = read_state(source)["config"]["model"]
+    state = read_state(source)
+    name = _generator_file(source, use_ema)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(source / "generator.safetensors", out / EXPORTED_WEIGHTS)
+    shutil.copyfile(source / name, out / EXPORTED_WEIGHTS)
     _fsync(out / EXPORTED_WEIGHTS)
-    description = {"arch": model["arch"], "z_dim": model["z_dim"], "step": read_state(source)["progress"]["step"],
-                   "source": str(source), "sha256": _sha256(out / EXPORTED_WEIGHTS)}
-    _write_json(out / EXPORTED_DESCRIPTION, description)
+    model = state["config"]["model"]
+    _write_json(out / EXPORTED_DESCRIPTION, {
+        "arch": model["arch"], "z_dim": model["z_dim"], "weights": name.removesuffix(".safetensors"),
+        "step": state["progress"]["step"], "source": str(source), "sha256": _sha256(out / EXPORTED_WEIGHTS),
+    })
     return out
 
 
-def load_generator(path: Path, build, device: str = "cpu") -> nn.Module:
+def _generator_file(folder: Path, use_ema: bool) -> str:
+    """The EMA generator where the checkpoint has one and it is wanted, else the trained one."""
+    return "generator_ema.safetensors" if use_ema and (folder / "generator_ema.safetensors").is_file() \
+        else "generator.safetensors"
+
+
+def load_generator(path: Path, build, device: str = "cpu", use_ema: bool = True) -> nn.Module:
     """The generator of an exported folder, a checkpoint, or a run directory, in eval mode.
 
     `build(arch, z_dim)` makes the empty network (models.build's generator), so this module needs
@@ -348,11 +357,11 @@ def load_generator(path: Path, build, device: str = "cpu") -> nn.Module:
         if _sha256(path / EXPORTED_WEIGHTS) != description["sha256"]:
             raise CheckpointError(f"{path / EXPORTED_WEIGHTS} is damaged: its SHA-256 does not match "
                                   f"{EXPORTED_DESCRIPTION}")
-        arch, z_dim, folder = description["arch"], description["z_dim"], path
+        arch, z_dim, folder, name = description["arch"], description["z_dim"], path, EXPORTED_WEIGHTS
     else:
         folder = resolve(path)
         model = read_state(folder)["config"]["model"]
-        arch, z_dim = model["arch"], model["z_dim"]
+        arch, z_dim, name = model["arch"], model["z_dim"], _generator_file(folder, use_ema)
     network = build(arch, z_dim).to(device)
-    _load_network(folder, "generator", network)
+    _load_network(folder, name.removesuffix(".safetensors"), network)
     return network.eval()

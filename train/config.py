@@ -14,6 +14,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+SHIPPED_MNIST = REPO_ROOT / "data" / "mnist"  # also the real set of the quality metrics
 
 
 class ConfigError(ValueError):
@@ -29,7 +30,7 @@ class RunConfig:
 @dataclass
 class DataConfig:
     source: str = "idx"  # idx | hf | torchvision
-    path: str = str(REPO_ROOT / "data" / "mnist")  # IDX folder, HF dataset id/folder/parquet, or torchvision root
+    path: str = str(SHIPPED_MNIST)  # IDX folder, HF dataset id/folder/parquet, or torchvision root
     batch_size: int = 64  # per process
     split: str = "train"  # Hugging Face split name
     torchvision_name: str = "MNIST"  # MNIST | FashionMNIST | KMNIST
@@ -39,6 +40,7 @@ class DataConfig:
 class ModelConfig:
     arch: str = "seed"  # seed | dcgan
     z_dim: int = 100
+    upsample: str = "matmul"  # seed generator's bilinear x2: matmul (same function, fast backward) | native
 
 
 @dataclass
@@ -48,6 +50,7 @@ class OptimConfig:
     beta1: float = 0.9
     beta2: float = 0.999
     amsgrad: bool = True
+    fused: bool = True  # torch's fused Adam kernels (CPU and GPU); false: the foreach implementation
 
 
 @dataclass
@@ -55,6 +58,8 @@ class TrainConfig:
     steps: int = 5000
     mixed_precision: str | None = None  # fp32 | bf16 | fp16; null: what `accelerate launch` was told
     cpu: bool = False  # force the CPU even where a GPU is present
+    compile: bool = False  # torch.compile both networks (inductor), through Accelerate
+    channels_last: bool = False  # NHWC memory format for both networks and the batches
     check_every: int = 10  # steps between the collective checks for signals and non-finite numbers
     on_nonfinite: str = "stop"  # stop | skip | rollback
     timeout_s: int = 600  # a collective waiting longer than this (a rank died) fails the run
@@ -75,6 +80,21 @@ class LoggingConfig:
 
 
 @dataclass
+class EMAConfig:
+    half_life_images: int = 10000  # the generator average forgets half its past over this many images
+    rampup: float = 0.05  # early on, the half-life is at most this fraction of the images seen; 0: off
+
+
+@dataclass
+class EvalConfig:
+    every: int = 0  # steps between quality evaluations during training; 0: only at the end
+    num_samples: int = 10000  # generated images scored against the 10,000 MNIST test images; 0: no evaluation
+    seed: int = 0  # the latent vectors of the evaluation samples
+    use_ema: bool = True  # evaluate, sample and export the EMA generator
+    cache_dir: str = ".cache/eval"  # cached features of the MNIST test set
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -85,12 +105,15 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 CHOICES = {
     "data.source": ("idx", "hf", "torchvision"),
     "data.torchvision_name": ("MNIST", "FashionMNIST", "KMNIST"),
     "model.arch": ("seed", "dcgan"),
+    "model.upsample": ("matmul", "native"),
     "loss": ("bce", "hinge"),
     "train.mixed_precision": (None, "fp32", "bf16", "fp16"),
     "logging.wandb": ("online", "offline", "disabled"),
@@ -114,6 +137,11 @@ RULES = {
     "logging.every": _GREATER_THAN_ZERO,
     "logging.samples_every": _NOT_NEGATIVE,
     "run.seed": _NOT_NEGATIVE,
+    "ema.half_life_images": _GREATER_THAN_ZERO,
+    "ema.rampup": _NOT_NEGATIVE,
+    "eval.every": _NOT_NEGATIVE,
+    "eval.num_samples": (lambda v: v == 0 or v >= 100, "0 (no evaluation) or at least 100"),
+    "eval.seed": _NOT_NEGATIVE,
 }
 
 

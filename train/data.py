@@ -36,9 +36,18 @@ def load_images(cfg: DataConfig, split: str = "train") -> torch.Tensor:
 
 
 def read_idx_images(folder: Path, split: str) -> torch.Tensor:
+    """uint8 images [N, 28, 28] of `split` (train or test) from an IDX folder."""
+    return _read_idx(folder, IDX_FILES[split])
+
+
+def read_idx_labels(folder: Path, split: str) -> torch.Tensor:
+    """uint8 labels [N] of `split`, for the feature network that the quality metrics use."""
+    return _read_idx(folder, IDX_FILES[split].replace("images-idx3", "labels-idx1"))
+
+
+def _read_idx(folder: Path, name: str) -> torch.Tensor:
     if not folder.is_dir():
         raise DataError(f"data.path {str(folder)!r} is not a folder; point it at a folder holding the MNIST IDX files")
-    name = IDX_FILES[split]
     candidates = [folder / f"{name}.gz", folder / name]
     path = next((p for p in candidates if p.is_file()), None)
     if path is None:
@@ -149,7 +158,7 @@ class ShardedBatches:
     """
 
     def __init__(self, images: torch.Tensor, batch_size: int, rank: int, world_size: int, seed: int,
-                 device: torch.device, position: DataPosition | None = None):
+                 device: torch.device, position: DataPosition | None = None, channels_last: bool = False):
         self.global_batch = batch_size * world_size
         self.steps_per_epoch = len(images) // self.global_batch
         if self.steps_per_epoch == 0:
@@ -159,6 +168,7 @@ class ShardedBatches:
             )
         self.images = images.to(device)
         self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.position = position or DataPosition()
         self.epoch_indices = self._indices_for(self.position.epoch)  # this rank's shard: [steps, batch]
 
@@ -184,4 +194,4 @@ class ShardedBatches:
             self.epoch_indices = self._indices_for(self.position.epoch)
         indices = self.epoch_indices[self.position.step_in_epoch]
         self.position.step_in_epoch += 1
-        return self.images[indices].unsqueeze(1).float().div_(255)
+        return self.images[indices].unsqueeze(1).float().div_(255).contiguous(memory_format=self.memory_format)

@@ -1,7 +1,8 @@
 """`python -m train.export --checkpoint <checkpoint or run dir> --out <dir>`: the generator alone.
 
-Writes `generator.safetensors` and `generator.json` (architecture, z_dim, step, source, SHA-256):
-everything needed to build and load the generator without the training state.
+Writes `generator.safetensors` (the EMA generator unless --no-ema) and `generator.json`
+(architecture, z_dim, which weights, step, source, SHA-256): everything needed to build and load
+the generator without the training state.
 """
 
 import argparse
@@ -14,9 +15,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m train.export", description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", required=True, help="a checkpoint folder or a run directory")
     parser.add_argument("--out", required=True, help="folder to write generator.safetensors and generator.json into")
+    parser.add_argument("--no-ema", action="store_true", help="export the trained generator, not its EMA")
     args = parser.parse_args(argv)
     try:
-        out = export_generator(args.checkpoint, args.out)
+        out = export_generator(args.checkpoint, args.out, use_ema=not args.no_ema)
     except CheckpointError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -15,18 +15,18 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import InitProcessGroupKwargs
+from accelerate.utils import InitProcessGroupKwargs, TorchDynamoPlugin
 from tqdm import tqdm
 
-from train import checkpoint, config, data, losses, models, tracking
+from train import checkpoint, config, data, losses, metrics, models, tracking
 from train.checkpoint import CheckpointError, Progress, Snapshot
 from train.config import Config, ConfigError
-from train.data import DataError, ShardedBatches
+from train.data import DataError, ShardedBatches, to_uint8
 from train.distributed import ddp_without_forward_buffer_sync, sync_buffers_from_main
+from train.ema import GeneratorEMA
 from train.faults import EXIT_NONFINITE, EXIT_PREEMPTED, FaultMonitor
 
 SAMPLE_GRID_SIZE = 64
-METRIC_NAMES = ("loss/d", "loss/g", "d/real", "d/fake")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,15 +42,19 @@ def train(cfg: Config) -> int:
     accelerator, run_dir, resume_from = set_up(cfg)
     progress = Progress()
     batches = ShardedBatches(data.load_images(cfg.data), cfg.data.batch_size, accelerator.process_index,
-                             accelerator.num_processes, cfg.run.seed, accelerator.device, position=progress.data)
+                             accelerator.num_processes, cfg.run.seed, accelerator.device, position=progress.data,
+                             channels_last=cfg.train.channels_last)
+    evaluator = build_evaluator(cfg, accelerator)
     generator, discriminator = build_models(cfg)
     g_optimizer, d_optimizer = build_optimizers(cfg, generator, discriminator)
     generator, discriminator, g_optimizer, d_optimizer = accelerator.prepare(
         generator, discriminator, g_optimizer, d_optimizer
     )
+    ema = GeneratorEMA(models.build(cfg.model.arch, cfg.model.z_dim, cfg.model.upsample)[0].to(accelerator.device),
+                       accelerator.unwrap_model(generator), cfg.ema.half_life_images, cfg.ema.rampup)
     snapshot = Snapshot(
         networks={"generator": accelerator.unwrap_model(generator),
-                  "discriminator": accelerator.unwrap_model(discriminator)},
+                  "discriminator": accelerator.unwrap_model(discriminator), "generator_ema": ema.network},
         optimizers={"generator": g_optimizer, "discriminator": d_optimizer},
         noise=torch.Generator(accelerator.device), progress=progress, config=config.to_dict(cfg),
         scaler=accelerator.scaler, extra_json={"global_batch": batches.global_batch},
@@ -64,9 +68,8 @@ def train(cfg: Config) -> int:
         (run_dir / "config.yaml").write_text(config.to_yaml(cfg))
     log = tracking.RunLog(accelerator, cfg, run_dir, progress)
     faults = FaultMonitor(cfg.train.on_nonfinite, accelerator.device, check_gradients=accelerator.scaler is None)
+    window = tracking.TrainingWindow(accelerator.device)
     fixed_z = torch.randn(SAMPLE_GRID_SIZE, cfg.model.z_dim, generator=torch.Generator().manual_seed(cfg.run.seed))
-    running = torch.zeros(len(METRIC_NAMES), device=accelerator.device)
-    window_start, window_steps = time.perf_counter(), 0
     bar = tqdm(total=cfg.train.steps, initial=progress.step, disable=not accelerator.is_main_process, desc="train")
 
     while progress.step < cfg.train.steps:
@@ -78,27 +81,26 @@ def train(cfg: Config) -> int:
             accelerator, cfg.loss, discriminator, d_optimizer, real, fake, faults, step)
         g_loss = generator_step(accelerator, cfg.loss, discriminator, g_optimizer, fake, faults, step)
         progress.step, progress.images_seen = step, progress.images_seen + batches.global_batch
-        running += torch.stack([d_loss, g_loss, real_logits.sigmoid().mean(), fake_logits.sigmoid().mean()])
-        window_steps += 1
+        ema.update(generator, progress.images_seen, batches.global_batch)
+        window.add(d_loss, g_loss, real_logits, fake_logits)
         bar.update()
 
         last = step == cfg.train.steps
+        record = {}
         if step % cfg.logging.every == 0 or last:
-            means = (accelerator.reduce(running, reduction="mean") / window_steps).tolist()
-            values = dict(zip(METRIC_NAMES, means)) | {
-                "lr/g": g_optimizer.param_groups[0]["lr"],
-                "lr/d": d_optimizer.param_groups[0]["lr"],
-                "images_per_second": window_steps * batches.global_batch / (time.perf_counter() - window_start),
-                "global_batch": batches.global_batch,
-                "epoch": progress.data.epoch,
-            }
-            log.metrics(step, values)
-            bar.set_postfix({"D": f"{means[0]:.3f}", "G": f"{means[1]:.3f}", "img/s": f"{values['images_per_second']:.0f}"})
-            running.zero_()
-            window_start, window_steps = time.perf_counter(), 0
-
+            record |= window.read(accelerator, batches.global_batch) | {
+                "lr/g": g_optimizer.param_groups[0]["lr"], "lr/d": d_optimizer.param_groups[0]["lr"],
+                "global_batch": batches.global_batch, "epoch": progress.data.epoch}
+            bar.set_postfix({"D": f"{record['loss/d']:.3f}", "G": f"{record['loss/g']:.3f}",
+                             "img/s": f"{record['images_per_second']:.0f}"})
+        if cfg.eval.num_samples and (last or (cfg.eval.every and step % cfg.eval.every == 0)):
+            with window.paused():
+                record |= evaluate(accelerator, cfg, snapshot, ema, evaluator)
+        if record:
+            log.metrics(step, record)
         if last or (cfg.logging.samples_every and step % cfg.logging.samples_every == 0):
-            log.samples(step, render_samples(accelerator, generator, fixed_z))
+            with window.paused():
+                log.samples(step, render_samples(accelerator, snapshot, ema, fixed_z))
 
         checkpoint_due = last or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0)
         if checkpoint_due or step % cfg.train.check_every == 0:
@@ -114,14 +116,15 @@ def train(cfg: Config) -> int:
                 log.close()
                 return EXIT_NONFINITE
             if preempted:
-                path = save_checkpoint(accelerator, cfg, run_dir, snapshot)
+                path = save_checkpoint(accelerator, cfg, run_dir, snapshot, ema)
                 faults.preemption.report_saved(path.name)
                 log.message(f"preempted: checkpoint {path.name} written; exiting with {EXIT_PREEMPTED} "
                             "so the job can be requeued (the run resumes from it)")
                 log.close()
                 return EXIT_PREEMPTED
         if checkpoint_due:
-            save_checkpoint(accelerator, cfg, run_dir, snapshot)
+            with window.paused():
+                save_checkpoint(accelerator, cfg, run_dir, snapshot, ema)
 
     bar.close()
     log.close()
@@ -140,6 +143,7 @@ def set_up(cfg: Config) -> tuple[Accelerator, Path, Path | None]:
     accelerator = Accelerator(
         cpu=cpu,
         mixed_precision={"fp32": "no"}.get(cfg.train.mixed_precision, cfg.train.mixed_precision),
+        dynamo_plugin=TorchDynamoPlugin(backend="inductor" if cfg.train.compile else "no"),
         log_with="wandb" if cfg.logging.wandb != "disabled" else None,
         kwargs_handlers=[ddp_without_forward_buffer_sync(),
                          InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.train.timeout_s))],
@@ -185,14 +189,17 @@ def check_global_batch(path: Path, batch_size: int, processes: int) -> None:
 def build_models(cfg: Config) -> tuple[torch.nn.Module, torch.nn.Module]:
     """Identical initial weights on every rank: the same seed everywhere."""
     torch.manual_seed(cfg.run.seed)
-    return models.build(cfg.model.arch, cfg.model.z_dim)
+    generator, discriminator = models.build(cfg.model.arch, cfg.model.z_dim, cfg.model.upsample)
+    if cfg.train.channels_last:
+        generator, discriminator = (m.to(memory_format=torch.channels_last) for m in (generator, discriminator))
+    return generator, discriminator
 
 
 def build_optimizers(cfg: Config, generator, discriminator) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer]:
-    betas, amsgrad = (cfg.optim.beta1, cfg.optim.beta2), cfg.optim.amsgrad
+    settings = {"betas": (cfg.optim.beta1, cfg.optim.beta2), "amsgrad": cfg.optim.amsgrad, "fused": cfg.optim.fused}
     return (
-        torch.optim.Adam(generator.parameters(), lr=cfg.optim.g_lr, betas=betas, amsgrad=amsgrad),
-        torch.optim.Adam(discriminator.parameters(), lr=cfg.optim.d_lr, betas=betas, amsgrad=amsgrad),
+        torch.optim.Adam(generator.parameters(), lr=cfg.optim.g_lr, **settings),
+        torch.optim.Adam(discriminator.parameters(), lr=cfg.optim.d_lr, **settings),
     )
 
 
@@ -222,21 +229,62 @@ def generator_step(accelerator, loss, discriminator, g_optimizer, fake, faults, 
     return g_loss.detach()
 
 
+def build_evaluator(cfg: Config, accelerator) -> metrics.Evaluator | None:
+    """The quality metrics, on the main process; built first so a bad feature network stops the run early."""
+    if cfg.eval.num_samples and accelerator.is_main_process:
+        return metrics.Evaluator(config.SHIPPED_MNIST, Path(cfg.eval.cache_dir), accelerator.device)
+    return None
+
+
+def share_buffers(snapshot: Snapshot, ema: GeneratorEMA) -> None:
+    """Rank 0's BatchNorm statistics on every rank, and in the EMA generator; a collective."""
+    sync_buffers_from_main(snapshot.networks["generator"])
+    sync_buffers_from_main(snapshot.networks["discriminator"])
+    ema.copy_buffers(snapshot.networks["generator"])
+
+
 @torch.no_grad()
-def render_samples(accelerator, generator, fixed_z: torch.Tensor) -> torch.Tensor:
-    """G(fixed_z) in eval mode, with rank 0's BatchNorm statistics; a collective: call on all ranks."""
-    sync_buffers_from_main(generator)
-    network = accelerator.unwrap_model(generator)
+def render_samples(accelerator, snapshot: Snapshot, ema: GeneratorEMA, fixed_z: torch.Tensor) -> dict:
+    """G(fixed_z) and EMA(fixed_z) in eval mode, side by side; a collective: call on all ranks."""
+    share_buffers(snapshot, ema)
+    generator = snapshot.networks["generator"]
+    generator.eval()
+    panels = {"generator": generator(fixed_z.to(accelerator.device)).float(),
+              "ema": ema.network(fixed_z.to(accelerator.device)).float()}
+    generator.train()
+    return panels
+
+
+@torch.no_grad()
+def evaluate(accelerator, cfg: Config, snapshot: Snapshot, ema: GeneratorEMA, evaluator) -> dict[str, float]:
+    """Every rank generates its share of the evaluation samples; the main process scores them all.
+
+    The latent vectors are drawn once from `eval.seed`, so the sample set does not depend on the
+    number of processes. A collective; returns the metrics on the main process, {} elsewhere.
+    """
+    started = time.perf_counter()
+    share_buffers(snapshot, ema)
+    network = ema.network if cfg.eval.use_ema else snapshot.networks["generator"]
+    was_training = network.training
     network.eval()
-    images = network(fixed_z.to(accelerator.device)).float()
-    network.train()
-    return images
+    count, ranks = cfg.eval.num_samples, accelerator.num_processes
+    z = torch.randn(count, cfg.model.z_dim, generator=torch.Generator().manual_seed(cfg.eval.seed))
+    share = -(-count // ranks)
+    mine = torch.zeros(share, cfg.model.z_dim)
+    own = z[accelerator.process_index * share:(accelerator.process_index + 1) * share]
+    mine[: len(own)] = own  # the last rank's share is padded, and the padding dropped after the gather
+    images = torch.cat([to_uint8(network(chunk.to(accelerator.device)).float()) for chunk in mine.split(1000)])
+    network.train(was_training)
+    gathered = accelerator.gather(images)[:count]
+    if evaluator is None:
+        return {}
+    scores = {f"eval/{key}": value for key, value in evaluator.score(gathered.cpu()).items()}
+    return scores | {"eval/seconds": time.perf_counter() - started}
 
 
-def save_checkpoint(accelerator, cfg: Config, run_dir: Path, snapshot: Snapshot) -> Path:
+def save_checkpoint(accelerator, cfg: Config, run_dir: Path, snapshot: Snapshot, ema: GeneratorEMA) -> Path:
     """A collective: rank 0's BatchNorm statistics everywhere, then every rank writes its part."""
-    for network in snapshot.networks.values():
-        sync_buffers_from_main(network)
+    share_buffers(snapshot, ema)
     return checkpoint.save(accelerator, run_dir, snapshot, cfg.checkpoint.keep_last)
 
 

@@ -32,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", required=True, help="a .png (grid) or .npy (uint8 [N, 28, 28]) file")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--no-ema", action="store_true", help="sample the trained generator, not its EMA")
     args = parser.parse_args(argv)
     out = Path(args.out)
     if out.suffix not in (".png", ".npy"):
@@ -39,7 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.num < 1:
         parser.error("--num must be at least 1")
     try:
-        generator = load_generator(args.checkpoint, lambda arch, z: models.build(arch, z)[0], args.device)
+        generator = load_generator(args.checkpoint, lambda arch, z: models.build(arch, z)[0], args.device,
+                                   use_ema=not args.no_ema)
     except CheckpointError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -9,7 +9,9 @@ from __future__ import annotations
 import importlib.util
 import json
 import secrets
+from contextlib import contextmanager
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -18,9 +20,47 @@ from torchvision.utils import make_grid, save_image
 
 from train.checkpoint import Progress
 from train.config import Config, ConfigError, to_dict
+from train.data import to_uint8
+from train.plots import plot_curves
 
 METRICS_FILE = "metrics.jsonl"
+CURVES_FILE = "curves.png"
 SAMPLES_DIR = "samples"
+
+
+class TrainingWindow:
+    """Means of the step statistics since the last read, accumulated on the device (no sync per step),
+    and the training time: wall time less what was spent in `paused()` (evaluation, grids, checkpoints)."""
+
+    NAMES = ("loss/d", "loss/g", "d/real", "d/fake")
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.sums = torch.zeros(len(self.NAMES), device=device)
+        self.steps, self.started, self.paused_seconds, self.train_seconds = 0, time.perf_counter(), 0.0, 0.0
+
+    def add(self, d_loss, g_loss, real_logits, fake_logits) -> None:
+        self.sums += torch.stack([d_loss, g_loss, real_logits.sigmoid().mean(), fake_logits.sigmoid().mean()])
+        self.steps += 1
+
+    @contextmanager
+    def paused(self):
+        if self.device.type != "cpu":
+            torch.accelerator.synchronize()  # the queued training steps finish on the training clock
+        started = time.perf_counter()
+        yield
+        self.paused_seconds += time.perf_counter() - started
+
+    def read(self, accelerator: Accelerator, global_batch: int) -> dict[str, float]:
+        """Means over the window and all ranks, images/s and training seconds; a collective."""
+        means = (accelerator.reduce(self.sums, reduction="mean") / self.steps).tolist()
+        seconds = time.perf_counter() - self.started - self.paused_seconds
+        self.train_seconds += seconds
+        values = dict(zip(self.NAMES, means)) | {
+            "images_per_second": self.steps * global_batch / seconds, "train_seconds": self.train_seconds}
+        self.sums.zero_()
+        self.steps, self.started, self.paused_seconds = 0, time.perf_counter(), 0.0
+        return values
 
 
 def check_available(cfg: Config) -> None:
@@ -63,19 +103,24 @@ class RunLog:
         if self.use_wandb:
             self.accelerator.log(values, step=step)
 
-    def samples(self, step: int, images: torch.Tensor) -> Path | None:
-        """Save a grid of `images` (in [0, 1]) as PNG and send it to W&B."""
+    def samples(self, step: int, panels: dict[str, torch.Tensor]) -> Path | None:
+        """Save grids of each panel's images (in [0, 1]) side by side as one PNG, and send it to W&B."""
         if not self.accelerator.is_main_process:
             return None
-        grid = make_grid(images.float().cpu(), nrow=8, padding=2, pad_value=1.0)
+        grids = [make_grid(images.float().cpu(), nrow=8, padding=2, pad_value=1.0) for images in panels.values()]
+        gap = torch.ones(3, grids[0].shape[1], 8)
+        picture = torch.cat([part for grid in grids for part in (grid, gap)][:-1], dim=2)
         path = self.run_dir / SAMPLES_DIR / f"step_{step:08d}.png"
-        save_image(grid, path)
+        save_image(picture, path)
         if self.use_wandb:
-            pixels = (grid.permute(1, 2, 0).numpy() * 255).round().astype("uint8")
+            pixels = to_uint8(picture).permute(1, 2, 0).numpy()
             self.accelerator.get_tracker("wandb").log_images({"samples": [pixels]}, step=step)
         return path
 
     def close(self) -> None:
+        """Flush W&B, and draw the curves of the whole run so far (main process)."""
+        if self.accelerator.is_main_process and (self.run_dir / METRICS_FILE).is_file():
+            plot_curves(self.run_dir / METRICS_FILE, self.run_dir / CURVES_FILE)
         if self.use_wandb:
             self.accelerator.end_training()
 

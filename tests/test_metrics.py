@@ -1,0 +1,147 @@
+"""The quality metrics: exact on small cases, symmetric where they should be, and ordering sets sensibly."""
+
+import math
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+
+from train import metrics
+
+FD_TOLERANCE = 1e-6  # float64 arithmetic on float32 features
+EXACT = 1e-12
+
+
+def random_features(n, dim=8, seed=0, shift=0.0):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(n, dim, generator=generator) + shift
+
+
+def direct_fd(a, b):
+    """Fréchet distance through the symmetric form Tr((S_a^1/2 S_b S_a^1/2)^1/2), via eigendecompositions."""
+    a, b = a.double().numpy(), b.double().numpy()
+    sa, sb = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    values, vectors = np.linalg.eigh(sa)
+    root_a = vectors @ np.diag(np.sqrt(values.clip(0))) @ vectors.T
+    inner = np.linalg.eigvalsh(root_a @ sb @ root_a).clip(0)
+    return ((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(sa) + np.trace(sb) - 2 * np.sqrt(inner).sum()
+
+
+def direct_knn_metrics(real, fake, k_pr, k_dc):
+    real, fake = real.double().numpy(), fake.double().numpy()
+    rr = np.linalg.norm(real[:, None] - real[None], axis=2)
+    ff = np.linalg.norm(fake[:, None] - fake[None], axis=2)
+    fr = np.linalg.norm(fake[:, None] - real[None], axis=2)  # [fake, real]
+    radius = lambda d, k: np.sort(d, axis=1)[:, k]  # index 0 is the point itself
+    r_real, r_fake, r_real_dc = radius(rr, k_pr), radius(ff, k_pr), radius(rr, k_dc)
+    precision = np.mean([any(fr[j, i] <= r_real[i] for i in range(len(real))) for j in range(len(fake))])
+    recall = np.mean([any(fr[j, i] <= r_fake[j] for j in range(len(fake))) for i in range(len(real))])
+    density = sum(fr[j, i] <= r_real_dc[i] for j in range(len(fake)) for i in range(len(real))) / (k_dc * len(fake))
+    coverage = np.mean([fr[:, i].min() < r_real_dc[i] for i in range(len(real))])
+    return precision, recall, density, coverage
+
+
+def test_fd_matches_a_direct_computation_and_is_symmetric():
+    a, b = random_features(300, seed=1), random_features(200, seed=2, shift=0.5)
+    assert math.isclose(metrics.frechet_distance(a, b), direct_fd(a, b), rel_tol=FD_TOLERANCE)
+    assert math.isclose(metrics.frechet_distance(a, b), metrics.frechet_distance(b, a), rel_tol=FD_TOLERANCE)
+    assert abs(metrics.frechet_distance(a, a)) < FD_TOLERANCE
+    assert metrics.frechet_distance(a, random_features(300, seed=3, shift=2.0)) > metrics.frechet_distance(a, b)
+
+
+def test_knn_metrics_match_a_direct_computation():
+    real, fake = random_features(120, seed=4), random_features(90, seed=5, shift=0.7)
+    precision, recall = metrics.precision_recall(real, fake, k=3)
+    density, coverage = metrics.density_coverage(real, fake, k=5)
+    expected = direct_knn_metrics(real, fake, 3, 5)
+    assert (precision, recall, density, coverage) == pytest.approx(expected, abs=EXACT)
+
+
+def test_knn_metrics_on_identical_and_swapped_sets():
+    a, b = random_features(200, seed=6), random_features(150, seed=7, shift=1.0)
+    assert metrics.precision_recall(a, a) == (1.0, 1.0)
+    assert metrics.density_coverage(a, a)[1] == 1.0
+    precision_ab, recall_ab = metrics.precision_recall(a, b)
+    precision_ba, recall_ba = metrics.precision_recall(b, a)
+    assert (precision_ab, recall_ab) == (recall_ba, precision_ba)
+
+
+def test_class_statistics():
+    one_class = torch.nn.functional.one_hot(torch.full((100,), 3), 10).float()
+    stats = metrics.class_statistics(one_class)
+    assert stats["classes_present"] == 1
+    assert stats["class_kl"] == pytest.approx(math.log(10), abs=EXACT)
+    assert stats["inception_score"] == pytest.approx(1.0, abs=1e-9)
+    balanced = torch.nn.functional.one_hot(torch.arange(100) % 10, 10).float()
+    stats = metrics.class_statistics(balanced)
+    assert stats["classes_present"] == 10
+    assert stats["class_kl"] == pytest.approx(0.0, abs=EXACT)
+    assert stats["inception_score"] == pytest.approx(10.0, rel=1e-9)
+
+
+def test_sqrtm_reference_is_the_one_scipy_gives():
+    matrix = np.cov(random_features(50, seed=8).double().numpy(), rowvar=False)
+    root = scipy.linalg.sqrtm(matrix @ matrix)
+    np.testing.assert_allclose(root.real, matrix, atol=1e-8)
+
+
+# ------------------------------------------------------------- with the project's feature network
+
+
+@pytest.fixture(scope="module")
+def evaluator(tmp_path_factory):
+    from train.config import SHIPPED_MNIST
+    return metrics.Evaluator(SHIPPED_MNIST, tmp_path_factory.mktemp("cache"))
+
+
+def test_the_committed_feature_network_is_over_99_percent_accurate():
+    from train import classifier
+    from train.config import SHIPPED_MNIST
+    from train.data import read_idx_images, read_idx_labels
+    network = classifier.load()
+    accuracy = classifier.accuracy(network, read_idx_images(SHIPPED_MNIST, "test"), read_idx_labels(SHIPPED_MNIST, "test"))
+    assert accuracy >= 0.99
+
+
+def test_a_tampered_feature_network_is_refused(tmp_path, monkeypatch):
+    from train import classifier
+    tampered = tmp_path / "weights.safetensors"
+    tampered.write_bytes(classifier.WEIGHTS.read_bytes()[:-1] + b"\0")
+    monkeypatch.setattr(classifier, "WEIGHTS", tampered)
+    with pytest.raises(RuntimeError, match="expected dcae57"):
+        classifier.load()
+
+
+def test_real_features_are_cached_on_disk_and_reused(evaluator, tmp_path_factory):
+    (cached,) = evaluator_cache_files(evaluator)
+    assert evaluator.real.features.shape == (10000, 128)
+    stamp = cached.stat().st_mtime_ns
+    from train.config import SHIPPED_MNIST
+    again = metrics.Evaluator(SHIPPED_MNIST, cached.parent)
+    assert cached.stat().st_mtime_ns == stamp  # read, not rewritten
+    assert torch.equal(again.real.features, evaluator.real.features)
+
+
+def evaluator_cache_files(evaluator):
+    return [p for p in evaluator.cache_dir.iterdir() if p.name.startswith("mnist_test_features_")]
+
+
+@pytest.mark.slow
+def test_worse_sample_sets_score_worse(evaluator):
+    from train.config import SHIPPED_MNIST
+    from train.data import read_idx_images
+    train_images = read_idx_images(SHIPPED_MNIST, "train")
+    real = train_images[torch.randperm(60000, generator=torch.Generator().manual_seed(1))[:2000]]
+    blurred = torch.nn.functional.avg_pool2d(real.float().unsqueeze(1), 5, 1, 2).round().to(torch.uint8).squeeze(1)
+    noise = torch.randint(0, 256, (2000, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
+    one_digit = real[:1].expand(2000, 28, 28)
+    scores = {name: evaluator.score(images) for name, images in
+              (("real", real), ("blurred", blurred), ("noise", noise), ("one", one_digit))}
+    assert scores["real"]["fd"] < scores["blurred"]["fd"] < scores["noise"]["fd"]
+    assert scores["real"]["precision"] > 0.8 and scores["real"]["recall"] > 0.8
+    assert scores["real"]["classes_present"] == 10 and scores["real"]["class_kl"] < 0.01
+    assert scores["noise"]["precision"] < 0.05 and scores["noise"]["coverage"] < 0.05
+    assert scores["one"]["classes_present"] == 1 and scores["one"]["recall"] < 0.05
+    assert scores["one"]["coverage"] < scores["real"]["coverage"] / 10
+    assert scores["real"]["inception_score"] > 9 and scores["one"]["inception_score"] < 1.1

@@ -1,0 +1,192 @@
+"""`python -m train.bench` (or `make bench`): throughput against the blog's loop, on the device found.
+
+  (a) blog     the blog's loop as written, in this project's code: torchvision MNIST with ToTensor
+               through a DataLoader (workers 0), native bilinear upsampling, Sigmoid + BCELoss, an
+               `.item()` per step, batch 64
+  (b) project  `python -m train` on configs/seed.yaml: same networks, batch and maths
+  (c) fastest  `python -m train` on configs/fast.yaml
+  (d) dcgan    `python -m train` on configs/dcgan.yaml
+
+Prints images/s, steps/s and the ratio to (a), and writes them as JSON (--out). `--processes 1,2`
+adds the scaling table of (b) under `accelerate launch`; `--time-to-quality` trains seed.yaml and
+fast.yaml with evaluation and reports the training seconds until the Fréchet distance falls below
+10x and 3x the training-set floor. No W&B, no network: data comes from the repository.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import os
+import platform
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from train import models
+from train.config import REPO_ROOT, SHIPPED_MNIST
+from train.metrics import Evaluator
+
+QUIET = ["logging.wandb=disabled", "eval.num_samples=0", "checkpoint.every=0", "logging.samples_every=0",
+         "resume=none"]
+
+
+def blog_loop(device: torch.device, steps: int, warmup: int) -> dict:
+    """The blog's training loop, step for step, timed after `warmup` steps."""
+    import torchvision
+    from torch.utils.data import DataLoader
+
+    with tempfile.TemporaryDirectory() as root:
+        raw = Path(root) / "MNIST" / "raw"
+        raw.mkdir(parents=True)
+        for path in SHIPPED_MNIST.glob("*.gz"):
+            (raw / path.stem).write_bytes(gzip.decompress(path.read_bytes()))
+        dataset = torchvision.datasets.MNIST(root, train=True, download=False,
+                                             transform=torchvision.transforms.ToTensor())
+        loader = DataLoader(dataset, batch_size=64, shuffle=True, num_workers=0)
+        torch.manual_seed(0)
+        generator, discriminator = (m.to(device) for m in models.build("seed", 100, upsample="native"))
+        gen_optimizer = torch.optim.Adam(generator.parameters(), lr=1e-3, amsgrad=True)
+        disc_optimizer = torch.optim.Adam(discriminator.parameters(), lr=1e-3, amsgrad=True)
+        loss_fn = nn.BCELoss()
+
+        def disc(x):  # the blog's discriminator ends in a Sigmoid
+            return torch.sigmoid(discriminator(x)).unsqueeze(1)
+
+        done, started = 0, None
+        while done < warmup + steps:
+            for real_data, _ in loader:
+                if done == warmup:
+                    started = time.perf_counter()
+                if done == warmup + steps:
+                    break
+                z = torch.randn((64, 100)).to(device)
+                generated_data = generator(z)
+                real_data = real_data.to(device)
+                disc_real_data = disc(real_data)
+                disc_fake_data = disc(generated_data.detach())
+                disc_loss = loss_fn(disc_fake_data, torch.ones_like(disc_fake_data)) + \
+                    loss_fn(disc_real_data, torch.zeros_like(disc_real_data))
+                disc_optimizer.zero_grad()
+                disc_loss.backward(retain_graph=True)
+                disc_optimizer.step()
+                disc_fake_data = disc(generated_data)
+                gen_loss = loss_fn(disc_fake_data, torch.zeros_like(disc_fake_data))
+                gen_optimizer.zero_grad()
+                gen_loss.backward()
+                gen_optimizer.step()
+                gen_loss.item(), disc_loss.item()
+                done += 1
+        seconds = time.perf_counter() - started
+    return {"images_per_second": steps * 64 / seconds, "steps_per_second": steps / seconds, "global_batch": 64}
+
+
+def project_loop(config: str, steps: int, warmup: int, overrides: list[str], processes: int = 0) -> dict:
+    """`python -m train` (or `accelerate launch` with `processes`), timed from its own metrics log."""
+    with tempfile.TemporaryDirectory() as run_dir:
+        args = ["--config", config, f"train.steps={warmup + steps}", f"logging.every={warmup}",
+                f"run.dir={run_dir}", *QUIET, *overrides]
+        command = [sys.executable, "-m", "train", *args]
+        if processes:
+            command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
+                       str(processes), "--num_machines", "1", "--dynamo_backend", "no", "-m", "train", *args]
+        result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise RuntimeError(f"{' '.join(command)} failed:\n{result.stderr[-3000:]}")
+        lines = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()][1:]
+    timed_steps = sum(warmup for _ in lines)
+    global_batch = lines[0]["global_batch"]
+    seconds = sum(warmup * global_batch / line["images_per_second"] for line in lines)
+    return {"images_per_second": timed_steps * global_batch / seconds, "steps_per_second": timed_steps / seconds,
+            "global_batch": global_batch}
+
+
+def time_to_quality(config: str, limit_seconds: float, eval_every: int, floor_fd: float, overrides: list[str]) -> dict:
+    """Training seconds until FD < 10x and < 3x the floor, training for at most `limit_seconds` of wall time."""
+    with tempfile.TemporaryDirectory() as run_dir:
+        args = ["--config", config, f"eval.every={eval_every}", f"logging.every={eval_every}", f"run.dir={run_dir}",
+                "logging.wandb=disabled", "checkpoint.every=0", "logging.samples_every=0", "resume=none", *overrides]
+        process = subprocess.Popen([sys.executable, "-m", "train", *args], cwd=REPO_ROOT,
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        try:
+            process.wait(timeout=limit_seconds)
+        except subprocess.TimeoutExpired:
+            process.send_signal(signal.SIGTERM)  # checkpoints and exits: the log is complete
+            process.wait()
+        lines = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    evaluations = [line for line in lines if "eval/fd" in line]
+    result = {"floor_fd": floor_fd, "evaluations": [{k: line[k] for k in ("step", "train_seconds", "eval/fd")}
+                                                   for line in evaluations]}
+    for factor in (10, 3):
+        reached = next((line for line in evaluations if line["eval/fd"] < factor * floor_fd), None)
+        result[f"seconds_to_{factor}x_floor"] = reached["train_seconds"] if reached else "not reached"
+    if evaluations:
+        result["final"] = evaluations[-1]
+    return result
+
+
+def hardware() -> dict:
+    info = {"torch": torch.__version__, "python": platform.python_version(), "cpu_count": os.cpu_count()}
+    if torch.cuda.is_available():
+        info["device"] = torch.cuda.get_device_name()
+    else:
+        info["device"] = f"CPU ({platform.processor() or platform.machine()}), {torch.get_num_threads()} threads"
+    return info
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m train.bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=300, help="timed steps per variant")
+    parser.add_argument("--warmup", type=int, default=50, help="untimed steps first (also the log window)")
+    parser.add_argument("--processes", default="", help="comma-separated process counts for the scaling table")
+    parser.add_argument("--time-to-quality", action="store_true")
+    parser.add_argument("--ttq-seconds", type=float, default=300.0, help="wall-time limit of each quality run")
+    parser.add_argument("--out", default="bench.json")
+    args = parser.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    report = {"hardware": hardware(), "command": " ".join(["python -m train.bench", *(argv or sys.argv[1:])]),
+              "throughput": {}}
+    steps = max(args.steps // args.warmup, 1) * args.warmup
+    variants = {
+        "blog": lambda: blog_loop(device, steps, args.warmup),
+        "project": lambda: project_loop("configs/seed.yaml", steps, args.warmup, ["train.mixed_precision=fp32"]),
+        "fastest": lambda: project_loop("configs/fast.yaml", steps, args.warmup, []),
+        "dcgan": lambda: project_loop("configs/dcgan.yaml", steps, args.warmup, []),
+    }
+    for name, run in variants.items():
+        report["throughput"][name] = run()
+        report["throughput"][name]["ratio_to_blog"] = (report["throughput"][name]["images_per_second"]
+                                                       / report["throughput"]["blog"]["images_per_second"])
+        print(f"{name:8s} {report['throughput'][name]['images_per_second']:10.0f} images/s "
+              f"{report['throughput'][name]['steps_per_second']:8.1f} steps/s "
+              f"x{report['throughput'][name]['ratio_to_blog']:.2f} vs blog", flush=True)
+    if args.processes:
+        report["scaling"] = {}
+        for count in (int(n) for n in args.processes.split(",")):
+            measured = project_loop("configs/seed.yaml", steps, args.warmup, ["train.mixed_precision=fp32"], count)
+            measured["per_process_images_per_second"] = measured["images_per_second"] / count
+            report["scaling"][count] = measured
+            print(f"{count} processes: {measured['images_per_second']:.0f} images/s in total, "
+                  f"{measured['per_process_images_per_second']:.0f} per process", flush=True)
+    if args.time_to_quality:
+        evaluator = Evaluator(SHIPPED_MNIST, REPO_ROOT / ".cache" / "eval", device)
+        floor = evaluator.training_set_floor(10000)["fd"]
+        report["time_to_quality"] = {}
+        for config, every in (("configs/seed.yaml", 500), ("configs/fast.yaml", 250)):
+            measured = time_to_quality(config, args.ttq_seconds, every, floor, [])
+            report["time_to_quality"][config] = measured
+            print(f"{config}: FD < 10x floor after {measured['seconds_to_10x_floor']} s, "
+                  f"< 3x floor after {measured['seconds_to_3x_floor']} s (floor {floor:.3f})", flush=True)
+    Path(args.out).write_text(json.dumps(report, indent=1))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

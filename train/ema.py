@@ -1,0 +1,35 @@
+"""An exponential moving average of the generator's weights, the network samples are drawn from.
+
+The decay is set by a half-life in images (StyleGAN2-ADA's ema_kimg) with a ramp-up that keeps the
+average short early in training, when the generator changes fastest. Every rank updates its copy
+from identical parameters, so the copies stay identical; buffers (BatchNorm statistics) are copied
+from the generator whenever the average is used or saved, after rank 0's have been synced.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class GeneratorEMA:
+    def __init__(self, network: nn.Module, generator: nn.Module, half_life_images: float, rampup: float):
+        """`network`: a fresh generator of the same architecture, which starts as a copy of `generator`."""
+        network.load_state_dict(generator.state_dict())
+        self.network = network.eval().requires_grad_(False)
+        self.half_life_images = half_life_images
+        self.rampup = rampup
+
+    @torch.no_grad()
+    def update(self, generator: nn.Module, images_seen: int, batch: int) -> None:
+        half_life = self.half_life_images
+        if self.rampup > 0:
+            half_life = min(half_life, images_seen * self.rampup)
+        beta = 0.5 ** (batch / max(half_life, 1e-8))
+        averaged = list(self.network.parameters())
+        torch._foreach_lerp_(averaged, [p.detach() for p in generator.parameters()], 1.0 - beta)
+
+    @torch.no_grad()
+    def copy_buffers(self, generator: nn.Module) -> None:
+        for mine, theirs in zip(self.network.buffers(), generator.buffers()):
+            mine.copy_(theirs)

@@ -1,0 +1,152 @@
+"""Sample-quality metrics on the features of the project's MNIST classifier.
+
+For a set of generated images against the 10,000 MNIST test images:
+
+- `fd`: Fréchet distance between Gaussians fitted to the penultimate features (float64, scipy's
+  sqrtm); the MNIST analogue of FID;
+- `precision`, `recall`: k-nearest-neighbour manifolds (Kynkäänniemi et al. 2019, k=3);
+- `density`, `coverage`: Naeem et al. 2020 (k=5);
+- `classes_present` (digits with at least 1% of the samples), `class_kl` (KL of the predicted-class
+  histogram to uniform) and `inception_score` (with the MNIST classifier instead of Inception).
+
+Images are quantised to uint8 first, exactly as a saved PNG is, so the numbers describe the images
+one can look at. Real-set features are cached on disk, keyed by the test set and the classifier.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import scipy.linalg
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from train import classifier
+from train.data import read_idx_images
+
+PRECISION_RECALL_K = 3
+DENSITY_COVERAGE_K = 5
+CLASS_PRESENT_SHARE = 0.01
+DISTANCE_CHUNK = 2048
+
+
+@dataclass
+class Features:
+    features: Tensor  # [N, FEATURE_DIM] float32, penultimate layer
+    probabilities: Tensor  # [N, 10] softmax of the class logits
+
+
+@torch.no_grad()
+def extract(network: classifier.MnistClassifier, images: Tensor, batch_size: int = 1000) -> Features:
+    """Features of uint8 images [N, 28, 28] (or [N, 1, 28, 28]), on the network's device."""
+    device = next(network.parameters()).device
+    images = images.reshape(-1, 1, 28, 28)
+    features, probabilities = [], []
+    for chunk in images.split(batch_size):
+        hidden, logits = network(chunk.to(device).float().div(255))
+        features.append(hidden.float())
+        probabilities.append(logits.float().softmax(1))
+    return Features(torch.cat(features), torch.cat(probabilities))
+
+
+def frechet_distance(a: Tensor, b: Tensor) -> float:
+    """||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 (S_a S_b)^1/2), in float64."""
+    a, b = a.double().cpu().numpy(), b.double().cpu().numpy()
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    sigma_a, sigma_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    with warnings.catch_warnings():  # a singular product (e.g. one repeated image) is handled below
+        warnings.simplefilter("ignore", scipy.linalg.LinAlgWarning)
+        root = scipy.linalg.sqrtm(sigma_a @ sigma_b)
+    if not np.isfinite(root).all():  # singular product: regularise as pytorch-fid does
+        offset = np.eye(len(sigma_a)) * 1e-6
+        root = scipy.linalg.sqrtm((sigma_a + offset) @ (sigma_b + offset))
+    root = root.real
+    return float(((mu_a - mu_b) ** 2).sum() + np.trace(sigma_a) + np.trace(sigma_b) - 2 * np.trace(root))
+
+
+def kth_neighbour_distance(x: Tensor, k: int) -> Tensor:
+    """Distance from each row of x to its k-th nearest other row."""
+    radii = [torch.cdist(chunk, x).topk(k + 1, dim=1, largest=False).values[:, k] for chunk in x.split(DISTANCE_CHUNK)]
+    return torch.cat(radii)
+
+
+def _within_balls(points: Tensor, centres: Tensor, radii: Tensor) -> Tensor:
+    """For each point, how many of the balls B(centre_i, radius_i) contain it."""
+    return torch.cat([(torch.cdist(chunk, centres) <= radii[None]).sum(1) for chunk in points.split(DISTANCE_CHUNK)])
+
+
+def precision_recall(real: Tensor, fake: Tensor, k: int = PRECISION_RECALL_K) -> tuple[float, float]:
+    precision = (_within_balls(fake, real, kth_neighbour_distance(real, k)) > 0).double().mean().item()
+    recall = (_within_balls(real, fake, kth_neighbour_distance(fake, k)) > 0).double().mean().item()
+    return precision, recall
+
+
+def density_coverage(real: Tensor, fake: Tensor, k: int = DENSITY_COVERAGE_K) -> tuple[float, float]:
+    radii = kth_neighbour_distance(real, k)
+    density = _within_balls(fake, real, radii).double().sum().item() / (k * len(fake))
+    nearest_fake = torch.cat([torch.cdist(chunk, fake).min(1).values for chunk in real.split(DISTANCE_CHUNK)])
+    coverage = (nearest_fake < radii).double().mean().item()
+    return density, coverage
+
+
+def class_statistics(probabilities: Tensor) -> dict[str, float]:
+    probabilities = probabilities.cpu()
+    histogram = torch.bincount(probabilities.argmax(1), minlength=10).double() / len(probabilities)
+    p_y_given_x = probabilities.double()
+    p_y = p_y_given_x.mean(0)
+    xlogy = torch.special.xlogy  # 0 log 0 = 0
+    per_sample_kl = (xlogy(p_y_given_x, p_y_given_x) - xlogy(p_y_given_x, p_y)).sum(1)
+    return {
+        "classes_present": int((histogram >= CLASS_PRESENT_SHARE).sum()),
+        "class_kl": float(xlogy(histogram, histogram * 10).sum()),
+        "inception_score": float(math.exp(per_sample_kl.mean())),
+    }
+
+
+def compare(real: Features, fake: Features) -> dict[str, float]:
+    precision, recall = precision_recall(real.features, fake.features)
+    density, coverage = density_coverage(real.features, fake.features)
+    return {"fd": frechet_distance(real.features, fake.features), "precision": precision, "recall": recall,
+            "density": density, "coverage": coverage, **class_statistics(fake.probabilities)}
+
+
+class Evaluator:
+    """The feature network and the cached features of the MNIST test set, ready to score samples."""
+
+    def __init__(self, data_dir: Path, cache_dir: Path, device: torch.device | str = "cpu"):
+        self.network = classifier.load(device)
+        self.data_dir, self.cache_dir = Path(data_dir), Path(cache_dir)
+        self.real = self._real_features(self.cache_dir)
+
+    def score(self, images: Tensor) -> dict[str, float]:
+        """Metrics of uint8 images [N, 28, 28] against the MNIST test set."""
+        return compare(self.real, extract(self.network, images))
+
+    def training_set_floor(self, num: int, seed: int = 0) -> dict[str, float]:
+        """The same metrics for `num` real training images: what a perfect generator would reach."""
+        images = read_idx_images(self.data_dir, "train")
+        chosen = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:num]
+        return self.score(images[chosen])
+
+    def _real_features(self, cache_dir: Path) -> Features:
+        images = read_idx_images(self.data_dir, "test")
+        key = hashlib.sha256(images.numpy().tobytes() + classifier.WEIGHTS_SHA256.encode()).hexdigest()[:16]
+        path = cache_dir / f"mnist_test_features_{key}.safetensors"
+        device = str(next(self.network.parameters()).device)
+        if path.is_file():
+            cached = load_file(path, device=device)
+            return Features(cached["features"], cached["probabilities"])
+        real = extract(self.network, images)
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        staging = path.with_name(f".{path.name}.{os.getpid()}.incomplete")
+        save_file({"features": real.features.cpu().contiguous(),
+                   "probabilities": real.probabilities.cpu().contiguous()}, staging)
+        os.replace(staging, path)  # atomic: concurrent runs never read a half-written cache
+        return real

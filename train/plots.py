@@ -1,0 +1,51 @@
+"""Training curves as a PNG, from a run's metrics.jsonl: readable without W&B.
+
+`python -m train.plots --run <run dir>` writes `<run dir>/curves.png`; a run also writes it at its end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+PANELS = (
+    ("losses", ("loss/d", "loss/g")),
+    ("discriminator outputs", ("d/real", "d/fake")),
+    ("Fréchet distance (classifier features)", ("eval/fd",)),
+    ("precision / recall / density / coverage", ("eval/precision", "eval/recall", "eval/density", "eval/coverage")),
+)
+
+
+def plot_curves(metrics_file: Path, out: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lines = [json.loads(line) for line in Path(metrics_file).read_text().splitlines()]
+    figure, axes = plt.subplots(1, len(PANELS), figsize=(5 * len(PANELS), 3.6))
+    for axis, (title, keys) in zip(axes, PANELS):
+        for key in keys:
+            points = [(line["step"], line[key]) for line in lines if key in line]
+            if points:
+                axis.plot(*zip(*points), marker="." if len(points) < 30 else None, label=key)
+        axis.set_title(title)
+        axis.set_xlabel("step")
+        if axis.lines:
+            axis.legend(fontsize="small")
+    figure.tight_layout()
+    figure.savefig(out, dpi=100)
+    plt.close(figure)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m train.plots", description=__doc__.splitlines()[0])
+    parser.add_argument("--run", required=True, help="a run directory holding metrics.jsonl")
+    args = parser.parse_args(argv)
+    print(plot_curves(Path(args.run) / "metrics.jsonl", Path(args.run) / "curves.png"))
+
+
+if __name__ == "__main__":
+    main()
