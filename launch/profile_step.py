@@ -1,7 +1,7 @@
 """GPU check: the kernels one training step of the seed architecture spends its time in.
 
 Runs the loop's D and G updates (batch 64, fp32) under torch.profiler, with the native bilinear
-upsampling and with the matrix-product one, and prints the top kernels of each.
+upsampling + convolution and with the fused matrix-product form, and prints the top kernels of each.
 Usage: python launch/profile_step.py [steps]
 """
 
@@ -31,7 +31,7 @@ def step(generator, discriminator, g_optimizer, d_optimizer, real):
 
 if __name__ == "__main__":
     steps = int(sys.argv[1]) if len(sys.argv) > 1 else 50
-    for upsample in ("native", "matmul"):
+    for upsample in ("native", "fused"):
         torch.manual_seed(0)
         generator, discriminator = (m.cuda() for m in models.build("seed", 100, upsample))
         optimizers = [torch.optim.Adam(m.parameters(), lr=1e-3, amsgrad=True, fused=True)

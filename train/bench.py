@@ -108,19 +108,19 @@ def project_loop(config: str, steps: int, warmup: int, overrides: list[str], pro
             "global_batch": global_batch}
 
 
-def time_to_quality(config: str, limit_seconds: float, eval_every: int, floor_fd: float, overrides: list[str]) -> dict:
+def time_to_quality(config: str, limit_seconds: float, eval_every: int, floor_fd: float, run_dir: Path) -> dict:
     """Training seconds until FD < 10x and < 3x the floor, training for at most `limit_seconds` of wall time."""
-    with tempfile.TemporaryDirectory() as run_dir:
-        args = ["--config", config, f"eval.every={eval_every}", f"logging.every={eval_every}", f"run.dir={run_dir}",
-                "logging.wandb=disabled", "checkpoint.every=0", "logging.samples_every=0", "resume=none", *overrides]
-        process = subprocess.Popen([sys.executable, "-m", "train", *args], cwd=REPO_ROOT,
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        try:
-            process.wait(timeout=limit_seconds)
-        except subprocess.TimeoutExpired:
-            process.send_signal(signal.SIGTERM)  # checkpoints and exits: the log is complete
-            process.wait()
-        lines = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    args = ["--config", config, f"eval.every={eval_every}", f"logging.every={eval_every}", f"run.dir={run_dir}",
+            "logging.wandb=disabled", "checkpoint.every=0", "resume=none"]
+    process = subprocess.Popen([sys.executable, "-m", "train", *args], cwd=REPO_ROOT,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        process.wait(timeout=limit_seconds)
+    except subprocess.TimeoutExpired:
+        process.send_signal(signal.SIGTERM)  # checkpoints and exits: the log is complete
+        process.wait()
+    log = run_dir / "metrics.jsonl"
+    lines = [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []
     evaluations = [line for line in lines if "eval/fd" in line]
     result = {"floor_fd": floor_fd, "evaluations": [{k: line[k] for k in ("step", "train_seconds", "eval/fd")}
                                                    for line in evaluations]}
@@ -148,6 +148,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--processes", default="", help="comma-separated process counts for the scaling table")
     parser.add_argument("--time-to-quality", action="store_true")
     parser.add_argument("--ttq-seconds", type=float, default=300.0, help="wall-time limit of each quality run")
+    parser.add_argument("--runs-dir", help="keep the quality runs here (default: a temporary folder)")
     parser.add_argument("--out", default="bench.json")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -177,10 +178,12 @@ def main(argv: list[str] | None = None) -> None:
                   f"{measured['per_process_images_per_second']:.0f} per process", flush=True)
     if args.time_to_quality:
         evaluator = Evaluator(SHIPPED_MNIST, REPO_ROOT / ".cache" / "eval", device)
-        floor = evaluator.training_set_floor(10000)["fd"]
-        report["time_to_quality"] = {}
+        floors = evaluator.training_set_floor(10000)
+        floor = floors["fd"]
+        report["time_to_quality"] = {"training_set_floor": floors}
+        runs = Path(args.runs_dir or tempfile.mkdtemp(prefix="bench_runs_"))
         for config, every in (("configs/seed.yaml", 500), ("configs/fast.yaml", 250)):
-            measured = time_to_quality(config, args.ttq_seconds, every, floor, [])
+            measured = time_to_quality(config, args.ttq_seconds, every, floor, runs / Path(config).stem)
             report["time_to_quality"][config] = measured
             print(f"{config}: FD < 10x floor after {measured['seconds_to_10x_floor']} s, "
                   f"< 3x floor after {measured['seconds_to_3x_floor']} s (floor {floor:.3f})", flush=True)

@@ -40,7 +40,7 @@ class DataConfig:
 class ModelConfig:
     arch: str = "seed"  # seed | dcgan
     z_dim: int = 100
-    upsample: str = "matmul"  # seed generator's bilinear x2: matmul (same function, fast backward) | native
+    upsample: str = "fused"  # seed generator's upsample+conv: fused (same function as matrix products) | native
 
 
 @dataclass
@@ -113,7 +113,7 @@ CHOICES = {
     "data.source": ("idx", "hf", "torchvision"),
     "data.torchvision_name": ("MNIST", "FashionMNIST", "KMNIST"),
     "model.arch": ("seed", "dcgan"),
-    "model.upsample": ("matmul", "native"),
+    "model.upsample": ("fused", "native"),
     "loss": ("bce", "hinge"),
     "train.mixed_precision": (None, "fp32", "bf16", "fp16"),
     "logging.wandb": ("online", "offline", "disabled"),

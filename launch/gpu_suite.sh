@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Every GPU measurement in docs/performance.md, in one command (a few minutes on one H100/H200):
+# environment, the BatchNorm/DDP check, a kernel profile, the fp16 path, the benchmark with its
+# time-to-quality runs. Needs torch, torchvision, accelerate, safetensors, omegaconf, scipy and
+# matplotlib; no network, no W&B.  Usage: bash launch/gpu_suite.sh [OUTPUT_DIR]
+set -uo pipefail
+out=${1:-gpu_results}
+mkdir -p "$out"
+python=${PYTHON:-python3}
+checks="$out/checks.txt"
+{
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
+  $python -c "import torch, torchvision, accelerate; print('torch', torch.__version__, 'torchvision', torchvision.__version__, 'accelerate', accelerate.__version__)"
+  echo "=== BatchNorm discriminator under DDP, two ranks on one GPU (gloo)"
+  timeout 120 $python launch/check_bn_ddp.py 2>&1 | grep -E "^broadcast_buffers|Error" | head -5
+  echo "=== fp16 training through GradScaler (configs/smoke.yaml)"
+  timeout 120 $python -m train --config configs/smoke.yaml train.mixed_precision=fp16 run.dir="$out/runs/fp16" \
+    resume=none 2>&1 | tr '\r' '\n' | grep -v "it/s" | tail -3
+  tail -n 1 "$out/runs/fp16/metrics.jsonl"
+  echo "=== kernel profile of one seed step (batch 64, fp32)"
+  timeout 120 $python launch/profile_step.py 30 2>&1 | grep -v "^ *$"
+} > "$checks" 2>&1
+timeout 420 $python -m train.bench --steps 600 --warmup 100 --time-to-quality --ttq-seconds 110 \
+  --runs-dir "$out/runs" --out "$out/bench.json" 2>&1 | tee "$out/bench.log"
+for run in seed fast; do
+  cp "$out/runs/$run/metrics.jsonl" "$out/${run}_metrics.jsonl" 2>/dev/null
+  last=$(ls "$out/runs/$run/samples/" 2>/dev/null | tail -n 1)
+  [ -n "$last" ] && cp "$out/runs/$run/samples/$last" "$out/${run}_samples.png"
+done
+rm -rf "$out/runs"
