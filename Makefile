@@ -7,7 +7,9 @@ STAMP := $(VENV)/.installed
 CONFIG ?= configs/default.yaml
 ARGS ?=
 
-.PHONY: install train test test-quick clean
+BENCH_ARGS ?= --processes 1,2 --time-to-quality
+
+.PHONY: install train test test-quick bench clean
 
 install: $(STAMP)
 
@@ -25,6 +27,9 @@ test: $(STAMP)
 
 test-quick: $(STAMP)
 	$(PY) -m pytest -m "not slow"
+
+bench: $(STAMP)
+	$(PY) -m train.bench $(BENCH_ARGS) --out bench.json
 
 clean:
 	rm -rf runs .pytest_cache

@@ -186,3 +186,15 @@ def test_sample_names_a_path_that_is_no_checkpoint(tmp_path):
                              str(tmp_path / "x.png")], cwd=REPO, env=run_env(), capture_output=True, text=True)
     assert result.returncode == 2
     assert "is neither a checkpoint folder (with manifest.json) nor a run directory" in result.stderr
+
+
+def test_evaluate_prints_the_metrics_of_a_checkpoint_as_json(finished_run, tmp_path):
+    result = subprocess.run([sys.executable, "-m", "train.evaluate", "--checkpoint", str(finished_run), "--num", "200",
+                             "--cache-dir", str(tmp_path / "cache"), "--device", "cpu"],
+                            cwd=REPO, env=run_env(), capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["num_samples"] == 200
+    assert set(report["metrics"]) == {"fd", "precision", "recall", "density", "coverage", "classes_present",
+                                      "class_kl", "inception_score"}
+    assert report["metrics"]["fd"] > 0 and 0 <= report["metrics"]["precision"] <= 1

@@ -1,11 +1,14 @@
 """What a run records: W&B (offline, read back from W&B's own file) and the local JSONL/PNG copy agree."""
 
+import importlib.util
 import json
+import subprocess
+import sys
 
 import pytest
 import yaml
 
-from conftest import TINY, run_env, run_train
+from conftest import REPO, TINY, run_env, run_train
 
 pytest.importorskip("wandb")
 from wandb_records import offline_run  # noqa: E402  (needs wandb)
@@ -16,7 +19,8 @@ FAKE_KEY = "local-0123456789abcdef0123456789abcdef01234567"
 @pytest.fixture(scope="module")
 def wandb_run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("wandb_run")
-    args = TINY + [f"run.dir={run_dir}", "logging.wandb=offline", "logging.samples_every=3"]
+    args = TINY + [f"run.dir={run_dir}", "logging.wandb=offline", "logging.samples_every=3",
+                   "eval.num_samples=200", "eval.every=3", f"eval.cache_dir={run_dir.parent / 'eval_cache'}"]
     result = run_train(args, env=run_env(WANDB_API_KEY=FAKE_KEY, WANDB_SILENT="false"))
     assert result.returncode == 0, result.stderr[-3000:]
     return run_dir, result
@@ -29,7 +33,11 @@ def test_wandb_history_holds_the_metrics_of_the_jsonl_log_at_their_steps(wandb_r
     assert sorted(recorded["history"]) == [line["step"] for line in local] == [3, 6]
     for line in local:
         row = recorded["history"][line["step"]]
-        for key in ("loss/d", "loss/g", "d/real", "d/fake", "lr/g", "lr/d", "images_per_second", "global_batch"):
+        keys = [key for key in line if key != "step"]
+        assert {"loss/d", "loss/g", "d/real", "d/fake", "lr/g", "lr/d", "images_per_second", "global_batch",
+                "eval/fd", "eval/precision", "eval/recall", "eval/density", "eval/coverage", "eval/classes_present",
+                "eval/class_kl", "eval/inception_score"} <= set(keys)
+        for key in keys:
             assert row[key] == line[key], key
 
 
@@ -57,3 +65,31 @@ def test_disabled_wandb_writes_only_the_local_log(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert not (tmp_path / "wandb").exists()
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def test_the_run_draws_its_curves_and_they_can_be_redrawn(wandb_run):
+    run_dir, _ = wandb_run
+    curves = run_dir / "curves.png"
+    assert curves.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    curves.unlink()
+    result = subprocess.run([sys.executable, "-m", "train.plots", "--run", str(run_dir)], cwd=REPO,
+                            capture_output=True, text=True)
+    assert result.returncode == 0 and curves.stat().st_size > 10_000
+
+
+def test_without_wandb_a_disabled_run_never_imports_it(tmp_path):
+    blocker = tmp_path / "blocked" / "wandb"
+    blocker.mkdir(parents=True)
+    (blocker / "__init__.py").write_text("raise ImportError('wandb is not installed here')\n")
+    env = run_env(PYTHONPATH=str(tmp_path / "blocked"))
+    result = run_train(TINY + [f"run.dir={tmp_path / 'run'}"], env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def test_asking_for_wandb_without_it_is_refused_before_any_work(monkeypatch):
+    from train import config, tracking
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real_find_spec(name, *a))
+    with pytest.raises(config.ConfigError, match="logging.wandb=offline needs the wandb package: `pip install wandb`"):
+        tracking.check_available(config.load(None, ["logging.wandb=offline"]))

@@ -12,12 +12,11 @@ from pathlib import Path
 
 import torch
 
-from train import models
-from train.checkpoint import CheckpointError, load_generator
+from train.checkpoint import CheckpointError
 from train.config import SHIPPED_MNIST
 from train.data import to_uint8
 from train.metrics import Evaluator
-from train.sample import generate
+from train.sample import generate, load
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,8 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {"num_samples": args.num, "seed": args.seed}
     if args.checkpoint is not None:
         try:
-            generator = load_generator(args.checkpoint, lambda arch, z: models.build(arch, z)[0], args.device,
-                                       use_ema=not args.no_ema)
+            generator = load(args.checkpoint, args.device, use_ema=not args.no_ema)
         except CheckpointError as error:
             print(f"error: {error}", file=sys.stderr)
             return 2

@@ -95,7 +95,11 @@ def train(cfg: Config) -> int:
                              "img/s": f"{record['images_per_second']:.0f}"})
         if cfg.eval.num_samples and (last or (cfg.eval.every and step % cfg.eval.every == 0)):
             with window.paused():
-                record |= evaluate(accelerator, cfg, snapshot, ema, evaluator)
+                quality = evaluate(accelerator, cfg, snapshot, ema, evaluator)
+            record |= quality
+            if quality:
+                log.message(f"step {step}: " + ", ".join(f"{key.removeprefix('eval/')} {value:.4g}"
+                                                         for key, value in quality.items()))
         if record:
             log.metrics(step, record)
         if last or (cfg.logging.samples_every and step % cfg.logging.samples_every == 0):

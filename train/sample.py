@@ -17,6 +17,11 @@ from train.checkpoint import CheckpointError, load_generator
 from train.data import to_uint8
 
 
+def load(path: str, device: str, use_ema: bool = True) -> torch.nn.Module:
+    """The generator at `path` (checkpoint, run directory or exported folder), in eval mode."""
+    return load_generator(path, lambda arch, z_dim: models.build(arch, z_dim)[0], device, use_ema=use_ema)
+
+
 @torch.no_grad()
 def generate(generator: torch.nn.Module, num: int, seed: int, batch_size: int = 1000) -> torch.Tensor:
     """`num` images in [0, 1] from z drawn on the CPU with `seed`: the same on any device."""
@@ -40,8 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.num < 1:
         parser.error("--num must be at least 1")
     try:
-        generator = load_generator(args.checkpoint, lambda arch, z: models.build(arch, z)[0], args.device,
-                                   use_ema=not args.no_ema)
+        generator = load(args.checkpoint, args.device, use_ema=not args.no_ema)
     except CheckpointError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
