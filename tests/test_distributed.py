@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, TINY, accelerate_launch, final_weights
+from conftest import REPO, accelerate_launch, final_weights
 from train.data import ShardedBatches, read_idx_images
 
 pytestmark = pytest.mark.slow

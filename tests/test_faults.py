@@ -1,7 +1,6 @@
 """Non-finite numbers on one rank and dead ranks: every rank reacts the same way, nobody hangs."""
 
 import json
-import os
 import subprocess
 import sys
 import time
