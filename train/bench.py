@@ -146,6 +146,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=300, help="timed steps per variant")
     parser.add_argument("--warmup", type=int, default=50, help="untimed steps first (also the log window)")
     parser.add_argument("--variants", default="blog,project,fastest,dcgan", help="which of (a)-(d) to time")
+    parser.add_argument("--custom", action="append", default=[], metavar="NAME=CONFIG[:key=value,...]",
+                        help="also time `python -m train` on CONFIG with these overrides (repeatable)")
     parser.add_argument("--processes", default="", help="comma-separated process counts for the scaling table")
     parser.add_argument("--time-to-quality", action="store_true")
     parser.add_argument("--ttq-seconds", type=float, default=300.0, help="wall-time limit of each quality run")
@@ -162,7 +164,11 @@ def main(argv: list[str] | None = None) -> None:
         "fastest": lambda: project_loop("configs/fast.yaml", steps, args.warmup, []),
         "dcgan": lambda: project_loop("configs/dcgan.yaml", steps, args.warmup, []),
     }
-    for name in args.variants.split(","):
+    for spec in args.custom:  # NAME=CONFIG[:key=value,...]
+        name, _, rest = spec.partition("=")
+        config, _, overrides = rest.partition(":")
+        variants[name] = (lambda c=config, o=overrides: project_loop(c, steps, args.warmup, o.split(",") if o else []))
+    for name in [*filter(None, args.variants.split(",")), *(spec.partition("=")[0] for spec in args.custom)]:
         measured = report["throughput"][name] = variants[name]()
         if "blog" in report["throughput"]:
             measured["ratio_to_blog"] = measured["images_per_second"] / report["throughput"]["blog"]["images_per_second"]

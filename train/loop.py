@@ -50,11 +50,13 @@ def train(cfg: Config) -> int:
     generator, discriminator, g_optimizer, d_optimizer = accelerator.prepare(
         generator, discriminator, g_optimizer, d_optimizer
     )
+    # The plain modules (no DDP, no torch.compile wrapper): what is saved, averaged and sampled from.
+    plain_generator, plain_discriminator = (accelerator.unwrap_model(m, keep_torch_compile=False)
+                                            for m in (generator, discriminator))
     ema = GeneratorEMA(models.build(cfg.model.arch, cfg.model.z_dim, cfg.model.upsample)[0].to(accelerator.device),
-                       accelerator.unwrap_model(generator), cfg.ema.half_life_images, cfg.ema.rampup)
+                       plain_generator, cfg.ema.half_life_images, cfg.ema.rampup)
     snapshot = Snapshot(
-        networks={"generator": accelerator.unwrap_model(generator),
-                  "discriminator": accelerator.unwrap_model(discriminator), "generator_ema": ema.network},
+        networks={"generator": plain_generator, "discriminator": plain_discriminator, "generator_ema": ema.network},
         optimizers={"generator": g_optimizer, "discriminator": d_optimizer},
         noise=torch.Generator(accelerator.device), progress=progress, config=config.to_dict(cfg),
         scaler=accelerator.scaler, extra_json={"global_batch": batches.global_batch},
