@@ -78,6 +78,9 @@ def test_accelerate_launch_two_processes_trains_the_smoke_config(tmp_path):
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [line["step"] for line in lines] == [20, 40, 60]
     assert all(line["global_batch"] == 32 for line in lines)
+    # The final evaluation: both ranks generated their halves of the 1,000 samples, rank 0 scored them.
+    assert lines[-1]["eval/classes_present"] >= 1 and lines[-1]["eval/fd"] > 0
+    assert "eval/fd" not in lines[0]
     weights = final_weights(run_dir)
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["latest", "step_00000030", "step_00000060"]
     assert all(torch.isfinite(t).all() for tensors in weights.values() for t in tensors.values())
