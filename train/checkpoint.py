@@ -233,13 +233,12 @@ def read_state(path: Path) -> dict:
 
 
 def restore(path: Path, snapshot: Snapshot, rank: int, world_size: int) -> bool:
-    """Load a verified checkpoint into `snapshot`'s live objects (identical shapes required).
+    """Load a checkpoint that `verify` (or `newest_valid`) accepted into `snapshot`'s live objects.
 
-    Returns whether this rank's RNG states were restored: only when the number of processes is
+    Shapes must be identical. Returns whether this rank's RNG states were restored: only when the number of processes is
     the one the checkpoint was written with (each rank continues its own noise stream).
     """
     path = Path(path)
-    verify(path)
     state = read_state(path)
     for name, network in snapshot.networks.items():
         _load_network(path, name, network)

@@ -134,6 +134,11 @@ def _torchvision_images(root: str, name: str, train: bool) -> torch.Tensor:
     return dataset.data.to(torch.uint8)
 
 
+def derived_seed(*entropy: int) -> int:
+    """A well-mixed 63-bit seed from several integers (run seed, epoch, rank, ...), the same everywhere."""
+    return int(np.random.SeedSequence(list(entropy)).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
     """Images in [0, 1] to uint8 pixels, rounding exactly as torchvision's save_image does for PNGs."""
     return images.mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8)
@@ -174,8 +179,7 @@ class ShardedBatches:
 
     def epoch_order(self, epoch: int) -> torch.Tensor:
         """The permutation of the whole data set for `epoch`, identical on every rank and device."""
-        seed = int(np.random.SeedSequence([self.seed, epoch]).generate_state(1, dtype=np.uint64)[0] >> 1)
-        return torch.randperm(len(self.images), generator=torch.Generator().manual_seed(seed))
+        return torch.randperm(len(self.images), generator=torch.Generator().manual_seed(derived_seed(self.seed, epoch)))
 
     def _indices_for(self, epoch: int) -> torch.Tensor:
         used = self.epoch_order(epoch)[: self.steps_per_epoch * self.global_batch]

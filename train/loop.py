@@ -12,7 +12,6 @@ import time
 from datetime import timedelta
 from pathlib import Path
 
-import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs, TorchDynamoPlugin
@@ -21,7 +20,7 @@ from tqdm import tqdm
 from train import checkpoint, config, data, losses, metrics, models, tracking
 from train.checkpoint import CheckpointError, Progress, Snapshot
 from train.config import Config, ConfigError
-from train.data import DataError, ShardedBatches, to_uint8
+from train.data import DataError, ShardedBatches, derived_seed, to_uint8
 from train.distributed import ddp_without_forward_buffer_sync, sync_buffers_from_main
 from train.ema import GeneratorEMA
 from train.faults import EXIT_NONFINITE, EXIT_PREEMPTED, FaultMonitor
@@ -319,5 +318,4 @@ def rollback(accelerator, run_dir: Path, snapshot: Snapshot, batches: ShardedBat
 
 def reseed_noise(snapshot: Snapshot, seed: int, rank: int, salt: str = "") -> None:
     """A distinct, reproducible noise stream per (run seed, rank, salt)."""
-    entropy = [seed, rank, *f"noise{salt}".encode()]
-    snapshot.noise.manual_seed(int(np.random.SeedSequence(entropy).generate_state(1, dtype=np.uint64)[0] >> 1))
+    snapshot.noise.manual_seed(derived_seed(seed, rank, *f"noise{salt}".encode()))

@@ -9,9 +9,9 @@ from __future__ import annotations
 import importlib.util
 import json
 import secrets
-from contextlib import contextmanager
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
