@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import warnings
 
 import torch
@@ -40,3 +41,26 @@ def sync_buffers_from_main(module: nn.Module) -> None:
     if is_distributed():
         for buffer in module.buffers():
             dist.broadcast(buffer, src=0)
+
+
+def weights_digest(state_dicts: dict[str, dict[str, torch.Tensor]]) -> str:
+    """SHA-256 over every tensor's bytes, in sorted order: equal digests mean bitwise-equal weights."""
+    digest = hashlib.sha256()
+    for network in sorted(state_dicts):
+        for key in sorted(state_dicts[network]):
+            tensor = state_dicts[network][key].detach().cpu().contiguous().reshape(-1)
+            digest.update(f"{network}.{key}:{tensor.dtype}".encode())
+            digest.update(tensor.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def check_ranks_agree(networks: dict[str, nn.Module], rank: int) -> str:
+    """Every rank's weights digest, printed by each rank; raises if they differ (DDP keeps them equal)."""
+    digest = weights_digest({name: network.state_dict() for name, network in networks.items()})
+    print(f"rank {rank}: final weights sha256 {digest}", flush=True)
+    if is_distributed():
+        digests = [None] * dist.get_world_size()
+        dist.all_gather_object(digests, digest)
+        if len(set(digests)) > 1:
+            raise RuntimeError(f"the ranks ended with different weights: {digests}; please report this as a bug")
+    return digest

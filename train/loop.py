@@ -21,7 +21,7 @@ from train import checkpoint, config, data, losses, metrics, models, tracking
 from train.checkpoint import CheckpointError, Progress, Snapshot
 from train.config import Config, ConfigError
 from train.data import DataError, ShardedBatches, derived_seed, to_uint8
-from train.distributed import ddp_without_forward_buffer_sync, sync_buffers_from_main
+from train.distributed import check_ranks_agree, ddp_without_forward_buffer_sync, sync_buffers_from_main
 from train.ema import GeneratorEMA
 from train.faults import EXIT_NONFINITE, EXIT_PREEMPTED, FaultMonitor
 
@@ -71,7 +71,8 @@ def train(cfg: Config) -> int:
     faults = FaultMonitor(cfg.train.on_nonfinite, accelerator.device, check_gradients=accelerator.scaler is None)
     window = tracking.TrainingWindow(accelerator.device)
     fixed_z = torch.randn(SAMPLE_GRID_SIZE, cfg.model.z_dim, generator=torch.Generator().manual_seed(cfg.run.seed))
-    bar = tqdm(total=cfg.train.steps, initial=progress.step, disable=not accelerator.is_main_process, desc="train")
+    bar = tqdm(total=cfg.train.steps, initial=progress.step, disable=not accelerator.is_main_process, desc="train",
+               mininterval=0.1 if sys.stderr.isatty() else 30)  # a batch job's log gets a line every 30 s
 
     while progress.step < cfg.train.steps:
         step = progress.step + 1
@@ -132,6 +133,7 @@ def train(cfg: Config) -> int:
                 save_checkpoint(accelerator, cfg, run_dir, snapshot, ema)
 
     bar.close()
+    check_ranks_agree(snapshot.networks, accelerator.process_index)  # after the final save shared the buffers
     log.close()
     return 0
 
