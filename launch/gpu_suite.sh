@@ -10,23 +10,23 @@ python=${PYTHON:-python3}
 checks="$out/checks.txt"
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
-  $python -c "import torch, torchvision, accelerate; print('torch', torch.__version__, 'torchvision', torchvision.__version__, 'accelerate', accelerate.__version__)"
+  "$python" -c "import torch, torchvision, accelerate; print('torch', torch.__version__, 'torchvision', torchvision.__version__, 'accelerate', accelerate.__version__)"
   echo "=== BatchNorm discriminator under DDP, two ranks on one GPU (gloo)"
   for setting in true false; do
-    timeout 90 $python launch/check_bn_ddp.py $setting 2>&1 | grep -E "^broadcast_buffers|Error" | head -4
+    timeout 90 "$python" launch/check_bn_ddp.py "$setting" 2>&1 | grep -E "^broadcast_buffers|Error" | head -4
   done
   echo "=== fp16 training through GradScaler (configs/smoke.yaml)"
-  timeout 120 $python -m train --config configs/smoke.yaml train.mixed_precision=fp16 run.dir="$out/runs/fp16" \
+  timeout 120 "$python" -m train --config configs/smoke.yaml train.mixed_precision=fp16 run.dir="$out/runs/fp16" \
     resume=none 2>&1 | tr '\r' '\n' | grep -v "it/s" | tail -3
   tail -n 1 "$out/runs/fp16/metrics.jsonl"
   echo "=== kernel profile of one seed step (batch 64, fp32)"
-  timeout 120 $python launch/profile_step.py 30 2>&1 | grep -v "^ *$"
+  timeout 120 "$python" launch/profile_step.py 30 2>&1 | grep -v "^ *$"
 } > "$checks" 2>&1
-timeout 420 $python -m train.bench --steps 600 --warmup 100 --time-to-quality --ttq-seconds 110 \
+timeout 420 "$python" -m train.bench --steps 600 --warmup 100 --time-to-quality --ttq-seconds 110 \
   --runs-dir "$out/runs" --out "$out/bench.json" 2>&1 | tee "$out/bench.log"
 for run in seed fast; do
   cp "$out/runs/$run/metrics.jsonl" "$out/${run}_metrics.jsonl" 2>/dev/null
-  last=$(ls "$out/runs/$run/samples/" 2>/dev/null | tail -n 1)
-  [ -n "$last" ] && cp "$out/runs/$run/samples/$last" "$out/${run}_samples.png"
+  last=$(find "$out/runs/$run/samples/" -name "*.png" 2>/dev/null | sort | tail -n 1)
+  [ -n "$last" ] && cp "$last" "$out/${run}_samples.png"
 done
 rm -rf "$out/runs"
