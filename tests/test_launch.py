@@ -1,0 +1,92 @@
+"""launch/: the Accelerate config files, the topology helper, and the shell scripts' lint."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from accelerate.commands.config.config_args import load_config_from_file
+
+from tests.conftest import REPO, TINY, run_env
+from train import checkpoint
+from train.launch import ACCELERATE_CONFIGS, LaunchError, Topology, command, detect
+
+SHELL_SCRIPTS = sorted(str(p.relative_to(REPO)) for pattern in ("slurm/*.sbatch", "slurm/*.sh", "launch/*.sh", "tests/*.sh")
+                       for p in REPO.glob(pattern))
+
+
+@pytest.mark.parametrize("name, distributed, cpu, precision", [
+    ("cpu_1", "NO", True, "no"), ("cpu_2", "MULTI_GPU", True, "no"), ("gpu_1", "NO", False, "bf16"),
+    ("gpu_node", "MULTI_GPU", False, "bf16"), ("multinode", "MULTI_GPU", False, "bf16")])
+def test_accelerate_config_files_load(name, distributed, cpu, precision):
+    loaded = load_config_from_file(str(ACCELERATE_CONFIGS / f"{name}.yaml"))
+    assert (loaded.distributed_type, loaded.use_cpu, loaded.mixed_precision) == (distributed, cpu, precision)
+
+
+def test_topology_of_a_plain_machine():
+    assert detect({}, gpus=0, processes_per_machine=None).config_file.name == "cpu_1.yaml"
+    two_cpu = detect({}, gpus=0, processes_per_machine=2)
+    assert (two_cpu.processes, two_cpu.config_file.name) == (2, "cpu_2.yaml")
+    assert detect({}, gpus=1, processes_per_machine=None).config_file.name == "gpu_1.yaml"
+    node = detect({"CUDA_VISIBLE_DEVICES": "0,1,2,3"}, gpus=4, processes_per_machine=None)
+    assert (node.processes, node.gpu, node.config_file.name) == (4, True, "gpu_node.yaml")
+
+
+def test_topology_of_a_one_node_slurm_job_uses_a_port_of_its_own():
+    job = {"SLURM_JOB_ID": "123456", "SLURM_JOB_NUM_NODES": "1", "SLURM_JOB_NODELIST": "gpu07"}
+    topology = detect(job, gpus=8, processes_per_machine=None)
+    assert (topology.processes, topology.machine_rank, topology.main_port) == (8, 0, 20000 + 123456 % 20000)
+
+
+def test_command_fills_in_what_the_environment_knows():
+    topology = Topology(machines=2, machine_rank=1, processes_per_machine=4, gpu=True, main_address="node01",
+                        main_port=23456)
+    line = command(topology, ["--config", "configs/seed.yaml"])
+    assert line[line.index("--config_file") + 1].endswith("launch/accelerate/multinode.yaml")
+    flags = " ".join(line)
+    assert "--num_processes 8 --num_machines 2 --machine_rank 1 --main_process_ip node01 --main_process_port 23456" in flags
+    assert "--mixed_precision" not in flags  # bf16 from the config file
+    assert line[-4:] == ["-m", "train", "--config", "configs/seed.yaml"]
+
+
+@pytest.mark.parametrize("environment, gpus, per_machine, message", [
+    ({"SLURM_JOB_ID": "7", "SLURM_JOB_NUM_NODES": "2", "SLURM_JOB_NODELIST": "n[1-2]"}, 0, None, "srun"),
+    ({}, 2, 4, "only 2 GPUs"),
+])
+def test_topologies_it_cannot_launch_are_refused_with_the_fix(environment, gpus, per_machine, message):
+    with pytest.raises(LaunchError, match=message):
+        detect(environment, gpus, per_machine)
+
+
+@pytest.mark.slow
+def test_helper_passes_usr1_on_and_returns_after_the_checkpoint(tmp_path, tiny_mnist):
+    """One process goes through Accelerate's simple launcher, which does not forward signals itself."""
+    run_dir = tmp_path / "run"
+    output = (tmp_path / "out.txt").open("w")
+    helper = subprocess.Popen(
+        [sys.executable, "-m", "train.launch", "--", *TINY, "train.steps=100000", "logging.every=2",
+         f"data.path={tiny_mnist}", f"run.dir={run_dir}"],
+        cwd=REPO, env=run_env(), stdout=output, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 120
+    while not (run_dir / "metrics.jsonl").exists() and helper.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    helper.send_signal(signal.SIGUSR1)
+    helper.wait(timeout=120)
+    log = (tmp_path / "out.txt").read_text()
+    assert "cpu_1.yaml --num_processes 1" in log
+    # The helper returned only after the training process had finished its checkpoint.
+    assert "SIGTERM received: checkpointing" in log and "exiting with 75" in log, log[-3000:]
+    checkpoint.verify(checkpoint.newest_valid(run_dir, print))
+
+
+@pytest.mark.skipif(shutil.which("shellcheck") is None and os.environ.get("GAN_REQUIRE_SYSTEM_TOOLS") != "1",
+                    reason="shellcheck is not installed (`make test` installs it as root)")
+def test_shell_scripts_pass_shellcheck():
+    assert "slurm/train.sbatch" in SHELL_SCRIPTS and "slurm/train_multinode.sbatch" in SHELL_SCRIPTS
+    result = subprocess.run(["shellcheck", "-x", *SHELL_SCRIPTS], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout

@@ -1,0 +1,156 @@
+"""`python -m train.launch [options] -- TRAIN_ARGS`: the right `accelerate launch` line for this machine.
+
+It reads the topology (Slurm's variables, the GPUs this process can see, or a plain CPU machine),
+picks the matching file in launch/accelerate/, fills in what only the environment knows (machine
+rank, main address and port, process counts), prints the line and runs it.
+
+While it runs it stays the parent of everything it started: SIGTERM or SIGUSR1 (Slurm's warning)
+is passed on as SIGTERM to the launcher and to every training process, and this helper returns
+only when all of them have exited, so a caller that waits for it knows the checkpoint is
+written. (torchrun itself dies on SIGUSR1, and Accelerate's one-process launcher does not pass
+signals on at all.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from train.config import REPO_ROOT
+
+ACCELERATE_CONFIGS = REPO_ROOT / "launch" / "accelerate"
+PR_SET_CHILD_SUBREAPER = 36  # prctl option: orphaned descendants are re-parented to this process
+
+
+class LaunchError(ValueError):
+    """A topology this helper cannot launch; the message says what to change."""
+
+
+@dataclass(frozen=True)
+class Topology:
+    machines: int
+    machine_rank: int
+    processes_per_machine: int
+    gpu: bool
+    main_address: str
+    main_port: int
+
+    @property
+    def processes(self) -> int:
+        return self.machines * self.processes_per_machine
+
+    @property
+    def config_file(self) -> Path:
+        if self.machines > 1:
+            name = "multinode"
+        elif self.gpu:
+            name = "gpu_node" if self.processes_per_machine > 1 else "gpu_1"
+        else:
+            name = "cpu_2" if self.processes_per_machine > 1 else "cpu_1"
+        return ACCELERATE_CONFIGS / f"{name}.yaml"
+
+
+def detect(environ: dict[str, str], gpus: int, processes_per_machine: int | None) -> Topology:
+    """Slurm job (one launcher per node), or one machine; GPUs when this process sees any."""
+    per_machine = processes_per_machine or max(gpus, 1)
+    if gpus and per_machine > gpus:
+        raise LaunchError(f"{per_machine} processes per node but only {gpus} GPUs are visible; "
+                          f"use at most {gpus} (one process per GPU)")
+    if "SLURM_JOB_ID" not in environ:
+        return Topology(1, 0, per_machine, gpus > 0, "127.0.0.1", free_port())
+    machines = int(environ.get("SLURM_JOB_NUM_NODES", environ.get("SLURM_NNODES", "1")))
+    if machines > 1 and "SLURM_STEP_ID" not in environ:
+        raise LaunchError(f"this job has {machines} nodes: start one launcher per node with "
+                          "`srun --ntasks-per-node=1 python -m train.launch ...` (see slurm/train_multinode.sbatch)")
+    # A port of this job's own, so two jobs sharing a node do not collide.
+    port = 20000 + int(environ["SLURM_JOB_ID"]) % 20000
+    return Topology(machines, int(environ.get("SLURM_NODEID", "0")), per_machine, gpus > 0,
+                    first_host(environ["SLURM_JOB_NODELIST"]) if machines > 1 else "127.0.0.1", port)
+
+
+def first_host(nodelist: str) -> str:
+    hosts = subprocess.run(["scontrol", "show", "hostnames", nodelist], check=True,
+                           capture_output=True, text=True).stdout.split()
+    return hosts[0]
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def command(topology: Topology, train_args: list[str]) -> list[str]:
+    line = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(topology.config_file),
+            "--num_processes", str(topology.processes), "--num_machines", str(topology.machines)]
+    if topology.processes > 1:
+        line += ["--machine_rank", str(topology.machine_rank), "--main_process_ip", topology.main_address,
+                 "--main_process_port", str(topology.main_port)]
+    if not topology.gpu:
+        line += ["--mixed_precision", "no"]  # the GPU configs ask for bf16
+    return [*line, "-m", "train", *train_args]
+
+
+def run(line: list[str], environment: dict[str, str]) -> int:
+    """Run the launcher in its own process group; pass on preemption; wait for every descendant."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    launcher = subprocess.Popen(line, env=environment, process_group=0)
+
+    def forward(signum, frame) -> None:
+        try:  # Ctrl-C stays an interrupt; a preemption warning becomes the SIGTERM everyone handles
+            os.killpg(launcher.pid, signal.SIGINT if signum == signal.SIGINT else signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+
+    for signum in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+        signal.signal(signum, forward)
+    code = None
+    while True:  # the launcher, then any training process it left behind (re-parented to us)
+        try:
+            pid, status = os.wait()
+        except ChildProcessError:
+            break
+        if pid == launcher.pid:
+            code = os.waitstatus_to_exitcode(status)
+    return code if code >= 0 else 128 - code
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m train.launch", description=__doc__.split("\n\n")[0],
+        epilog="Example: python -m train.launch -- --config configs/smoke.yaml train.steps=50")
+    parser.add_argument("--processes-per-node", type=int, default=None,
+                        help="default: one per visible GPU, or 1 on a CPU machine")
+    parser.add_argument("--dry-run", action="store_true", help="print the command line, do not run it")
+    parser.add_argument("train_args", nargs=argparse.REMAINDER, help="after --: arguments of `python -m train`")
+    args = parser.parse_args(argv)
+    train_args = args.train_args[1:] if args.train_args[:1] == ["--"] else args.train_args
+    if args.processes_per_node is not None and args.processes_per_node < 1:
+        parser.error("--processes-per-node must be 1 or more")
+    import torch
+    gpus = torch.cuda.device_count()
+    try:
+        topology = detect(dict(os.environ), gpus, args.processes_per_node)
+    except LaunchError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    line = command(topology, train_args)
+    print(shlex.join(line), flush=True)
+    if args.dry_run:
+        return 0
+    # Accelerate's torchrun path does not pass the config's `use_cpu` on; Accelerate reads this.
+    environment = dict(os.environ, **({} if topology.gpu else {"ACCELERATE_USE_CPU": "true"}))
+    return run(line, environment)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
