@@ -9,7 +9,7 @@ ARGS ?=
 
 BENCH_ARGS ?= --processes 1,2 --time-to-quality
 
-.PHONY: install train test test-quick bench clean
+.PHONY: install system-packages train test test-quick bench clean
 
 install: $(STAMP)
 
@@ -19,10 +19,14 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
+# Slurm, munge and shellcheck for the template tests (apt-get, as root; see the script).
+system-packages:
+	bash tests/system_packages.sh
+
 train: $(STAMP)
 	$(PY) -m train --config $(CONFIG) $(ARGS)
 
-test: $(STAMP)
+test: $(STAMP) system-packages
 	$(PY) -m pytest
 
 test-quick: $(STAMP)

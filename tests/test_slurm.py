@@ -1,0 +1,169 @@
+"""The sbatch templates, submitted as they ship to a real Slurm cluster on this host (tests/slurm_cluster.py).
+
+Slurm needs root and Debian's slurmctld, slurmd, slurm-client and munge (`make test` installs
+them where it can). Without them these tests are skipped, unless GAN_REQUIRE_SYSTEM_TOOLS=1 (CI sets it)
+makes that a failure.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from tests.conftest import REPO, final_weights, run_env
+from tests.slurm_cluster import LocalSlurm, missing_programs
+from train import checkpoint
+from train.distributed import weights_digest
+
+pytestmark = [pytest.mark.slow, pytest.mark.slurm]
+SMOKE = {"GAN_CONFIG": "configs/smoke.yaml", "GAN_WANDB": "offline"}
+JOB_TIMEOUT_S = 240
+FAILED_STATES = {"FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
+
+
+@pytest.fixture(scope="session")
+def cluster(tmp_path_factory):
+    problem = (f"Slurm is not installed ({', '.join(missing_programs())} missing; `make test` installs it as root)"
+               if missing_programs() else "a Slurm cluster needs root" if os.geteuid() != 0 else None)
+    if problem and os.environ.get("GAN_REQUIRE_SYSTEM_TOOLS") == "1":
+        pytest.fail(f"{problem}, and GAN_REQUIRE_SYSTEM_TOOLS=1")
+    if problem:
+        pytest.skip(problem)
+    with LocalSlurm(tmp_path_factory.mktemp("slurm")) as running:
+        yield running
+
+
+class Job:
+    """One submitted template: its id, its Slurm output file, its run directory."""
+
+    def __init__(self, cluster: LocalSlurm, template: str, folder: Path, sbatch_options: list[str],
+                 variables: dict[str, str]):
+        self.cluster, self.run_dir, self.output = cluster, folder / "run", folder / "slurm.out"
+        env = run_env(SLURM_CONF=str(cluster.conf), GAN_RUN_DIR=str(self.run_dir), **variables)
+        submitted = subprocess.run(["sbatch", "--parsable", f"--output={self.output}", *sbatch_options, template],
+                                   cwd=REPO, env=env, capture_output=True, text=True, check=True)
+        self.id = submitted.stdout.strip().split(";")[0]
+
+    def state(self) -> dict[str, str]:
+        return self.cluster.job(self.id)
+
+    def log(self) -> str:
+        return self.output.read_text(errors="replace") if self.output.exists() else ""
+
+    def wait_until(self, condition, what: str, timeout: float = JOB_TIMEOUT_S) -> dict[str, str]:
+        deadline = time.monotonic() + timeout
+        while True:
+            state = self.state()
+            if condition(state):
+                return state
+            if state["JobState"] in FAILED_STATES or time.monotonic() > deadline:
+                pytest.fail(f"job {self.id} is {state['JobState']} while waiting for {what}\n"
+                            f"{self.log()[-6000:]}\n{self.cluster.logs()}")
+            time.sleep(0.5)
+
+    def wait_completed(self) -> dict[str, str]:
+        state = self.wait_until(lambda s: s["JobState"] == "COMPLETED", "completion")
+        assert state["ExitCode"] == "0:0", self.log()[-4000:]
+        return state
+
+    def logged_steps(self) -> list[int]:
+        path = self.run_dir / "metrics.jsonl"
+        lines = path.read_text().splitlines() if path.exists() else []
+        return [json.loads(line)["step"] for line in lines if line.strip()]
+
+    def preempt_after_step(self, step: int, restarts: int) -> str:
+        """USR1 to the batch script, as Slurm sends before a time limit; returns the checkpoint it left."""
+        self.wait_until(lambda s: any(logged > step for logged in self.logged_steps()),
+                        f"a metrics line after step {step}")
+        subprocess.run(["scancel", "--signal=USR1", "--batch", self.id], env=self.cluster.env, check=True)
+        self.wait_until(lambda s: int(s["Restarts"]) == restarts, f"requeue number {restarts}")
+        return (self.run_dir / "checkpoints" / "latest").read_text().strip()
+
+
+def check_finished_run(job: Job, steps: int) -> None:
+    checkpoints = job.run_dir / "checkpoints"
+    final = checkpoints / (checkpoints / "latest").read_text().strip()
+    checkpoint.verify(final)
+    assert json.loads((final / "state.json").read_text())["progress"]["step"] == steps
+    assert job.logged_steps()[-1] == steps
+    assert sorted(p.name for p in (job.run_dir / "samples").iterdir())
+    assert "accelerate.commands.launch --config_file" in job.log()
+
+
+@pytest.fixture(scope="session")
+def single_node_run(cluster, tmp_path_factory) -> Job:
+    job = Job(cluster, "slurm/train.sbatch", tmp_path_factory.mktemp("single"), ["--cpus-per-task=2"],
+              SMOKE | {"GAN_PROCESSES_PER_NODE": "2"})
+    job.wait_completed()
+    return job
+
+
+def rank_digests(log: str) -> dict[str, str]:
+    return dict(line.split(": final weights sha256 ") for line in log.splitlines() if "final weights sha256" in line)
+
+
+def test_single_node_template_trains_two_cpu_processes(single_node_run):
+    check_finished_run(single_node_run, steps=200)
+    assert sorted(p.name for p in (single_node_run.run_dir / "checkpoints").glob("step_*")) == \
+        ["step_00000100", "step_00000200"]
+    assert "cpu_2.yaml --num_processes 2 --num_machines 1" in single_node_run.log()
+    assert set(rank_digests(single_node_run.log())) == {"rank 0", "rank 1"}
+
+
+def test_multinode_template_trains_on_two_nodes(cluster, tmp_path, single_node_run):
+    job = Job(cluster, "slurm/train_multinode.sbatch", tmp_path, ["--nodes=2", "--cpus-per-task=1"], SMOKE)
+    job.wait_completed()
+    check_finished_run(job, steps=200)
+    log = job.log()
+    assert "--machine_rank 0 --main_process_ip gantest-node1" in log
+    assert "--machine_rank 1 --main_process_ip gantest-node1" in log
+    digests = rank_digests(log)
+    assert set(digests) == {"rank 0", "rank 1"} and len(set(digests.values())) == 1, digests
+    # What the ranks reported is what was saved, and the same global batch on one node gives the same weights.
+    folder = job.run_dir / "checkpoints" / "step_00000200"
+    saved = {name: load_file(folder / f"{name}.safetensors") for name in ("generator", "discriminator", "generator_ema")}
+    assert weights_digest(saved) == digests["rank 0"]
+    assert digests == rank_digests(single_node_run.log())
+
+
+@pytest.fixture(scope="session")
+def preempted_twice(cluster, tmp_path_factory) -> tuple[Job, list[str]]:
+    job = Job(cluster, "slurm/train.sbatch", tmp_path_factory.mktemp("preempted"), ["--cpus-per-task=2"],
+              SMOKE | {"GAN_PROCESSES_PER_NODE": "2"})
+    first = job.preempt_after_step(0, restarts=1)
+    second = job.preempt_after_step(int(first.removeprefix("step_")), restarts=2)
+    job.wait_completed()
+    return job, [first, second]
+
+
+def test_preempted_job_requeues_and_resumes_exactly(preempted_twice, single_node_run):
+    job, (first, _) = preempted_twice
+    step = int(first.removeprefix("step_"))
+    assert 0 < step < 200
+    log = job.log()
+    assert "USR1 received: asking the training to checkpoint and stop" in log
+    assert "restart 1" in log  # SLURM_RESTART_COUNT, as Slurm set it for the requeued job
+    assert f"resumed from {job.run_dir / 'checkpoints' / first} at step {step}" in log
+    check_finished_run(job, steps=200)
+    expected = final_weights(single_node_run.run_dir)
+    for network, tensors in final_weights(job.run_dir).items():
+        for name, tensor in tensors.items():
+            assert tensor.equal(expected[network][name]), f"{network}.{name} differs from the uninterrupted run"
+
+
+def test_second_preemption_also_survives(preempted_twice):
+    job, (first, second) = preempted_twice
+    assert int(first.removeprefix("step_")) < int(second.removeprefix("step_")) < 200
+    log = job.log()
+    assert "restart 2" in log
+    assert f"resumed from {job.run_dir / 'checkpoints' / second}" in log
+    assert job.state()["Restarts"] == "2"
+    # Three starts of the job, one W&B run: each start wrote an offline folder for the same run id.
+    run_ids = {folder.name.rsplit("-", 1)[1] for folder in (job.run_dir / "wandb").glob("offline-run-*")}
+    assert len(list((job.run_dir / "wandb").glob("offline-run-*"))) == 3 and len(run_ids) == 1
