@@ -12,7 +12,7 @@ import time
 import pytest
 from accelerate.commands.config.config_args import load_config_from_file
 
-from tests.conftest import REPO, TINY, run_env
+from conftest import REPO, TINY, run_env
 from train import checkpoint
 from train.launch import ACCELERATE_CONFIGS, LaunchError, Topology, command, detect
 

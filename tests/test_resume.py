@@ -40,7 +40,7 @@ def preempt_then_resume(tiny_mnist, run_dir, fault, step, rank, processes, *extr
     return second
 
 
-@pytest.mark.parametrize("step, signal", [(7, "TERM"), (17, "USR1"), (23, "TERM")])
+@pytest.mark.parametrize("step, signal", [(7, "TERM"), (17, "USR1")])
 def test_one_process_resumes_bitwise(tiny_mnist, tmp_path, uninterrupted, step, signal):
     preempt_then_resume(tiny_mnist, tmp_path, f"signal:{signal}", step, 0, 1)
     assert_bitwise_equal(all_state(tmp_path), uninterrupted[1])

@@ -16,13 +16,15 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from tests.conftest import REPO, final_weights, run_env
-from tests.slurm_cluster import LocalSlurm, missing_programs
+from conftest import REPO, final_weights, run_env
+from slurm_cluster import LocalSlurm, missing_programs
 from train import checkpoint
 from train.distributed import weights_digest
 
 pytestmark = [pytest.mark.slow, pytest.mark.slurm]
-SMOKE = {"GAN_CONFIG": "configs/smoke.yaml", "GAN_WANDB": "offline"}
+# The smoke config at half length (through GAN_ARGS, as a user would shorten it): two checkpoints.
+STEPS = 100
+SMOKE = {"GAN_CONFIG": "configs/smoke.yaml", "GAN_WANDB": "offline", "GAN_ARGS": f"train.steps={STEPS} checkpoint.every=50"}
 JOB_TIMEOUT_S = 240
 FAILED_STATES = {"FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
 
@@ -72,10 +74,13 @@ class Job:
         assert state["ExitCode"] == "0:0", self.log()[-4000:]
         return state
 
-    def logged_steps(self) -> list[int]:
+    def metrics(self) -> list[dict]:
         path = self.run_dir / "metrics.jsonl"
         lines = path.read_text().splitlines() if path.exists() else []
-        return [json.loads(line)["step"] for line in lines if line.strip()]
+        return [json.loads(line) for line in lines if line.strip()]
+
+    def logged_steps(self) -> list[int]:
+        return [line["step"] for line in self.metrics()]
 
     def preempt_after_step(self, step: int, restarts: int) -> str:
         """USR1 to the batch script, as Slurm sends before a time limit; returns the checkpoint it left."""
@@ -109,9 +114,14 @@ def rank_digests(log: str) -> dict[str, str]:
 
 
 def test_single_node_template_trains_two_cpu_processes(single_node_run):
-    check_finished_run(single_node_run, steps=200)
+    check_finished_run(single_node_run, steps=STEPS)
     assert sorted(p.name for p in (single_node_run.run_dir / "checkpoints").glob("step_*")) == \
-        ["step_00000100", "step_00000200"]
+        ["step_00000050", "step_00000100"]
+    lines = single_node_run.metrics()
+    assert [line["step"] for line in lines] == [25, 50, 75, 100]
+    assert all(line["global_batch"] == 32 for line in lines)  # 2 processes x data.batch_size 16
+    # The final evaluation: both ranks generated their halves of the 1,000 samples, rank 0 scored them.
+    assert lines[-1]["eval/classes_present"] >= 1 and lines[-1]["eval/fd"] > 0 and "eval/fd" not in lines[0]
     assert "cpu_2.yaml --num_processes 2 --num_machines 1" in single_node_run.log()
     assert set(rank_digests(single_node_run.log())) == {"rank 0", "rank 1"}
 
@@ -119,14 +129,14 @@ def test_single_node_template_trains_two_cpu_processes(single_node_run):
 def test_multinode_template_trains_on_two_nodes(cluster, tmp_path, single_node_run):
     job = Job(cluster, "slurm/train_multinode.sbatch", tmp_path, ["--nodes=2", "--cpus-per-task=1"], SMOKE)
     job.wait_completed()
-    check_finished_run(job, steps=200)
+    check_finished_run(job, steps=STEPS)
     log = job.log()
     assert "--machine_rank 0 --main_process_ip gantest-node1" in log
     assert "--machine_rank 1 --main_process_ip gantest-node1" in log
     digests = rank_digests(log)
     assert set(digests) == {"rank 0", "rank 1"} and len(set(digests.values())) == 1, digests
     # What the ranks reported is what was saved, and the same global batch on one node gives the same weights.
-    folder = job.run_dir / "checkpoints" / "step_00000200"
+    folder = job.run_dir / "checkpoints" / checkpoint.checkpoint_name(STEPS)
     saved = {name: load_file(folder / f"{name}.safetensors") for name in ("generator", "discriminator", "generator_ema")}
     assert weights_digest(saved) == digests["rank 0"]
     assert digests == rank_digests(single_node_run.log())
@@ -145,12 +155,12 @@ def preempted_twice(cluster, tmp_path_factory) -> tuple[Job, list[str]]:
 def test_preempted_job_requeues_and_resumes_exactly(preempted_twice, single_node_run):
     job, (first, _) = preempted_twice
     step = int(first.removeprefix("step_"))
-    assert 0 < step < 200
+    assert 0 < step < STEPS
     log = job.log()
     assert "USR1 received: asking the training to checkpoint and stop" in log
     assert "restart 1" in log  # SLURM_RESTART_COUNT, as Slurm set it for the requeued job
     assert f"resumed from {job.run_dir / 'checkpoints' / first} at step {step}" in log
-    check_finished_run(job, steps=200)
+    check_finished_run(job, steps=STEPS)
     expected = final_weights(single_node_run.run_dir)
     for network, tensors in final_weights(job.run_dir).items():
         for name, tensor in tensors.items():
@@ -159,7 +169,7 @@ def test_preempted_job_requeues_and_resumes_exactly(preempted_twice, single_node
 
 def test_second_preemption_also_survives(preempted_twice):
     job, (first, second) = preempted_twice
-    assert int(first.removeprefix("step_")) < int(second.removeprefix("step_")) < 200
+    assert int(first.removeprefix("step_")) < int(second.removeprefix("step_")) < STEPS
     log = job.log()
     assert "restart 2" in log
     assert f"resumed from {job.run_dir / 'checkpoints' / second}" in log
