@@ -6,6 +6,8 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 CONFIG ?= configs/default.yaml
 ARGS ?=
+# Test files run on this many pytest-xdist workers (most tests start one or two CPU processes).
+TEST_WORKERS ?= 2
 
 BENCH_ARGS ?= --processes 1,2 --time-to-quality
 
@@ -27,10 +29,10 @@ train: $(STAMP)
 	$(PY) -m train --config $(CONFIG) $(ARGS)
 
 test: $(STAMP) system-packages
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 test-quick: $(STAMP)
-	$(PY) -m pytest -m "not slow"
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile -m "not slow"
 
 bench: $(STAMP)
 	$(PY) -m train.bench $(BENCH_ARGS) --out bench.json

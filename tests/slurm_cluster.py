@@ -21,6 +21,8 @@ import sys
 import time
 from pathlib import Path
 
+from train.launch import free_port
+
 DAEMONS = ("munged", "slurmctld", "slurmd", "sbatch", "scontrol", "squeue", "sinfo", "scancel")
 CPUS_PER_NODE = 2
 PARTITION = "debug"
@@ -41,12 +43,6 @@ def resolves(name: str) -> bool:
         return True
     except OSError:
         return False
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 class LocalSlurm:

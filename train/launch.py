@@ -83,6 +83,7 @@ def first_host(nodelist: str) -> str:
 
 
 def free_port() -> int:
+    """A TCP port nobody listens on now (the OS picks it)."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
@@ -103,7 +104,7 @@ def run(line: list[str], environment: dict[str, str]) -> int:
     """Run the launcher in its own process group; pass on preemption; wait for every descendant."""
     if sys.platform.startswith("linux"):
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
-    launcher = subprocess.Popen(line, env=environment, process_group=0)
+    launcher = subprocess.Popen(line, env=environment, start_new_session=True)
 
     def forward(signum, frame) -> None:
         try:  # Ctrl-C stays an interrupt; a preemption warning becomes the SIGTERM everyone handles
