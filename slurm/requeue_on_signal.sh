@@ -1,8 +1,9 @@
 # shellcheck shell=bash
 # Sourced by the sbatch templates. `run_requeueable CMD...` runs CMD in the background and waits.
 # On SIGUSR1 (Slurm's `--signal=B:USR1@120` warning before the time limit, or a preemption) or
-# SIGTERM it passes SIGTERM on to CMD, waits until CMD has exited (python -m train.launch returns
-# only when every training process has, so the checkpoint is on disk), then requeues the job.
+# SIGTERM it passes SIGTERM on to CMD (to every process of the job steps when CMD is srun), waits
+# until CMD has exited (python -m train.launch returns only when every training process has, so
+# the checkpoint is on disk), then requeues the job.
 # `scontrol requeue` ends this script, so everything is written before it.
 
 requeue_signal=""
@@ -10,10 +11,17 @@ requeue_signal=""
 forward_to_training() {
     requeue_signal=$1
     echo "[$(date -Is)] $1 received: asking the training to checkpoint and stop" >&2
-    kill -TERM "$training_pid" 2>/dev/null || true
+    if [[ $training_runs_under_srun == 1 ]]; then
+        # srun answers SIGTERM by ending the step at once; Slurm signals the steps' processes instead.
+        scancel --signal=TERM "$SLURM_JOB_ID"
+    else
+        kill -TERM "$training_pid" 2>/dev/null || true
+    fi
 }
 
 run_requeueable() {
+    training_runs_under_srun=0
+    [[ $1 == srun ]] && training_runs_under_srun=1
     trap 'forward_to_training USR1' USR1
     trap 'forward_to_training TERM' TERM
     "$@" &

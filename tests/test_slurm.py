@@ -130,9 +130,12 @@ def test_single_node_template_trains_two_cpu_processes(single_node_run):
     assert set(rank_digests(single_node_run.log())) == {"rank 0", "rank 1"}
 
 
-def test_multinode_template_trains_on_two_nodes(cluster, tmp_path, single_node_run):
+def test_multinode_template_trains_on_two_nodes_through_a_preemption(cluster, tmp_path, single_node_run):
     job = Job(cluster, "slurm/train_multinode.sbatch", tmp_path, ["--nodes=2", "--cpus-per-task=1"], NO_EVAL)
+    # srun ends a step on SIGTERM; the template must reach the training on both nodes another way.
+    preempted_at = job.preempt_after_step(0, restarts=1)
     job.wait_completed()
+    assert f"resumed from {job.run_dir / 'checkpoints' / preempted_at}" in job.log()
     check_finished_run(job, steps=STEPS)
     log = job.log()
     assert "--machine_rank 0 --main_process_ip gantest-node1" in log
