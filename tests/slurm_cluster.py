@@ -4,8 +4,9 @@ Everything lives in one folder (config, key, sockets, state, logs). The daemons 
 foreground (`-D`) in their own sessions and are stopped by the PIDs kept here, never by name.
 The two emulated nodes are two `slurmd -N NAME` on 127.0.0.1 with a port each; their names must
 resolve (they become the main address of multi-node jobs), so a line for them is added to
-/etc/hosts while the cluster runs (this needs root, as the daemons do). No cgroups, no accounting. Requeued jobs may start again after `cred_expire` + 1 s, so the
-credential lifetime is 10 s instead of 120 s.
+/etc/hosts while the cluster runs (this needs root, as the daemons do). No cgroups, no
+accounting. Requeued jobs may start again after `cred_expire` + 1 s, so the credential lifetime
+is 10 s instead of 120 s.
 
 `python tests/slurm_cluster.py FOLDER` starts one by hand and prints how to use it; Ctrl-C stops it.
 """
@@ -23,18 +24,16 @@ from pathlib import Path
 
 from train.launch import free_port
 
-DAEMONS = ("munged", "slurmctld", "slurmd", "sbatch", "scontrol", "squeue", "sinfo", "scancel")
+PROGRAMS = ("munged", "slurmctld", "slurmd", "sbatch", "scontrol", "squeue", "sinfo", "scancel")
+NODES = ("gantest-node1", "gantest-node2")
 CPUS_PER_NODE = 2
 PARTITION = "debug"
+HOSTS_FILE = Path("/etc/hosts")
+HOSTS_LINE = f"127.0.0.1 {' '.join(NODES)}  # tests/slurm_cluster.py, removed when the cluster stops\n"
 
 
 def missing_programs() -> list[str]:
-    return [name for name in DAEMONS if shutil.which(name) is None]
-
-
-NODES = ("gantest-node1", "gantest-node2")
-HOSTS_FILE = Path("/etc/hosts")
-HOSTS_LINE = f"127.0.0.1 {' '.join(NODES)}  # tests/slurm_cluster.py, removed when the cluster stops\n"
+    return [name for name in PROGRAMS if shutil.which(name) is None]
 
 
 def resolves(name: str) -> bool:
@@ -93,8 +92,9 @@ class LocalSlurm:
         """Multi-node jobs use the first node's name as the main address, as on a real cluster."""
         if all(resolves(name) for name in self.nodes):
             return
+        text = HOSTS_FILE.read_text()
         with HOSTS_FILE.open("a") as hosts:
-            hosts.write(HOSTS_LINE)
+            hosts.write(("" if text.endswith("\n") or not text else "\n") + HOSTS_LINE)
         self.added_hosts_line = True
 
     def __enter__(self) -> LocalSlurm:
