@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Every GPU measurement in docs/performance.md, in one command (a few minutes on one H100/H200):
-# environment, the BatchNorm/DDP check, a kernel profile, the fp16 path, the benchmark with its
-# time-to-quality runs. Needs torch, torchvision, accelerate, safetensors, omegaconf, scipy and
-# matplotlib; no network, no W&B.  Usage: bash launch/gpu_suite.sh [OUTPUT_DIR]
+# Every GPU measurement in docs/performance.md, in one command (a few minutes on one H100/H200): the
+# environment, the BatchNorm/DDP check, a kernel profile, a host+device profile of the real loop,
+# the fp16 path, the benchmark with its time-to-quality runs. Needs torch, torchvision,
+# accelerate, safetensors, omegaconf, scipy and matplotlib; no network, no W&B.  Usage: bash launch/gpu_suite.sh [OUTPUT_DIR]
 set -uo pipefail
 out=${1:-gpu_results}
 mkdir -p "$out"
@@ -21,6 +21,11 @@ checks="$out/checks.txt"
   tail -n 1 "$out/runs/fp16/metrics.jsonl"
   echo "=== kernel profile of one seed step (batch 64, fp32)"
   timeout 120 "$python" launch/profile_step.py 30 2>&1 | grep -v "^ *$"
+  echo "=== host and device profile of the real loop (configs/seed.yaml, batch 64): 20 steps after 50"
+  timeout 180 "$python" -m train --config configs/seed.yaml train.steps=80 profile.steps=20 profile.after=50 \
+    logging.wandb=disabled eval.num_samples=0 logging.samples_every=0 resume=none run.dir="$out/runs/profile" \
+    2>&1 | grep "profile of"
+  cat "$out/runs/profile/profile/ops.txt"
 } > "$checks" 2>&1
 timeout 420 "$python" -m train.bench --steps 600 --warmup 100 --time-to-quality --ttq-seconds 110 \
   --runs-dir "$out/runs" --out "$out/bench.json" 2>&1 | tee "$out/bench.log"

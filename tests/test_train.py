@@ -86,3 +86,14 @@ def test_rerunning_a_finished_run_leaves_its_checkpoints_alone(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert "resumed from" in result.stdout + result.stderr
     assert {p: p.read_bytes() for p in (tmp_path / "checkpoints").rglob("*") if p.is_file()} == before
+
+
+def test_profile_writes_a_trace_and_an_operator_table(tmp_path):
+    result = run_train(TINY + [f"run.dir={tmp_path}", "profile.steps=2", "profile.after=3"])
+    assert result.returncode == 0, result.stderr[-2000:]
+    ops = (tmp_path / "profile" / "ops.txt").read_text()
+    assert ops.startswith("2 training steps") and "by self host (CPU) time" in ops
+    assert "aten::convolution_backward" in ops and "ProfilerStep" in ops
+    trace = json.loads((tmp_path / "profile" / "trace.json").read_text())
+    steps = {event["name"] for event in trace["traceEvents"] if event.get("name", "").startswith("ProfilerStep#")}
+    assert steps == {"ProfilerStep#3", "ProfilerStep#4"}  # the two steps after the first three

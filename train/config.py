@@ -95,6 +95,12 @@ class EvalConfig:
 
 
 @dataclass
+class ProfileConfig:
+    steps: int = 0  # training steps to record with torch.profiler (host and device activity); 0: off
+    after: int = 20  # steps of this process to run first (allocator, cuDNN autotuning, first logging)
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -107,6 +113,7 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     ema: EMAConfig = field(default_factory=EMAConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
 
 
 CHOICES = {
@@ -142,6 +149,8 @@ RULES = {
     "eval.every": _NOT_NEGATIVE,
     "eval.num_samples": (lambda v: v == 0 or v >= 100, "0 (no evaluation) or at least 100"),
     "eval.seed": _NOT_NEGATIVE,
+    "profile.steps": _NOT_NEGATIVE,
+    "profile.after": _GREATER_THAN_ZERO,
 }
 
 

@@ -24,6 +24,7 @@ from train.data import DataError, ShardedBatches, derived_seed, to_uint8
 from train.distributed import check_ranks_agree, ddp_without_forward_buffer_sync, sync_buffers_from_main
 from train.ema import GeneratorEMA
 from train.faults import EXIT_NONFINITE, EXIT_PREEMPTED, FaultMonitor
+from train.profiling import StepProfiler
 
 SAMPLE_GRID_SIZE = 64
 
@@ -73,6 +74,7 @@ def train(cfg: Config) -> int:
     fixed_z = torch.randn(SAMPLE_GRID_SIZE, cfg.model.z_dim, generator=torch.Generator().manual_seed(cfg.run.seed))
     bar = tqdm(total=cfg.train.steps, initial=progress.step, disable=not accelerator.is_main_process, desc="train",
                mininterval=0.1 if sys.stderr.isatty() else 30)  # a batch job's log gets a line every 30 s
+    profiler = StepProfiler(cfg.profile, run_dir, accelerator.device, enabled=accelerator.is_main_process)
 
     while progress.step < cfg.train.steps:
         step = progress.step + 1
@@ -86,6 +88,7 @@ def train(cfg: Config) -> int:
         ema.update(generator, progress.images_seen, batches.global_batch)
         window.add(d_loss, g_loss, real_logits, fake_logits)
         bar.update()
+        profiler.step()
 
         last = step == cfg.train.steps
         record = {}

@@ -1,0 +1,51 @@
+"""An optional torch.profiler window over a few training steps: where the host and the device spend a step.
+
+`profile.steps=N` records N steps after `profile.after` steps of this process, on the main process,
+and writes into `<run.dir>/profile/`: `trace.json` (open in https://ui.perfetto.dev or
+chrome://tracing) and `ops.txt`, the operators ranked by self host time and, on a GPU, by self
+device time. A loop that is host-bound shows a host time per step well above its device time.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile, schedule
+
+from train.config import ProfileConfig
+
+
+class StepProfiler:
+    def __init__(self, cfg: ProfileConfig, run_dir: Path, device: torch.device, enabled: bool):
+        self.folder = run_dir / "profile"
+        self.steps = cfg.steps
+        self.profiler = None
+        if cfg.steps and enabled:
+            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+            self.profiler = profile(activities=activities, on_trace_ready=self._write,
+                                    schedule=schedule(wait=cfg.after - 1, warmup=1, active=cfg.steps, repeat=1))
+            self.profiler.start()
+            self.last_step = cfg.after + cfg.steps
+
+    def step(self) -> None:
+        """Call once per training step; the profiler stops itself after its window."""
+        if self.profiler is None:
+            return
+        self.profiler.step()
+        if self.profiler.step_num >= self.last_step:
+            self.profiler.stop()
+            self.profiler = None
+
+    def _write(self, finished: profile) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        finished.export_chrome_trace(str(self.folder / "trace.json"))
+        averages = finished.key_averages()
+        tables = [f"{self.steps} training steps; times are totals over them\n",
+                  "=== by self host (CPU) time ===",
+                  averages.table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=70)]
+        if any(event.self_device_time_total for event in averages):
+            tables += ["=== by self device time ===",
+                       averages.table(sort_by="self_device_time_total", row_limit=30, max_name_column_width=70)]
+        (self.folder / "ops.txt").write_text("\n".join(tables))
+        print(f"profile of {self.steps} steps written to {self.folder}", flush=True)
