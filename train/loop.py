@@ -174,13 +174,14 @@ def find_resume_point(cfg: Config, run_dir: Path, report) -> Path | None:
     if cfg.resume != "auto":
         checkpoint.verify(Path(cfg.resume))
         return Path(cfg.resume)
-    if not checkpoint.complete_checkpoints(run_dir):
+    complete = checkpoint.complete_checkpoints(run_dir)
+    if not complete:
         return None
     found = checkpoint.newest_valid(run_dir, report)
     if found is None:
         raise CheckpointError(f"no checkpoint in {run_dir / 'checkpoints'} is valid (see above); nothing was "
                               "changed. Restore them, resume from a path with resume=..., or choose another run.dir")
-    latest = checkpoint.complete_checkpoints(run_dir)[-1]
+    latest = complete[-1]
     if found != latest:
         report(f"resuming from {found.name}, the newest valid checkpoint (not {latest.name})")
     return found
