@@ -8,6 +8,7 @@ CONFIG ?= configs/default.yaml
 ARGS ?=
 # Test files run on this many pytest-xdist workers (most tests start one or two CPU processes).
 TEST_WORKERS ?= 2
+PYTEST := $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 BENCH_ARGS ?= --processes 1,2 --time-to-quality
 
@@ -29,10 +30,10 @@ train: $(STAMP)
 	$(PY) -m train --config $(CONFIG) $(ARGS)
 
 test: $(STAMP) system-packages
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile
+	$(PYTEST)
 
 test-quick: $(STAMP)
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile -m "not slow"
+	$(PYTEST) -m "not slow"
 
 bench: $(STAMP)
 	$(PY) -m train.bench $(BENCH_ARGS) --out bench.json
