@@ -45,8 +45,13 @@ def accelerate_launch(num_processes: int, args: list[str], env: dict | None = No
     return subprocess.run(command, cwd=REPO, env=env or run_env(), capture_output=True, text=True, timeout=timeout)
 
 
+def latest_checkpoint(run_dir: Path) -> Path:
+    """The checkpoint folder the run's `latest` pointer names, as written on disk."""
+    return run_dir / "checkpoints" / (run_dir / "checkpoints" / "latest").read_text().strip()
+
+
 def final_weights(run_dir: Path) -> dict[str, dict]:
-    folder = run_dir / "checkpoints" / (run_dir / "checkpoints" / "latest").read_text().strip()
+    folder = latest_checkpoint(run_dir)
     return {name: load_file(folder / f"{name}.safetensors") for name in ("generator", "discriminator")}
 
 
@@ -78,7 +83,7 @@ def run_with_fault(fault: str, step: int, rank: int, args: list[str], processes:
 
 def all_state(run_dir: Path) -> dict[str, torch.Tensor]:
     """Every tensor of the newest checkpoint: weights, buffers and optimizer states."""
-    folder = run_dir / "checkpoints" / (run_dir / "checkpoints" / "latest").read_text().strip()
+    folder = latest_checkpoint(run_dir)
     tensors = {}
     for name in ("generator", "discriminator", "generator_ema", "optimizers"):
         tensors.update({f"{name}/{k}": v for k, v in load_file(folder / f"{name}.safetensors").items()})

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from conftest import REPO, final_weights, run_env
+from conftest import REPO, final_weights, latest_checkpoint, run_env
 from slurm_cluster import LocalSlurm, missing_programs
 from train import checkpoint
 from train.distributed import weights_digest
@@ -92,14 +92,13 @@ class Job:
                         f"a metrics line after step {step}")
         subprocess.run(["scancel", "--signal=USR1", "--batch", self.id], env=self.cluster.env, check=True)
         self.wait_until(lambda s: int(s["Restarts"]) == restarts, f"requeue number {restarts}")
-        return (self.run_dir / "checkpoints" / "latest").read_text().strip()
+        return latest_checkpoint(self.run_dir).name
 
 
 def check_finished_run(job: Job, steps: int) -> None:
-    checkpoints = job.run_dir / "checkpoints"
-    final = checkpoints / (checkpoints / "latest").read_text().strip()
+    final = latest_checkpoint(job.run_dir)
     checkpoint.verify(final)
-    assert json.loads((final / "state.json").read_text())["progress"]["step"] == steps
+    assert checkpoint.read_state(final)["progress"]["step"] == steps
     assert job.logged_steps()[-1] == steps
     assert sorted(p.name for p in (job.run_dir / "samples").iterdir())
     assert "accelerate.commands.launch --config_file" in job.log()
