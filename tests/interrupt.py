@@ -18,7 +18,8 @@ import sys
 
 import torch
 
-from train import checkpoint, data, loop
+from train import checkpoint, data
+from train.__main__ import main
 
 fault, fault_step, fault_rank = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 rank = int(os.environ.get("RANK", "0"))
@@ -55,4 +56,4 @@ def write_tensors_then_fault(path, tensors):
 
 data.ShardedBatches.next = next_batch
 checkpoint._write_tensors = write_tensors_then_fault
-sys.exit(loop.main(sys.argv[4:]))
+sys.exit(main(sys.argv[4:]))

@@ -3,11 +3,13 @@
 import json
 import math
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from conftest import REPO, TINY, final_weights, run_train
+from conftest import REPO, TINY, final_weights, run_env, run_train
 
 TIMINGS = ("images_per_second", "train_seconds")
 
@@ -97,3 +99,11 @@ def test_profile_writes_a_trace_and_an_operator_table(tmp_path):
     trace = json.loads((tmp_path / "profile" / "trace.json").read_text())
     steps = {event["name"] for event in trace["traceEvents"] if event.get("name", "").startswith("ProfilerStep#")}
     assert steps == {"ProfilerStep#3", "ProfilerStep#4"}  # the two steps after the first three
+
+
+def test_a_config_mistake_is_reported_before_torch_is_loaded():
+    probe = ("import sys\nfrom train.__main__ import main\ncode = main(['train.stepz=3'])\n"
+             "print(code, 'torch' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", probe], cwd=REPO, env=run_env(), capture_output=True, text=True)
+    assert result.stdout.split() == ["2", "False"], result.stderr[-2000:]
+    assert "unknown config key 'train.stepz'" in result.stderr

@@ -30,6 +30,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from train.config import RunError
 from train.data import DataPosition
 
 FORMAT_VERSION = 1
@@ -40,7 +41,7 @@ STATE = "state.json"
 NETWORKS = ("generator", "discriminator")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(RunError):
     """A checkpoint that cannot be used; the message names the file and what is wrong."""
 
 

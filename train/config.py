@@ -17,7 +17,11 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 SHIPPED_MNIST = REPO_ROOT / "data" / "mnist"  # also the real set of the quality metrics
 
 
-class ConfigError(ValueError):
+class RunError(ValueError):
+    """Input a run cannot start or go on with (exit code 2); the message names what is wrong and the fix."""
+
+
+class ConfigError(RunError):
     """A configuration the run cannot start with; the message names the key and the fix."""
 
 

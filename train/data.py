@@ -15,14 +15,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from train.config import DataConfig
+from train.config import DataConfig, RunError
 
 IDX_MAGIC = {2049: 1, 2051: 3}  # labels: 1 dimension, images: 3 dimensions
 IDX_FILES = {"train": "train-images-idx3-ubyte", "test": "t10k-images-idx3-ubyte"}
 CHECKSUM_FILE = "SHA256SUMS"
 
 
-class DataError(ValueError):
+class DataError(RunError):
     """Data that cannot be used; the message names the file or source and how to fix it."""
 
 

@@ -1,8 +1,9 @@
 """The training loop: sample a batch, update D, update G, log, check for faults, checkpoint.
 
-One process or many (`accelerate launch -m train`): Accelerate wraps G and D in DDP as two
-separate models with their own optimizers. Each phase turns on gradients for its own network
-only, and during the G step D's gradients are neither computed nor all-reduced.
+One process or many (`accelerate launch -m train`, entry point train/__main__.py): Accelerate
+wraps G and D in DDP as two separate models with their own optimizers. Each phase turns on
+gradients for its own network only, and during the G step D's gradients are neither computed
+nor all-reduced.
 """
 
 from __future__ import annotations
@@ -20,21 +21,13 @@ from tqdm import tqdm
 from train import checkpoint, config, data, losses, metrics, models, tracking
 from train.checkpoint import CheckpointError, Progress, Snapshot
 from train.config import Config, ConfigError
-from train.data import DataError, ShardedBatches, derived_seed, to_uint8
+from train.data import ShardedBatches, derived_seed, to_uint8
 from train.distributed import check_ranks_agree, ddp_without_forward_buffer_sync, sync_buffers_from_main
 from train.ema import GeneratorEMA
 from train.faults import EXIT_NONFINITE, EXIT_PREEMPTED, FaultMonitor
 from train.profiling import StepProfiler
 
 SAMPLE_GRID_SIZE = 64
-
-
-def main(argv: list[str] | None = None) -> int:
-    try:
-        return train(config.parse_args(argv))
-    except (ConfigError, DataError, CheckpointError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
 
 
 def train(cfg: Config) -> int:
