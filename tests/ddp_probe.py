@@ -23,7 +23,7 @@ cfg = config.load(None, overrides)
 accelerator, run_dir, _ = loop.set_up(cfg)
 batches = data.ShardedBatches(data.load_images(cfg.data), cfg.data.batch_size, accelerator.process_index,
                               accelerator.num_processes, cfg.run.seed, accelerator.device)
-faults = FaultMonitor("stop", accelerator.device, check_gradients=True)
+faults = FaultMonitor("stop", accelerator.device, check_gradients=True, check_every=cfg.train.steps)
 generator, discriminator = loop.build_models(cfg)
 g_optimizer, d_optimizer = loop.build_optimizers(cfg, generator, discriminator)
 generator, discriminator, g_optimizer, d_optimizer = accelerator.prepare(generator, discriminator, g_optimizer, d_optimizer)

@@ -22,9 +22,11 @@ def tiny_run(tiny_mnist, run_dir, *extra):
 
 
 def test_nan_on_one_rank_stops_every_rank_at_that_step(tiny_mnist, tmp_path):
-    result = run_with_fault("nan", 8, 1, tiny_run(tiny_mnist, tmp_path), processes=2)
+    # Checks every 3 steps: the NaN of step 8 is found at the check of step 9 and named by its own step.
+    result = run_with_fault("nan", 8, 1, tiny_run(tiny_mnist, tmp_path, "train.check_every=3"), processes=2)
     assert result.returncode != 0
     assert "non-finite discriminator loss or gradient at step 8 on rank 1 (loss nan)" in result.stderr
+    assert "stopping (train.on_nonfinite=stop)" in result.stderr
     assert f"exitcode  : {EXIT_NONFINITE}" in result.stderr  # torchrun's summary of the ranks' exits
     assert [p.name for p in checkpoint.complete_checkpoints(tmp_path)] == ["step_00000005"]
     checkpoint.verify(tmp_path / "checkpoints" / "step_00000005")

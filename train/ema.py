@@ -17,6 +17,7 @@ class GeneratorEMA:
         """`network`: a fresh generator of the same architecture, which starts as a copy of `generator`."""
         network.load_state_dict(generator.state_dict())
         self.network = network.eval().requires_grad_(False)
+        self.averaged = list(self.network.parameters())
         self.half_life_images = half_life_images
         self.rampup = rampup
 
@@ -26,8 +27,7 @@ class GeneratorEMA:
         if self.rampup > 0:
             half_life = min(half_life, images_seen * self.rampup)
         beta = 0.5 ** (batch / max(half_life, 1e-8))
-        averaged = list(self.network.parameters())
-        torch._foreach_lerp_(averaged, [p.detach() for p in generator.parameters()], 1.0 - beta)
+        torch._foreach_lerp_(self.averaged, list(generator.parameters()), 1.0 - beta)
 
     @torch.no_grad()
     def copy_buffers(self, generator: nn.Module) -> None:

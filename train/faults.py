@@ -2,9 +2,10 @@
 
 Preemption: SIGTERM or SIGUSR1 on any rank sets a flag; at the next check all ranks learn of it
 together, write a checkpoint and exit with EXIT_PREEMPTED, so no rank waits in a collective for a
-rank that has left. Non-finite numbers: each step records on the device whether a loss (or, without
-fp16 loss scaling, a gradient norm) is non-finite, with no host synchronisation; the check gathers
-the first bad step of every rank. In `skip` mode the decision is taken before every optimizer step.
+rank that has left. Non-finite numbers: each step writes each network's loss and (without fp16 loss scaling) its
+largest gradient norm into a small buffer on the device, a handful of operations and no host
+synchronisation; the check reads the steps since the last check on every rank and names the first
+bad one. In `skip` mode the decision is taken before every optimizer step.
 """
 
 from __future__ import annotations
@@ -63,52 +64,60 @@ class NonFinite:
 
 
 class FaultMonitor:
-    """Per-step recording on the device, and the collective check every `train.check_every` steps."""
+    """Per-step recording on the device, and the collective check at least every `check_every` steps."""
 
-    def __init__(self, action: str, device: torch.device, check_gradients: bool):
+    def __init__(self, action: str, device: torch.device, check_gradients: bool, check_every: int):
         self.action = action
         self.check_gradients = check_gradients
         self.preemption = PreemptionFlag()
         # A CPU group for control messages, so a check never waits on the accelerator's stream.
         self.group = dist.new_group(backend="gloo") if is_distributed() else None
-        self.first_bad_step = torch.full((2,), -1, dtype=torch.int64, device=device)
-        self.bad_loss = torch.zeros(2, dtype=torch.float64, device=device)
+        # [step since the last check, network, (loss, largest gradient norm)]; NaN or inf marks a bad step.
+        self.recent = torch.zeros(check_every, len(NETWORK_INDEX), 2, device=device)
+        self.recent_steps: list[int] = []
 
+    @torch.no_grad()
     def allows_update(self, step: int, network: str, loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> bool:
-        """Record whether this network's loss and gradients are finite; `skip` decides here, collectively."""
-        finite = torch.isfinite(loss.detach())
-        if self.check_gradients:
-            grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-            finite = finite & torch.isfinite(torch.nn.utils.get_total_norm(grads))
+        """Record this network's loss and gradient norm for the next check; `skip` decides here, collectively."""
+        # Under fp16 loss scaling, inf gradients are GradScaler's to handle: only the loss is checked.
+        health = torch.stack([loss, self._largest_gradient_norm(optimizer) if self.check_gradients else loss])
         if self.action == "skip":
-            return self._everyone_agrees(bool(finite))
-        index = NETWORK_INDEX[network]
-        newly_bad = ~finite & (self.first_bad_step[index] < 0)
-        self.first_bad_step[index] = torch.where(newly_bad, step, self.first_bad_step[index])
-        self.bad_loss[index] = torch.where(newly_bad, loss.detach().double(), self.bad_loss[index])
+            return self._everyone_agrees(bool(health.isfinite().all()))
+        if not self.recent_steps or self.recent_steps[-1] != step:
+            self.recent_steps.append(step)
+        self.recent[len(self.recent_steps) - 1, NETWORK_INDEX[network]].copy_(health)
         return True
 
     def check(self) -> tuple[NonFinite | None, bool]:
         """(the earliest non-finite event on any rank, whether any rank was signalled). Collective."""
-        local = torch.cat([self.first_bad_step.double(), self.bad_loss,
-                           torch.tensor([self.preemption.signal_name is not None], dtype=torch.float64,
-                                        device=self.first_bad_step.device)]).cpu()
+        local = torch.cat([self.recent[:len(self.recent_steps)].flatten().double().cpu(),
+                           torch.tensor([self.preemption.signal_name is not None], dtype=torch.float64)])
         rows = [local]
         if self.group is not None:
             rows = [torch.empty_like(local) for _ in range(dist.get_world_size())]
             dist.all_gather(rows, local, group=self.group)
-        events = [NonFinite(int(row[i]), network, float(row[2 + i]), rank)
-                  for rank, row in enumerate(rows) for network, i in NETWORK_INDEX.items() if row[i] >= 0]
-        preempted = any(bool(row[4]) for row in rows)
+        events = []
+        for rank, row in enumerate(rows):
+            health = row[:-1].view(len(self.recent_steps), len(NETWORK_INDEX), 2)
+            for network, i in NETWORK_INDEX.items():
+                bad = (~health[:, i].isfinite().all(dim=1)).nonzero()
+                if len(bad):
+                    step_index = int(bad[0])
+                    events.append(NonFinite(self.recent_steps[step_index], network, float(health[step_index, i, 0]),
+                                            rank))
+        preempted = any(bool(row[-1]) for row in rows)
+        self.recent_steps.clear()
         # Gradients are all-reduced, so a NaN on one rank reaches every rank's gradients: name the
         # earliest step, D before G, and the rank whose loss itself went non-finite.
         earliest = min(events, key=lambda e: (e.step, NETWORK_INDEX[e.network], math.isfinite(e.loss), e.rank),
                        default=None)
         return earliest, preempted
 
-    def reset(self) -> None:
-        self.first_bad_step.fill_(-1)
-        self.bad_loss.zero_()
+    @staticmethod
+    def _largest_gradient_norm(optimizer: torch.optim.Optimizer) -> torch.Tensor:
+        """NaN or inf when any gradient has one; three operations, whatever the number of tensors."""
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        return torch.stack(torch._foreach_norm(grads)).amax()
 
     def _everyone_agrees(self, local_ok: bool) -> bool:
         if self.group is None:

@@ -62,7 +62,8 @@ def train(cfg: Config) -> int:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(config.to_yaml(cfg))
     log = tracking.RunLog(accelerator, cfg, run_dir, progress)
-    faults = FaultMonitor(cfg.train.on_nonfinite, accelerator.device, check_gradients=accelerator.scaler is None)
+    faults = FaultMonitor(cfg.train.on_nonfinite, accelerator.device, check_gradients=accelerator.scaler is None,
+                          check_every=cfg.train.check_every)
     window = tracking.TrainingWindow(accelerator.device)
     fixed_z = torch.randn(SAMPLE_GRID_SIZE, cfg.model.z_dim, generator=torch.Generator().manual_seed(cfg.run.seed))
     bar = tqdm(total=cfg.train.steps, initial=progress.step, disable=not accelerator.is_main_process, desc="train",
@@ -109,7 +110,6 @@ def train(cfg: Config) -> int:
             nonfinite, preempted = faults.check()
             if nonfinite is not None and cfg.train.on_nonfinite == "rollback":
                 rollback(accelerator, run_dir, snapshot, batches, cfg.run.seed, nonfinite, log)
-                faults.reset()
                 bar.n = progress.step
                 continue
             if nonfinite is not None:
