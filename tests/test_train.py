@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 import shutil
 import subprocess
 import sys
@@ -95,6 +96,8 @@ def test_profile_writes_a_trace_and_an_operator_table(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     ops = (tmp_path / "profile" / "ops.txt").read_text()
     assert ops.startswith("2 training steps") and "by self host (CPU) time" in ops
+    per_step = re.search(r"per step: ([\d.]+) top-level host operators \(([\d.]+) with the nested ones\)", ops)
+    assert per_step and 50 < float(per_step[1]) < float(per_step[2]), ops[:300]
     assert "aten::convolution_backward" in ops and "ProfilerStep" in ops
     trace = json.loads((tmp_path / "profile" / "trace.json").read_text())
     steps = {event["name"] for event in trace["traceEvents"] if event.get("name", "").startswith("ProfilerStep#")}

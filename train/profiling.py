@@ -3,7 +3,10 @@
 `profile.steps=N` records N steps after `profile.after` steps of this process, on the main process,
 and writes into `<run.dir>/profile/`: `trace.json` (open in https://ui.perfetto.dev or
 chrome://tracing) and `ops.txt`, the operators ranked by self host time and, on a GPU, by self
-device time. A loop that is host-bound shows a host time per step well above its device time.
+device time, headed by the operators per step: each top-level operator is one dispatch from
+Python or the autograd engine, and on a GPU at least one kernel launch, so their number is what a
+host-bound loop pays for. A loop that is host-bound shows a host time per step well above its
+device time.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile, schedule
 
 from train.config import ProfileConfig
@@ -41,11 +45,29 @@ class StepProfiler:
         self.folder.mkdir(parents=True, exist_ok=True)
         finished.export_chrome_trace(str(self.folder / "trace.json"))
         averages = finished.key_averages()
-        tables = [f"{self.steps} training steps; times are totals over them\n",
+        top_level, operators, kernels = operator_counts(finished.events())
+        counts = (f"per step: {top_level / self.steps:.1f} top-level host operators ({operators / self.steps:.1f} "
+                  "with the nested ones)" + (f", {kernels / self.steps:.1f} device kernels and copies" if kernels else ""))
+        tables = [f"{self.steps} training steps; times are totals over them", counts + "\n",
                   "=== by self host (CPU) time ===",
                   averages.table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=70)]
         if any(event.self_device_time_total for event in averages):
             tables += ["=== by self device time ===",
                        averages.table(sort_by="self_device_time_total", row_limit=30, max_name_column_width=70)]
         (self.folder / "ops.txt").write_text("\n".join(tables))
-        print(f"profile of {self.steps} steps written to {self.folder}", flush=True)
+        print(f"profile of {self.steps} steps written to {self.folder}; {counts}", flush=True)
+
+
+def operator_counts(events) -> tuple[int, int, int]:
+    """(top-level host operators, all host operators, device kernels and copies). record_function
+    ranges such as ProfilerStep# and Optimizer.step are not operators and do not nest them."""
+    host = [event for event in events if event.device_type == DeviceType.CPU and not event.is_user_annotation]
+
+    def nested(event) -> bool:
+        parent = event.cpu_parent
+        while parent is not None and parent.is_user_annotation:
+            parent = parent.cpu_parent
+        return parent is not None
+
+    kernels = sum(event.device_type != DeviceType.CPU for event in events)
+    return sum(not nested(event) for event in host), len(host), kernels
