@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Every GPU measurement in docs/performance.md, in one command (a few minutes on one H100/H200): the
-# environment, the BatchNorm/DDP check, a kernel profile, a host+device profile of the real loop,
-# the fp16 path, the benchmark with its time-to-quality runs. Needs torch, torchvision,
-# accelerate, safetensors, omegaconf, scipy and matplotlib; no network, no W&B.  Usage: bash launch/gpu_suite.sh [OUTPUT_DIR]
+# Every GPU measurement in docs/performance.md, in one command (a few minutes on one H100/H200):
+# the environment, the BatchNorm/DDP check, a kernel profile, a host+device profile of the real
+# loop, the fp16 path, the benchmark with its time-to-quality runs, and torch.compile with CUDA
+# graphs. Needs torch, torchvision, accelerate, safetensors, omegaconf, scipy and matplotlib; no
+# network, no W&B.  Usage: bash launch/gpu_suite.sh [OUTPUT_DIR]
 set -uo pipefail
 out=${1:-gpu_results}
 mkdir -p "$out"
@@ -29,6 +30,12 @@ checks="$out/checks.txt"
 } > "$checks" 2>&1
 timeout 420 "$python" -m train.bench --steps 600 --warmup 100 --time-to-quality --ttq-seconds 110 \
   --runs-dir "$out/runs" --out "$out/bench.json" 2>&1 | tee "$out/bench.log"
+# torch.compile with inductor's CUDA graphs (Accelerate reads the mode from ACCELERATE_DYNAMO_MODE):
+# does capturing the networks' kernels remove the host time per step that the default mode kept?
+ACCELERATE_DYNAMO_MODE=reduce-overhead timeout 150 "$python" -m train.bench --steps 600 --warmup 100 --variants "" \
+  --custom "seed_compile_reduce_overhead=configs/seed.yaml:train.mixed_precision=fp32,train.compile=true" \
+  --custom "fast_compile_reduce_overhead=configs/fast.yaml:train.compile=true" \
+  --out "$out/bench_reduce_overhead.json" 2>&1 | tee "$out/bench_reduce_overhead.log"
 for run in seed fast; do
   cp "$out/runs/$run/metrics.jsonl" "$out/${run}_metrics.jsonl" 2>/dev/null
   last=$(find "$out/runs/$run/samples/" -name "*.png" 2>/dev/null | sort | tail -n 1)
