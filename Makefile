@@ -1,7 +1,5 @@
 # `make train` and `make test` set everything up from nothing: a virtual environment with the
 # project and its dev extra installed. The stamp file is rewritten only after a complete install.
-# --no-compile: Python compiles just the modules it imports, on first import, instead of pip
-# compiling all of torch's files up front (a minute of the install on 2 cores).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -21,7 +19,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet --no-compile -e '.[dev]'
+	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
 # Slurm, munge and shellcheck for the template tests (apt-get, as root; see the script).
