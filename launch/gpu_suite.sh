@@ -29,6 +29,7 @@ checks="$out/checks.txt"
   cat "$out/runs/profile/profile/ops.txt"
 } > "$checks" 2>&1
 timeout 420 "$python" -m train.bench --steps 600 --warmup 100 --time-to-quality --ttq-seconds 110 \
+  --custom "seed_channels_last=configs/seed.yaml:train.mixed_precision=fp32,train.channels_last=true" \
   --runs-dir "$out/runs" --out "$out/bench.json" 2>&1 | tee "$out/bench.log"
 # torch.compile with inductor's CUDA graphs (Accelerate reads the mode from ACCELERATE_DYNAMO_MODE):
 # does capturing the networks' kernels remove the host time per step that the default mode kept?
