@@ -46,8 +46,9 @@ class StepProfiler:
         finished.export_chrome_trace(str(self.folder / "trace.json"))
         averages = finished.key_averages()
         top_level, operators, kernels = operator_counts(finished.events())
-        counts = (f"per step: {top_level / self.steps:.1f} top-level host operators ({operators / self.steps:.1f} "
-                  "with the nested ones)" + (f", {kernels / self.steps:.1f} device kernels and copies" if kernels else ""))
+        counts = (f"per step: {top_level / self.steps:.1f} top-level host operators "
+                  f"({operators / self.steps:.1f} with the nested ones)"
+                  + (f", {kernels / self.steps:.1f} device kernels and copies" if kernels else ""))
         tables = [f"{self.steps} training steps; times are totals over them", counts + "\n",
                   "=== by self host (CPU) time ===",
                   averages.table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=70)]
