@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import sys
 import warnings
 
 import torch
@@ -55,12 +56,19 @@ def weights_digest(state_dicts: dict[str, dict[str, torch.Tensor]]) -> str:
 
 
 def check_ranks_agree(networks: dict[str, nn.Module], rank: int) -> str:
-    """Every rank's weights digest, printed by each rank; raises if they differ (DDP keeps them equal)."""
+    """Every rank's weights digest, printed by the main process; raises if they differ (DDP keeps them equal).
+
+    The ranks' digests are gathered and written in one write by rank 0: ranks printing their own
+    lines to a shared stdout (one Slurm log) can interleave them mid-line.
+    """
     digest = weights_digest({name: network.state_dict() for name, network in networks.items()})
-    print(f"rank {rank}: final weights sha256 {digest}", flush=True)
+    digests = [digest]
     if is_distributed():
         digests = [None] * dist.get_world_size()
         dist.all_gather_object(digests, digest)
-        if len(set(digests)) > 1:
-            raise RuntimeError(f"the ranks ended with different weights: {digests}; please report this as a bug")
+    if rank == 0:
+        sys.stdout.write("".join(f"rank {r}: final weights sha256 {d}\n" for r, d in enumerate(digests)))
+        sys.stdout.flush()
+    if len(set(digests)) > 1:
+        raise RuntimeError(f"the ranks ended with different weights: {digests}; please report this as a bug")
     return digest
