@@ -191,11 +191,13 @@ def test_sample_names_a_path_that_is_no_checkpoint(tmp_path):
 
 def test_evaluate_prints_the_metrics_of_a_checkpoint_as_json(finished_run, tmp_path):
     result = subprocess.run([sys.executable, "-m", "train.evaluate", "--checkpoint", str(finished_run), "--num", "200",
-                             "--cache-dir", str(tmp_path / "cache"), "--device", "cpu"],
+                             "--floor", "--cache-dir", str(tmp_path / "cache"), "--device", "cpu"],
                             cwd=REPO, env=run_env(), capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["num_samples"] == 200
-    assert set(report["metrics"]) == {"fd", "precision", "recall", "density", "coverage", "classes_present",
-                                      "class_kl", "inception_score"}
-    assert report["metrics"]["fd"] > 0 and 0 <= report["metrics"]["precision"] <= 1
+    names = {"fd", "precision", "recall", "density", "coverage", "classes_present", "class_kl", "inception_score"}
+    assert set(report["metrics"]) == set(report["training_set_floor"]) == names
+    assert set(report["degraded_training_images"]) == {"noise_0.05", "noise_0.1", "shifted_1px", "blurred_3x3"}
+    assert report["metrics"]["fd"] > report["training_set_floor"]["fd"] > 0
+    assert 0 <= report["metrics"]["precision"] <= 1

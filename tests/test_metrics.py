@@ -145,3 +145,14 @@ def test_worse_sample_sets_score_worse(evaluator):
     assert scores["one"]["classes_present"] == 1 and scores["one"]["recall"] < 0.05
     assert scores["one"]["coverage"] < scores["real"]["coverage"] / 10
     assert scores["real"]["inception_score"] > 9 and scores["one"]["inception_score"] < 1.1
+
+
+@pytest.mark.slow
+def test_degraded_training_images_score_worse_than_the_floor(evaluator):
+    floor = evaluator.training_set_floor(2000, seed=3)
+    degraded = evaluator.degraded_training_sets(2000, seed=3)
+    assert list(degraded) == ["noise_0.05", "noise_0.1", "shifted_1px", "blurred_3x3"]
+    # Noise grows the distance with its size; a blur, which keeps every digit legible, is far off the floor.
+    assert floor["fd"] < degraded["noise_0.05"]["fd"] < degraded["noise_0.1"]["fd"]
+    assert degraded["shifted_1px"]["fd"] > 3 * floor["fd"] and degraded["blurred_3x3"]["fd"] > 10 * floor["fd"]
+    assert all(scores["classes_present"] == 10 for scores in degraded.values())

@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from train import classifier
-from train.data import read_idx_images
+from train.data import read_idx_images, to_uint8
 
 PRECISION_RECALL_K = 3
 DENSITY_COVERAGE_K = 5
@@ -131,9 +131,25 @@ class Evaluator:
 
     def training_set_floor(self, num: int, seed: int = 0) -> dict[str, float]:
         """The same metrics for `num` real training images: what a perfect generator would reach."""
+        return self.score(self._training_images(num, seed))
+
+    def degraded_training_sets(self, num: int, seed: int = 0) -> dict[str, dict[str, float]]:
+        """The metrics of the floor's images after small, visible defects: a scale to read a generator's against."""
+        images = self._training_images(num, seed).float().div(255)
+        noise = torch.randn(images.shape, generator=torch.Generator().manual_seed(seed))
+        binomial = torch.tensor([1.0, 2.0, 1.0])
+        blur = (binomial[:, None] * binomial[None] / 16)[None, None]
+        degraded = {
+            "noise_0.05": images + 0.05 * noise,
+            "noise_0.1": images + 0.1 * noise,
+            "shifted_1px": torch.roll(images, 1, dims=-1),
+            "blurred_3x3": torch.nn.functional.conv2d(images.unsqueeze(1), blur, padding=1).squeeze(1),
+        }
+        return {name: self.score(to_uint8(batch.clamp(0, 1))) for name, batch in degraded.items()}
+
+    def _training_images(self, num: int, seed: int) -> Tensor:
         images = read_idx_images(self.data_dir, "train")
-        chosen = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:num]
-        return self.score(images[chosen])
+        return images[torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:num]]
 
     def _real_features(self, cache_dir: Path) -> Features:
         images = read_idx_images(self.data_dir, "test")
