@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Every GPU measurement in docs/performance.md, in one command (a few minutes on one H100/H200):
-# the environment, the BatchNorm/DDP check, a kernel profile, a host+device profile of the real
-# loop, the fp16 path, the benchmark with its time-to-quality runs, and torch.compile with CUDA
-# graphs. Needs torch, torchvision, accelerate, safetensors, omegaconf, scipy and matplotlib; no
+# the environment, train.cuda_graph against the eager loop, the BatchNorm/DDP check, a kernel
+# profile, a host+device profile of the real loop, the fp16 path, the benchmark (with the CUDA
+# graph variants) and its time-to-quality runs, and torch.compile with CUDA graphs. Needs torch, torchvision, accelerate, safetensors, omegaconf, scipy and matplotlib; no
 # network, no W&B.  Usage: bash launch/gpu_suite.sh [OUTPUT_DIR]
 set -uo pipefail
 out=${1:-gpu_results}
@@ -12,6 +12,8 @@ checks="$out/checks.txt"
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
   "$python" -c "import torch, torchvision, accelerate; print('torch', torch.__version__, 'torchvision', torchvision.__version__, 'accelerate', accelerate.__version__)"
+  echo "=== train.cuda_graph: the same weights as the eager loop"
+  timeout 120 "$python" launch/check_cuda_graph.py 2>&1 | tail -n 12
   echo "=== BatchNorm discriminator under DDP, two ranks on one GPU (gloo)"
   for setting in true false; do
     timeout 90 "$python" launch/check_bn_ddp.py "$setting" 2>&1 | grep -E "^broadcast_buffers|Error" | head -4
@@ -29,6 +31,8 @@ checks="$out/checks.txt"
   cat "$out/runs/profile/profile/ops.txt"
 } > "$checks" 2>&1
 timeout 420 "$python" -m train.bench --steps 600 --warmup 100 --time-to-quality --ttq-seconds 110 \
+  --custom "seed_cuda_graph=configs/seed.yaml:train.mixed_precision=fp32,train.cuda_graph=true" \
+  --custom "fast_cuda_graph=configs/fast.yaml:train.cuda_graph=true" \
   --custom "seed_channels_last=configs/seed.yaml:train.mixed_precision=fp32,train.channels_last=true" \
   --runs-dir "$out/runs" --out "$out/bench.json" 2>&1 | tee "$out/bench.log"
 # torch.compile with inductor's CUDA graphs (Accelerate reads the mode from ACCELERATE_DYNAMO_MODE):

@@ -49,10 +49,12 @@ for step in range(cfg.train.steps):
     z = torch.randn(real.shape[0], cfg.model.z_dim, generator=noise)
     phase = "d_step"
     fake = generator(z)
-    loop.discriminator_step(accelerator, cfg.loss, discriminator, d_optimizer, real, fake, faults, step)
+    loop.discriminator_step(accelerator, cfg.loss, discriminator, d_optimizer, real, fake, faults)
     phase = "g_step"
-    loop.generator_step(accelerator, cfg.loss, discriminator, g_optimizer, fake, faults, step)
-    ema.update(generator, (step + 1) * batches.global_batch, batches.global_batch)
+    loop.generator_step(accelerator, cfg.loss, discriminator, g_optimizer, fake, faults)
+    ema.set_weight((step + 1) * batches.global_batch, batches.global_batch)
+    ema.update(generator)
+    faults.end_step(step + 1)
 
 rank = accelerator.process_index
 networks = {"generator": accelerator.unwrap_model(generator), "discriminator": accelerator.unwrap_model(discriminator),

@@ -62,6 +62,7 @@ def test_smoke_config_writes_a_complete_run(tmp_path):
     (["train.stepz=3"], "unknown config key 'train.stepz'"),
     (["data.batch_size=0"], "config key 'data.batch_size' is 0"),
     (["train.mixed_precision=fp16"], "train.mixed_precision=fp16 needs a GPU"),
+    (["train.cuda_graph=true"], "train.cuda_graph=true needs a CUDA GPU; set train.cuda_graph=false"),
     (["data.batch_size=70000"], "fewer than one global batch"),
     (["data.path=/nonexistent/mnist"], "data.path '/nonexistent/mnist' is not a folder"),
 ])

@@ -251,8 +251,14 @@ def restore(path: Path, snapshot: Snapshot, rank: int, world_size: int) -> bool:
             owner, index, field_name = key.split(".", 2)
             if owner == name:
                 per_parameter.setdefault(int(index), {})[field_name] = value
-        groups = [dict(group, betas=tuple(group["betas"])) if "betas" in group else group
-                  for group in described[name]["param_groups"]]
+        groups = []
+        for saved, live in zip(described[name]["param_groups"], optimizer.param_groups):
+            group = dict(saved)
+            if "betas" in group:
+                group["betas"] = tuple(group["betas"])
+            if "capturable" in live:  # how this run executes (train.cuda_graph), not what it computes
+                group["capturable"] = live["capturable"]
+            groups.append(group)
         optimizer.load_state_dict({"state": per_parameter, "param_groups": groups})
     if snapshot.scaler is not None and state["scaler"] is not None:
         snapshot.scaler.load_state_dict(state["scaler"])

@@ -191,6 +191,11 @@ class ShardedBatches:
         self.position.epoch, self.position.step_in_epoch = position.epoch, position.step_in_epoch
         self.epoch_indices = self._indices_for(self.position.epoch)
 
+    def empty_batch(self) -> torch.Tensor:
+        """An uninitialised tensor shaped and laid out like the batches `next` returns."""
+        return torch.empty(self.batch_size, 1, *self.images.shape[1:], device=self.images.device,
+                           memory_format=self.memory_format)
+
     def next(self) -> torch.Tensor:
         """This rank's next batch as float [B, 1, 28, 28] in [0, 1]."""
         if self.position.step_in_epoch == self.steps_per_epoch:

@@ -20,14 +20,23 @@ class GeneratorEMA:
         self.averaged = list(self.network.parameters())
         self.half_life_images = half_life_images
         self.rampup = rampup
+        # How far this step moves the average towards G (1 - decay), kept on the device so that the
+        # update reads it there: the same kernels whatever its value, as a CUDA graph needs.
+        self.weight = torch.zeros((), device=self.averaged[0].device)
 
-    @torch.no_grad()
-    def update(self, generator: nn.Module, images_seen: int, batch: int) -> None:
+    def set_weight(self, images_seen: int, batch: int) -> None:
+        """The decay for the step that brings the run to `images_seen`: half-life in images, ramped up."""
         half_life = self.half_life_images
         if self.rampup > 0:
             half_life = min(half_life, images_seen * self.rampup)
-        beta = 0.5 ** (batch / max(half_life, 1e-8))
-        torch._foreach_lerp_(self.averaged, list(generator.parameters()), 1.0 - beta)
+        self.weight.fill_(1.0 - 0.5 ** (batch / max(half_life, 1e-8)))
+
+    @torch.no_grad()
+    def update(self, generator: nn.Module) -> None:
+        """average += weight * (G - average), with the weight set by `set_weight`."""
+        steps = torch._foreach_sub(list(generator.parameters()), self.averaged)
+        torch._foreach_mul_(steps, self.weight)
+        torch._foreach_add_(self.averaged, steps)
 
     @torch.no_grad()
     def copy_buffers(self, generator: nn.Module) -> None:

@@ -72,21 +72,28 @@ class FaultMonitor:
         self.preemption = PreemptionFlag()
         # A CPU group for control messages, so a check never waits on the accelerator's stream.
         self.group = dist.new_group(backend="gloo") if is_distributed() else None
-        # [step since the last check, network, (loss, largest gradient norm)]; NaN or inf marks a bad step.
+        # This step's [network, (loss, largest gradient norm)], written inside the step at a fixed
+        # address (a CUDA graph replays the same writes), then filed by `end_step` into the steps
+        # since the last check. NaN or inf marks a bad step.
+        self.current = torch.zeros(len(NETWORK_INDEX), 2, device=device)
         self.recent = torch.zeros(check_every, len(NETWORK_INDEX), 2, device=device)
         self.recent_steps: list[int] = []
 
     @torch.no_grad()
-    def allows_update(self, step: int, network: str, loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> bool:
+    def allows_update(self, network: str, loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> bool:
         """Record this network's loss and gradient norm for the next check; `skip` decides here, collectively."""
         # Under fp16 loss scaling, inf gradients are GradScaler's to handle: only the loss is checked.
         health = torch.stack([loss, self._largest_gradient_norm(optimizer) if self.check_gradients else loss])
         if self.action == "skip":
             return self._everyone_agrees(bool(health.isfinite().all()))
-        if not self.recent_steps or self.recent_steps[-1] != step:
-            self.recent_steps.append(step)
-        self.recent[len(self.recent_steps) - 1, NETWORK_INDEX[network]].copy_(health)
+        self.current[NETWORK_INDEX[network]].copy_(health)
         return True
+
+    def end_step(self, step: int) -> None:
+        """File this step's record for the next check (outside the step: the slot changes every step)."""
+        if self.action != "skip":  # skip mode acted on the numbers inside the step already
+            self.recent[len(self.recent_steps)].copy_(self.current)
+            self.recent_steps.append(step)
 
     def check(self) -> tuple[NonFinite | None, bool]:
         """(the earliest non-finite event on any rank, whether any rank was signalled). Collective."""

@@ -3,7 +3,8 @@
 One process or many (`accelerate launch -m train`, entry point train/__main__.py): Accelerate
 wraps G and D in DDP as two separate models with their own optimizers. Each phase turns on
 gradients for its own network only, and during the G step D's gradients are neither computed
-nor all-reduced.
+nor all-reduced. The updates read the batch and the latents from fixed buffers, so that with
+`train.cuda_graph` they run as one replayed CUDA graph (train/cuda_graph.py).
 """
 
 from __future__ import annotations
@@ -15,12 +16,13 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import InitProcessGroupKwargs, TorchDynamoPlugin
+from accelerate.utils import AutocastKwargs, InitProcessGroupKwargs, TorchDynamoPlugin
 from tqdm import tqdm
 
 from train import checkpoint, config, data, losses, metrics, models, tracking
 from train.checkpoint import CheckpointError, Progress, Snapshot
 from train.config import Config, ConfigError
+from train.cuda_graph import ReplayableStep
 from train.data import ShardedBatches, derived_seed, to_uint8
 from train.distributed import check_ranks_agree, ddp_without_forward_buffer_sync, sync_buffers_from_main
 from train.ema import GeneratorEMA
@@ -69,18 +71,29 @@ def train(cfg: Config) -> int:
     bar = tqdm(total=cfg.train.steps, initial=progress.step, disable=not accelerator.is_main_process, desc="train",
                mininterval=0.1 if sys.stderr.isatty() else 30)  # a batch job's log gets a line every 30 s
     profiler = StepProfiler(cfg.profile, run_dir, accelerator.device, enabled=accelerator.is_main_process)
+    real = batches.empty_batch()  # the step's inputs, refilled in place every step
+    z = torch.empty(cfg.data.batch_size, cfg.model.z_dim, device=accelerator.device)
+
+    def update_networks() -> None:
+        """Update D, update G through the new D, average G: everything a step computes on the device."""
+        fake = generator(z)
+        d_loss, real_logits, fake_logits = discriminator_step(
+            accelerator, cfg.loss, discriminator, d_optimizer, real, fake, faults)
+        g_loss = generator_step(accelerator, cfg.loss, discriminator, g_optimizer, fake, faults)
+        ema.update(generator)
+        window.add(d_loss, g_loss, real_logits, fake_logits)
+
+    update = ReplayableStep(update_networks, enabled=cfg.train.cuda_graph)
 
     while progress.step < cfg.train.steps:
         step = progress.step + 1
-        real = batches.next()
-        z = torch.randn(real.shape[0], cfg.model.z_dim, device=accelerator.device, generator=snapshot.noise)
-        fake = generator(z)
-        d_loss, real_logits, fake_logits = discriminator_step(
-            accelerator, cfg.loss, discriminator, d_optimizer, real, fake, faults, step)
-        g_loss = generator_step(accelerator, cfg.loss, discriminator, g_optimizer, fake, faults, step)
+        real.copy_(batches.next())  # sample a batch
+        torch.randn(z.shape, device=z.device, generator=snapshot.noise, out=z)  # and the latents
+        ema.set_weight(progress.images_seen + batches.global_batch, batches.global_batch)
+        update()  # update D, update G, average G: one replay of the CUDA graph with train.cuda_graph
+        faults.end_step(step)
+        window.count_step()
         progress.step, progress.images_seen = step, progress.images_seen + batches.global_batch
-        ema.update(generator, progress.images_seen, batches.global_batch)
-        window.add(d_loss, g_loss, real_logits, fake_logits)
         bar.update()
         profiler.step()
 
@@ -110,6 +123,7 @@ def train(cfg: Config) -> int:
             nonfinite, preempted = faults.check()
             if nonfinite is not None and cfg.train.on_nonfinite == "rollback":
                 rollback(accelerator, run_dir, snapshot, batches, cfg.run.seed, nonfinite, log)
+                update.reset()  # the restored optimizer states are new tensors
                 bar.n = progress.step
                 continue
             if nonfinite is not None:
@@ -143,14 +157,22 @@ def set_up(cfg: Config) -> tuple[Accelerator, Path, Path | None]:
     cpu = cfg.train.cpu or not torch.accelerator.is_available()
     if cfg.train.mixed_precision == "fp16" and cpu:
         raise ConfigError("train.mixed_precision=fp16 needs a GPU; on the CPU use bf16 or fp32")
+    if cfg.train.cuda_graph and (cpu or not torch.cuda.is_available()):
+        raise ConfigError("train.cuda_graph=true needs a CUDA GPU; set train.cuda_graph=false on this machine")
     accelerator = Accelerator(
         cpu=cpu,
         mixed_precision={"fp32": "no"}.get(cfg.train.mixed_precision, cfg.train.mixed_precision),
         dynamo_plugin=TorchDynamoPlugin(backend="inductor" if cfg.train.compile else "no"),
         log_with="wandb" if cfg.logging.wandb != "disabled" else None,
         kwargs_handlers=[ddp_without_forward_buffer_sync(),
-                         InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.train.timeout_s))],
+                         InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.train.timeout_s)),
+                         # Autocast's cache of casts would be freed behind a CUDA graph's back.
+                         *([AutocastKwargs(cache_enabled=False)] if cfg.train.cuda_graph else [])],
     )
+    if cfg.train.cuda_graph and (accelerator.num_processes > 1 or accelerator.mixed_precision == "fp16"):
+        raise ConfigError("train.cuda_graph=true runs one process without fp16 loss scaling; this launch has "
+                          f"{accelerator.num_processes} processes and mixed precision {accelerator.mixed_precision}: "
+                          "launch one process with bf16 or fp32, or set train.cuda_graph=false")
     resume_from = find_resume_point(cfg, run_dir, report=accelerator.print)
     if resume_from is not None:
         check_global_batch(resume_from, cfg.data.batch_size, accelerator.num_processes)
@@ -200,14 +222,15 @@ def build_models(cfg: Config) -> tuple[torch.nn.Module, torch.nn.Module]:
 
 
 def build_optimizers(cfg: Config, generator, discriminator) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer]:
-    settings = {"betas": (cfg.optim.beta1, cfg.optim.beta2), "amsgrad": cfg.optim.amsgrad, "fused": cfg.optim.fused}
+    settings = {"betas": (cfg.optim.beta1, cfg.optim.beta2), "amsgrad": cfg.optim.amsgrad, "fused": cfg.optim.fused,
+                "capturable": cfg.train.cuda_graph}
     return (
         torch.optim.Adam(generator.parameters(), lr=cfg.optim.g_lr, **settings),
         torch.optim.Adam(discriminator.parameters(), lr=cfg.optim.d_lr, **settings),
     )
 
 
-def discriminator_step(accelerator, loss, discriminator, d_optimizer, real, fake, faults, step):
+def discriminator_step(accelerator, loss, discriminator, d_optimizer, real, fake, faults):
     """Update D on real and (detached) fake images; G's graph is not touched."""
     discriminator.requires_grad_(True)
     real_logits = discriminator(real)
@@ -215,12 +238,12 @@ def discriminator_step(accelerator, loss, discriminator, d_optimizer, real, fake
     d_loss = losses.discriminator_loss(loss, real_logits, fake_logits)
     d_optimizer.zero_grad(set_to_none=True)
     accelerator.backward(d_loss)
-    if faults.allows_update(step, "discriminator", d_loss, d_optimizer):
+    if faults.allows_update("discriminator", d_loss, d_optimizer):
         d_optimizer.step()
     return d_loss.detach(), real_logits.detach(), fake_logits.detach()
 
 
-def generator_step(accelerator, loss, discriminator, g_optimizer, fake, faults, step):
+def generator_step(accelerator, loss, discriminator, g_optimizer, fake, faults):
     """Update G through the just-updated D; D gets no gradients and DDP syncs none of its."""
     discriminator.requires_grad_(False)
     with accelerator.no_sync(discriminator):
@@ -228,7 +251,7 @@ def generator_step(accelerator, loss, discriminator, g_optimizer, fake, faults, 
     g_loss = losses.generator_loss(loss, fake_logits)
     g_optimizer.zero_grad(set_to_none=True)
     accelerator.backward(g_loss)
-    if faults.allows_update(step, "generator", g_loss, g_optimizer):
+    if faults.allows_update("generator", g_loss, g_optimizer):
         g_optimizer.step()
     return g_loss.detach()
 

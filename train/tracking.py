@@ -40,7 +40,10 @@ class TrainingWindow:
         self.steps, self.started, self.paused_seconds, self.train_seconds = 0, time.perf_counter(), 0.0, 0.0
 
     def add(self, d_loss, g_loss, real_logits, fake_logits) -> None:
+        """Device work only (it runs inside the training step, which may be a CUDA graph)."""
         self.sums += torch.stack([d_loss, g_loss, real_logits.sigmoid().mean(), fake_logits.sigmoid().mean()])
+
+    def count_step(self) -> None:
         self.steps += 1
 
     @contextmanager

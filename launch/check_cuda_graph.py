@@ -1,0 +1,59 @@
+"""GPU check: `train.cuda_graph=true` trains the same weights as the eager loop.
+
+For each config, three short runs of `python -m train` from the same seed: eager twice (how far
+apart the GPU's own non-determinism puts two eager runs) and once as a replayed CUDA graph (the
+first steps run eagerly, the rest replay the graph). Prints the largest weight difference of each
+pair; the graph run passes when it is bitwise equal to the eager one, or no further from it than
+ten times the eager runs' own spread. Throughput is the benchmark's (`train.bench --custom`).
+Usage: python launch/check_cuda_graph.py [steps]
+"""
+
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+REPO = Path(__file__).resolve().parent.parent
+CONFIGS = {"seed fp32": ["--config", "configs/seed.yaml", "train.mixed_precision=fp32"],
+           "fast (dcgan bf16)": ["--config", "configs/fast.yaml"]}
+QUIET = ["logging.wandb=disabled", "eval.num_samples=0", "logging.samples_every=0", "checkpoint.every=0",
+         "resume=none"]
+
+
+def final_weights(args: list[str], steps: int, run_dir: Path, graph: bool) -> dict:
+    command = [sys.executable, "-m", "train", *args, *QUIET, f"train.steps={steps}", f"run.dir={run_dir}",
+               f"train.cuda_graph={str(graph).lower()}"]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise SystemExit(f"{' '.join(command)} failed ({result.returncode}):\n{result.stderr[-4000:]}")
+    folder = run_dir / "checkpoints" / (run_dir / "checkpoints" / "latest").read_text().strip()
+    return {f"{name}.{key}": value for name in ("generator", "discriminator", "generator_ema")
+            for key, value in load_file(folder / f"{name}.safetensors").items()}
+
+
+def largest_difference(a: dict, b: dict) -> float:
+    return max((a[key].double() - b[key].double()).abs().max().item() for key in a)
+
+
+def main() -> int:
+    steps = int(sys.argv[1]) if len(sys.argv) > 1 else 20
+    print(f"torch {torch.__version__}, {torch.cuda.get_device_name()}, {steps} steps per run")
+    failed = False
+    with tempfile.TemporaryDirectory() as root:
+        for name, args in CONFIGS.items():
+            eager = final_weights(args, steps, Path(root) / f"{name}-eager", graph=False)
+            again = final_weights(args, steps, Path(root) / f"{name}-again", graph=False)
+            graph = final_weights(args, steps, Path(root) / f"{name}-graph", graph=True)
+            spread, gap = largest_difference(eager, again), largest_difference(eager, graph)
+            ok = gap == 0.0 or gap <= 10 * spread
+            failed |= not ok
+            print(f"{name}: eager vs eager max |dw| {spread:.3g}; eager vs graph {gap:.3g}: "
+                  f"{'ok' if ok else 'FAILED'}", flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

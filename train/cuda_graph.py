@@ -1,0 +1,53 @@
+"""Run the training step as one CUDA graph (`train.cuda_graph`), or eagerly: the same function either way.
+
+On a GPU this loop is paced by the host: a step launches a few hundred small kernels, each from
+Python, and the GPU waits between them. A CUDA graph records those launches once and replays
+them with one call. What makes that correct is the step's contract: it reads only tensors that
+stay at the same addresses (the batch, latent and EMA-weight buffers the loop fills before each
+step, the networks, the optimizers' states) and leaves its results in tensors that do too (the
+window sums, the fault record); no host synchronisation and no host-side decision inside it.
+
+Single process only (DDP's all-reduce would have to be captured too), and not with fp16 loss
+scaling, `torch.compile` or `train.on_nonfinite=skip`: each needs the host inside the step.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+WARMUP_STEPS = 3  # real steps, run eagerly on a side stream before the capture (cuDNN/cuBLAS set-up, optimizer state)
+
+
+class ReplayableStep:
+    """Calls `step` eagerly, or (enabled) warms up, captures it once and from then on replays the graph."""
+
+    def __init__(self, step: Callable[[], None], enabled: bool):
+        self.step = step
+        self.enabled = enabled
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.warmed_up = 0
+
+    def __call__(self) -> None:
+        if not self.enabled:
+            self.step()
+        elif self.graph is not None:
+            self.graph.replay()
+        elif self.warmed_up < WARMUP_STEPS:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                self.step()
+            torch.cuda.current_stream().wait_stream(side)
+            self.warmed_up += 1
+        else:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):  # records this step's kernels without running them
+                self.step()
+            self.graph = graph
+            graph.replay()
+
+    def reset(self) -> None:
+        """Forget the graph: after tensors it reads were replaced (an optimizer's state_dict loaded)."""
+        self.graph, self.warmed_up = None, 0
