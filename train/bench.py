@@ -9,8 +9,9 @@
 
 Prints images/s, steps/s and the ratio to (a), and writes them as JSON (--out). `--processes 1,2`
 adds the scaling table of (b) under `accelerate launch`; `--time-to-quality` trains seed.yaml and
-fast.yaml with evaluation and reports the training seconds until the Fréchet distance falls below
-10x and 3x the training-set floor. No W&B, no network: data comes from the repository.
+fast.yaml (and each `--ttq-custom` recipe) with evaluation and reports the training seconds until
+the Fréchet distance falls below 10x and 3x the training-set floor. No W&B, no network: data
+comes from the repository.
 """
 
 from __future__ import annotations
@@ -108,10 +109,11 @@ def project_loop(config: str, steps: int, warmup: int, overrides: list[str], pro
             "global_batch": global_batch}
 
 
-def time_to_quality(config: str, limit_seconds: float, eval_every: int, floor_fd: float, run_dir: Path) -> dict:
+def time_to_quality(config: str, overrides: list[str], limit_seconds: float, eval_every: int, floor_fd: float,
+                    run_dir: Path) -> dict:
     """Training seconds until FD < 10x and < 3x the floor, training for at most `limit_seconds` of wall time."""
     args = ["--config", config, f"eval.every={eval_every}", f"logging.every={eval_every}", f"run.dir={run_dir}",
-            "logging.wandb=disabled", "checkpoint.every=0", "resume=none"]
+            "logging.wandb=disabled", "checkpoint.every=0", "resume=none", *overrides]
     process = subprocess.Popen([sys.executable, "-m", "train", *args], cwd=REPO_ROOT,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -130,6 +132,13 @@ def time_to_quality(config: str, limit_seconds: float, eval_every: int, floor_fd
     if evaluations:
         result["final"] = evaluations[-1]
     return result
+
+
+def custom_variant(spec: str) -> tuple[str, str, list[str]]:
+    """NAME=CONFIG[:key=value,...] -> (name, config, overrides)."""
+    name, _, rest = spec.partition("=")
+    config, _, overrides = rest.partition(":")
+    return name, config, overrides.split(",") if overrides else []
 
 
 def hardware() -> dict:
@@ -151,6 +160,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--processes", default="", help="comma-separated process counts for the scaling table")
     parser.add_argument("--time-to-quality", action="store_true")
     parser.add_argument("--ttq-seconds", type=float, default=300.0, help="wall-time limit of each quality run")
+    parser.add_argument("--ttq-custom", action="append", default=[], metavar="NAME=CONFIG[:key=value,...]",
+                        help="also time a quality run of CONFIG with these overrides, evaluated every 250 steps")
     parser.add_argument("--runs-dir", help="keep the quality runs here (default: a temporary folder)")
     parser.add_argument("--out", default="bench.json")
     args = parser.parse_args(argv)
@@ -164,11 +175,10 @@ def main(argv: list[str] | None = None) -> None:
         "fastest": lambda: project_loop("configs/fast.yaml", steps, args.warmup, []),
         "dcgan": lambda: project_loop("configs/dcgan.yaml", steps, args.warmup, []),
     }
-    for spec in args.custom:  # NAME=CONFIG[:key=value,...]
-        name, _, rest = spec.partition("=")
-        config, _, overrides = rest.partition(":")
-        variants[name] = (lambda c=config, o=overrides: project_loop(c, steps, args.warmup, o.split(",") if o else []))
-    for name in [*filter(None, args.variants.split(",")), *(spec.partition("=")[0] for spec in args.custom)]:
+    custom = [custom_variant(spec) for spec in args.custom]
+    for name, config, overrides in custom:
+        variants[name] = (lambda c=config, o=overrides: project_loop(c, steps, args.warmup, o))
+    for name in [*filter(None, args.variants.split(",")), *(name for name, _, _ in custom)]:
         measured = report["throughput"][name] = variants[name]()
         if "blog" in report["throughput"]:
             measured["ratio_to_blog"] = measured["images_per_second"] / report["throughput"]["blog"]["images_per_second"]
@@ -189,10 +199,12 @@ def main(argv: list[str] | None = None) -> None:
         floor = floors["fd"]
         report["time_to_quality"] = {"training_set_floor": floors}
         runs = Path(args.runs_dir or tempfile.mkdtemp(prefix="bench_runs_"))
-        for config, every in (("configs/seed.yaml", 500), ("configs/fast.yaml", 250)):
-            measured = time_to_quality(config, args.ttq_seconds, every, floor, runs / Path(config).stem)
-            report["time_to_quality"][config] = measured
-            print(f"{config}: FD < 10x floor after {measured['seconds_to_10x_floor']} s, "
+        recipes = [("configs/seed.yaml", "configs/seed.yaml", [], 500), ("configs/fast.yaml", "configs/fast.yaml", [], 250),
+                   *((name, config, overrides, 250) for name, config, overrides in map(custom_variant, args.ttq_custom))]
+        for name, config, overrides, every in recipes:
+            measured = time_to_quality(config, overrides, args.ttq_seconds, every, floor, runs / Path(name).stem)
+            report["time_to_quality"][name] = measured
+            print(f"{name}: FD < 10x floor after {measured['seconds_to_10x_floor']} s, "
                   f"< 3x floor after {measured['seconds_to_3x_floor']} s (floor {floor:.3f})", flush=True)
     Path(args.out).write_text(json.dumps(report, indent=1))
     print(f"wrote {args.out}")
