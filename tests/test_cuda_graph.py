@@ -1,0 +1,84 @@
+"""What the CPU can check of `train.cuda_graph`: the step it would capture is fit to be replayed.
+
+A CUDA graph replays the kernels of one recorded call with the arguments they had then. So the
+step's operations must be the same at every step, with the same non-tensor arguments (a Python
+number that changes from step to step, such as an EMA decay or a slot index, would be frozen
+at its captured value), and must never wait for a device value on the host. These tests record
+every aten operation of the real loop's step at two different steps and compare them.
+"""
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from conftest import TINY
+from train import config, cuda_graph, loop
+
+RECORDED_CALLS = (2, 5)  # during the EMA's ramp-up, at different fault-record slots
+
+
+VALUES = (int, float, bool, str, type(None), torch.dtype, torch.device, torch.memory_format, torch.layout)
+
+
+def describe(argument):
+    """A tensor by shape and dtype, a plain value as itself, anything else (a profiler handle) by its type."""
+    if isinstance(argument, torch.Tensor):
+        return tuple(argument.shape), argument.dtype
+    return argument if isinstance(argument, VALUES) else type(argument).__name__
+
+
+class OperationLog(TorchDispatchMode):
+    """Every aten operation with its non-tensor arguments; tensors are described by shape and dtype."""
+
+    def __init__(self):
+        super().__init__()
+        self.operations = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        flat, _ = tree_flatten((args, kwargs or {}))
+        described = tuple(describe(a) for a in flat)
+        self.operations.append((str(func), described))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.fixture(scope="module")
+def recorded_steps(tmp_path_factory):
+    recorded = {}
+
+    class RecordingStep(cuda_graph.ReplayableStep):
+        calls = 0
+
+        def __call__(self):
+            RecordingStep.calls += 1
+            if RecordingStep.calls not in RECORDED_CALLS:
+                return super().__call__()
+            with OperationLog() as log:
+                super().__call__()
+            recorded[RecordingStep.calls] = log.operations
+
+    run_dir = tmp_path_factory.mktemp("run")
+    original, loop.ReplayableStep = loop.ReplayableStep, RecordingStep
+    try:
+        assert loop.train(config.load(None, TINY + [f"run.dir={run_dir}", "model.arch=seed"])) == 0
+    finally:
+        loop.ReplayableStep = original
+    return recorded
+
+
+def test_the_step_records_forward_backward_and_both_optimizers(recorded_steps):
+    names = [name for name, _ in recorded_steps[RECORDED_CALLS[0]]]
+    assert "aten.convolution_backward.default" in names  # the backward passes ran under the recorder
+    assert names.count("aten._fused_adam_.default") == 2
+
+
+def test_every_step_runs_the_same_operations_with_the_same_arguments(recorded_steps):
+    first, later = (recorded_steps[call] for call in RECORDED_CALLS)
+    assert len(first) == len(later)
+    for index, (a, b) in enumerate(zip(first, later)):
+        assert a == b, f"operation {index} differs between steps {RECORDED_CALLS}: {a} vs {b}"
+
+
+def test_the_step_never_reads_a_device_value_on_the_host(recorded_steps):
+    names = [name for name, _ in recorded_steps[RECORDED_CALLS[0]]]
+    assert "aten._local_scalar_dense.default" not in names  # .item(), bool(tensor), float(tensor)
