@@ -22,3 +22,17 @@ def test_bench_times_a_custom_variant_and_writes_json(tmp_path):
     assert tiny["global_batch"] == 8  # the override reached the run
     assert tiny["images_per_second"] == pytest.approx(tiny["steps_per_second"] * 8)
     assert "tiny" in result.stdout and "images/s" in result.stdout
+
+
+@pytest.mark.slow
+def test_a_variant_that_cannot_run_is_reported_and_the_others_still_measured(tmp_path):
+    out = tmp_path / "bench.json"
+    result = subprocess.run([sys.executable, "-m", "train.bench", "--variants", "", "--steps", "4", "--warmup", "2",
+                             "--custom", "refused=configs/smoke.yaml:train.cuda_graph=true,train.compile=true",
+                             "--custom", "tiny=configs/smoke.yaml:data.batch_size=8", "--out", str(out)],
+                            cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1
+    report = json.loads(out.read_text())
+    assert "exclude each other" in report["throughput"]["refused"]["failed"]
+    assert report["throughput"]["tiny"]["global_batch"] == 8
+    assert "refused  FAILED" in result.stdout and "failed: refused" in result.stdout

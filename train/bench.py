@@ -150,7 +150,7 @@ def hardware() -> dict:
     return info
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m train.bench", description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=300, help="timed steps per variant")
     parser.add_argument("--warmup", type=int, default=50, help="untimed steps first (also the log window)")
@@ -178,12 +178,24 @@ def main(argv: list[str] | None = None) -> None:
     custom = [custom_variant(spec) for spec in args.custom]
     for name, config, overrides in custom:
         variants[name] = (lambda c=config, o=overrides: project_loop(c, steps, args.warmup, o))
+    out = Path(args.out)
+    failed = []
     for name in [*filter(None, args.variants.split(",")), *(name for name, _, _ in custom)]:
-        measured = report["throughput"][name] = variants[name]()
-        if "blog" in report["throughput"]:
-            measured["ratio_to_blog"] = measured["images_per_second"] / report["throughput"]["blog"]["images_per_second"]
-        print(f"{name:8s} {measured['images_per_second']:10.0f} images/s {measured['steps_per_second']:8.1f} steps/s"
-              + (f" x{measured['ratio_to_blog']:.2f} vs blog" if "ratio_to_blog" in measured else ""), flush=True)
+        try:
+            measured = variants[name]()
+        except RuntimeError as error:  # a variant that cannot run here (e.g. an option this device refuses)
+            measured = {"failed": str(error)[-2000:]}
+            failed.append(name)
+        blog = report["throughput"].get("blog", {}).get("images_per_second")
+        if blog and "images_per_second" in measured:
+            measured["ratio_to_blog"] = measured["images_per_second"] / blog
+        report["throughput"][name] = measured
+        out.write_text(json.dumps(report, indent=1))  # what was measured survives a time limit
+        if "failed" in measured:
+            print(f"{name:8s} FAILED: {measured['failed'][-500:]}", flush=True)
+        else:
+            print(f"{name:8s} {measured['images_per_second']:10.0f} images/s {measured['steps_per_second']:8.1f} "
+                  "steps/s" + (f" x{measured['ratio_to_blog']:.2f} vs blog" if blog else ""), flush=True)
     if args.processes:
         report["scaling"] = {}
         for count in (int(n) for n in args.processes.split(",")):
@@ -206,9 +218,10 @@ def main(argv: list[str] | None = None) -> None:
             report["time_to_quality"][name] = measured
             print(f"{name}: FD < 10x floor after {measured['seconds_to_10x_floor']} s, "
                   f"< 3x floor after {measured['seconds_to_3x_floor']} s (floor {floor:.3f})", flush=True)
-    Path(args.out).write_text(json.dumps(report, indent=1))
-    print(f"wrote {args.out}")
+    out.write_text(json.dumps(report, indent=1))
+    print(f"wrote {args.out}" + (f"; failed: {', '.join(failed)}" if failed else ""))
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
