@@ -9,9 +9,9 @@
 
 Prints images/s, steps/s and the ratio to (a), and writes them as JSON (--out). `--processes 1,2`
 adds the scaling table of (b) under `accelerate launch`; `--time-to-quality` trains seed.yaml and
-fast.yaml (and each `--ttq-custom` recipe) with evaluation and reports the training seconds until
-the Fréchet distance falls below 10x and 3x the training-set floor. No W&B, no network: data
-comes from the repository.
+fast.yaml, and each `--ttq-custom` another recipe, with evaluation, and reports the training
+seconds until the Fréchet distance falls below 10x and 3x the training-set floor. No W&B, no
+network: data comes from the repository.
 """
 
 from __future__ import annotations
@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--custom", action="append", default=[], metavar="NAME=CONFIG[:key=value,...]",
                         help="also time `python -m train` on CONFIG with these overrides (repeatable)")
     parser.add_argument("--processes", default="", help="comma-separated process counts for the scaling table")
-    parser.add_argument("--time-to-quality", action="store_true")
+    parser.add_argument("--time-to-quality", action="store_true", help="quality runs of seed.yaml and fast.yaml")
     parser.add_argument("--ttq-seconds", type=float, default=300.0, help="wall-time limit of each quality run")
     parser.add_argument("--ttq-custom", action="append", default=[], metavar="NAME=CONFIG[:key=value,...]",
                         help="also time a quality run of CONFIG with these overrides, evaluated every 250 steps")
@@ -205,14 +205,15 @@ def main(argv: list[str] | None = None) -> int:
             report["scaling"][count] = measured
             print(f"{count} processes: {measured['images_per_second']:.0f} images/s in total, "
                   f"{measured['per_process_images_per_second']:.0f} per process", flush=True)
-    if args.time_to_quality:
+    shipped = [("configs/seed.yaml", "configs/seed.yaml", [], 500), ("configs/fast.yaml", "configs/fast.yaml", [], 250)]
+    recipes = [*(shipped if args.time_to_quality else []),
+               *((name, config, overrides, 250) for name, config, overrides in map(custom_variant, args.ttq_custom))]
+    if recipes:
         evaluator = Evaluator(SHIPPED_MNIST, REPO_ROOT / ".cache" / "eval", device)
         floors = evaluator.training_set_floor(10000)
         floor = floors["fd"]
         report["time_to_quality"] = {"training_set_floor": floors}
         runs = Path(args.runs_dir or tempfile.mkdtemp(prefix="bench_runs_"))
-        recipes = [("configs/seed.yaml", "configs/seed.yaml", [], 500), ("configs/fast.yaml", "configs/fast.yaml", [], 250),
-                   *((name, config, overrides, 250) for name, config, overrides in map(custom_variant, args.ttq_custom))]
         for name, config, overrides, every in recipes:
             measured = time_to_quality(config, overrides, args.ttq_seconds, every, floor, runs / Path(name).stem)
             report["time_to_quality"][name] = measured
