@@ -156,3 +156,15 @@ def test_degraded_training_images_score_worse_than_the_floor(evaluator):
     assert floor["fd"] < degraded["noise_0.05"]["fd"] < degraded["noise_0.1"]["fd"]
     assert degraded["shifted_1px"]["fd"] > 3 * floor["fd"] and degraded["blurred_3x3"]["fd"] > 10 * floor["fd"]
     assert all(scores["classes_present"] == 10 for scores in degraded.values())
+
+
+def test_scoring_with_the_real_sets_cached_radii_gives_the_same_numbers():
+    real = metrics.Features(random_features(150, seed=9), torch.full((150, 10), 0.1))
+    fake = metrics.Features(random_features(120, seed=10, shift=0.4), torch.full((120, 10), 0.1))
+    first, second = metrics.compare(real, fake), metrics.compare(real, fake)  # the second reuses the radii
+    assert sorted(real._radii) == [metrics.PRECISION_RECALL_K, metrics.DENSITY_COVERAGE_K]
+    precision, recall = metrics.precision_recall(real.features, fake.features)
+    density, coverage = metrics.density_coverage(real.features, fake.features)
+    assert first == second
+    assert (first["precision"], first["recall"], first["density"], first["coverage"]) == \
+        (precision, recall, density, coverage)

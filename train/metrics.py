@@ -19,7 +19,7 @@ import hashlib
 import math
 import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +41,14 @@ DISTANCE_CHUNK = 2048
 class Features:
     features: Tensor  # [N, FEATURE_DIM] float32, penultimate layer
     probabilities: Tensor  # [N, 10] softmax of the class logits
+    _radii: dict[int, Tensor] = field(default_factory=dict, repr=False)
+
+    def radii(self, k: int) -> Tensor:
+        """Each sample's distance to its k-th nearest neighbour in this set, computed once: the real set
+        is scored against many sample sets, and this is an N x N distance computation."""
+        if k not in self._radii:
+            self._radii[k] = kth_neighbour_distance(self.features, k)
+        return self._radii[k]
 
 
 @torch.no_grad()
@@ -82,14 +90,17 @@ def _within_balls(points: Tensor, centres: Tensor, radii: Tensor) -> Tensor:
     return torch.cat([(torch.cdist(chunk, centres) <= radii[None]).sum(1) for chunk in points.split(DISTANCE_CHUNK)])
 
 
-def precision_recall(real: Tensor, fake: Tensor, k: int = PRECISION_RECALL_K) -> tuple[float, float]:
-    precision = (_within_balls(fake, real, kth_neighbour_distance(real, k)) > 0).double().mean().item()
+def precision_recall(real: Tensor, fake: Tensor, k: int = PRECISION_RECALL_K,
+                     real_radii: Tensor | None = None) -> tuple[float, float]:
+    real_radii = kth_neighbour_distance(real, k) if real_radii is None else real_radii
+    precision = (_within_balls(fake, real, real_radii) > 0).double().mean().item()
     recall = (_within_balls(real, fake, kth_neighbour_distance(fake, k)) > 0).double().mean().item()
     return precision, recall
 
 
-def density_coverage(real: Tensor, fake: Tensor, k: int = DENSITY_COVERAGE_K) -> tuple[float, float]:
-    radii = kth_neighbour_distance(real, k)
+def density_coverage(real: Tensor, fake: Tensor, k: int = DENSITY_COVERAGE_K,
+                     real_radii: Tensor | None = None) -> tuple[float, float]:
+    radii = kth_neighbour_distance(real, k) if real_radii is None else real_radii
     density = _within_balls(fake, real, radii).double().sum().item() / (k * len(fake))
     nearest_fake = torch.cat([torch.cdist(chunk, fake).min(1).values for chunk in real.split(DISTANCE_CHUNK)])
     coverage = (nearest_fake < radii).double().mean().item()
@@ -111,8 +122,8 @@ def class_statistics(probabilities: Tensor) -> dict[str, float]:
 
 
 def compare(real: Features, fake: Features) -> dict[str, float]:
-    precision, recall = precision_recall(real.features, fake.features)
-    density, coverage = density_coverage(real.features, fake.features)
+    precision, recall = precision_recall(real.features, fake.features, real_radii=real.radii(PRECISION_RECALL_K))
+    density, coverage = density_coverage(real.features, fake.features, real_radii=real.radii(DENSITY_COVERAGE_K))
     return {"fd": frechet_distance(real.features, fake.features), "precision": precision, "recall": recall,
             "density": density, "coverage": coverage, **class_statistics(fake.probabilities)}
 
