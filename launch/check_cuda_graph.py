@@ -17,6 +17,8 @@ import torch
 from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+from train import checkpoint  # noqa: E402
 CONFIGS = {"seed fp32": ["--config", "configs/seed.yaml", "train.mixed_precision=fp32"],
            "fast (dcgan bf16)": ["--config", "configs/fast.yaml"]}
 QUIET = ["logging.wandb=disabled", "eval.num_samples=0", "logging.samples_every=0", "checkpoint.every=0",
@@ -29,7 +31,7 @@ def final_weights(args: list[str], steps: int, run_dir: Path, graph: bool) -> di
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
     if result.returncode != 0:
         raise SystemExit(f"{' '.join(command)} failed ({result.returncode}):\n{result.stderr[-4000:]}")
-    folder = run_dir / "checkpoints" / (run_dir / "checkpoints" / "latest").read_text().strip()
+    folder = checkpoint.resolve(run_dir)
     return {f"{name}.{key}": value for name in ("generator", "discriminator", "generator_ema")
             for key, value in load_file(folder / f"{name}.safetensors").items()}
 

@@ -26,7 +26,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num", type=int, default=10000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-ema", action="store_true", help="score the trained generator, not its EMA")
-    parser.add_argument("--floor", action="store_true", help="also score real training images: as they are (the floor) and slightly degraded")
+    parser.add_argument("--floor", action="store_true",
+                        help="also score real training images: as they are (the floor) and slightly degraded")
     parser.add_argument("--cache-dir", default=".cache/eval")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)

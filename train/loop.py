@@ -86,14 +86,14 @@ def train(cfg: Config) -> int:
     update = ReplayableStep(update_networks, enabled=cfg.train.cuda_graph)
 
     while progress.step < cfg.train.steps:
-        step = progress.step + 1
+        step, images_seen = progress.step + 1, progress.images_seen + batches.global_batch
         real.copy_(batches.next())  # sample a batch
         torch.randn(z.shape, device=z.device, generator=snapshot.noise, out=z)  # and the latents
-        ema.set_weight(progress.images_seen + batches.global_batch, batches.global_batch)
+        ema.set_weight(images_seen, batches.global_batch)
         update()  # update D, update G, average G: one replay of the CUDA graph with train.cuda_graph
         faults.end_step(step)
         window.count_step()
-        progress.step, progress.images_seen = step, progress.images_seen + batches.global_batch
+        progress.step, progress.images_seen = step, images_seen
         bar.update()
         profiler.step()
 
