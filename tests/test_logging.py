@@ -77,6 +77,17 @@ def test_the_run_draws_its_curves_and_they_can_be_redrawn(wandb_run):
     assert result.returncode == 0 and curves.stat().st_size > 10_000
 
 
+def test_every_evaluation_is_logged_with_the_training_time_it_took(tmp_path):
+    """Time to quality reads the training seconds off each evaluation, also between logging steps."""
+    result = run_train(TINY + [f"run.dir={tmp_path / 'run'}", "logging.every=4", "eval.num_samples=200",
+                               "eval.every=3", f"eval.cache_dir={tmp_path / 'eval_cache'}"])
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == [3, 4, 6]
+    assert ["eval/fd" in line for line in lines] == [True, False, True]
+    assert all({"train_seconds", "loss/d", "images_per_second"} <= set(line) for line in lines)
+
+
 def test_without_wandb_a_disabled_run_never_imports_it(tmp_path):
     blocker = tmp_path / "blocked" / "wandb"
     blocker.mkdir(parents=True)

@@ -98,14 +98,15 @@ def train(cfg: Config) -> int:
         profiler.step()
 
         last = step == cfg.train.steps
+        evaluation_due = cfg.eval.num_samples and (last or (cfg.eval.every and step % cfg.eval.every == 0))
         record = {}
-        if step % cfg.logging.every == 0 or last:
+        if step % cfg.logging.every == 0 or last or evaluation_due:  # an evaluation comes with its training time
             record |= window.read(accelerator, batches.global_batch) | {
                 "lr/g": g_optimizer.param_groups[0]["lr"], "lr/d": d_optimizer.param_groups[0]["lr"],
                 "global_batch": batches.global_batch, "epoch": progress.data.epoch}
             bar.set_postfix({"D": f"{record['loss/d']:.3f}", "G": f"{record['loss/g']:.3f}",
                              "img/s": f"{record['images_per_second']:.0f}"})
-        if cfg.eval.num_samples and (last or (cfg.eval.every and step % cfg.eval.every == 0)):
+        if evaluation_due:
             with window.paused():
                 quality = evaluate(accelerator, cfg, snapshot, ema, evaluator)
             record |= quality
