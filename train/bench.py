@@ -89,7 +89,8 @@ def blog_loop(device: torch.device, steps: int, warmup: int) -> dict:
     return {"images_per_second": steps * 64 / seconds, "steps_per_second": steps / seconds, "global_batch": 64}
 
 
-def project_loop(config: str, steps: int, warmup: int, overrides: list[str], processes: int = 0) -> dict:
+def project_loop(config: str, steps: int, warmup: int, overrides: list[str], processes: int = 0,
+                 timeout: float | None = None) -> dict:
     """`python -m train` (or `accelerate launch` with `processes`), timed from its own metrics log."""
     with tempfile.TemporaryDirectory() as run_dir:
         args = ["--config", config, f"train.steps={warmup + steps}", f"logging.every={warmup}",
@@ -98,7 +99,10 @@ def project_loop(config: str, steps: int, warmup: int, overrides: list[str], pro
         if processes:
             command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
                        str(processes), "--num_machines", "1", "--dynamo_backend", "no", "-m", "train", *args]
-        result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True)
+        try:
+            result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired as expired:
+            raise RuntimeError(f"{' '.join(command)} took over {timeout:.0f} s (--variant-timeout)") from expired
         if result.returncode != 0:
             raise RuntimeError(f"{' '.join(command)} failed:\n{result.stderr[-3000:]}")
         lines = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()][1:]
@@ -157,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variants", default="blog,project,fastest,dcgan", help="which of (a)-(d) to time")
     parser.add_argument("--custom", action="append", default=[], metavar="NAME=CONFIG[:key=value,...]",
                         help="also time `python -m train` on CONFIG with these overrides (repeatable)")
+    parser.add_argument("--variant-timeout", type=float, help="seconds after which a variant counts as failed")
     parser.add_argument("--processes", default="", help="comma-separated process counts for the scaling table")
     parser.add_argument("--time-to-quality", action="store_true", help="quality runs of seed.yaml and fast.yaml")
     parser.add_argument("--ttq-seconds", type=float, default=300.0, help="wall-time limit of each quality run")
@@ -169,15 +174,19 @@ def main(argv: list[str] | None = None) -> int:
     report = {"hardware": hardware(), "command": " ".join(["python -m train.bench", *(argv or sys.argv[1:])]),
               "throughput": {}}
     steps = max(args.steps // args.warmup, 1) * args.warmup
+
+    def timed(config: str, overrides: list[str]) -> dict:
+        return project_loop(config, steps, args.warmup, overrides, timeout=args.variant_timeout)
+
     variants = {
         "blog": lambda: blog_loop(device, steps, args.warmup),
-        "project": lambda: project_loop("configs/seed.yaml", steps, args.warmup, ["train.mixed_precision=fp32"]),
-        "fastest": lambda: project_loop("configs/fast.yaml", steps, args.warmup, []),
-        "dcgan": lambda: project_loop("configs/dcgan.yaml", steps, args.warmup, []),
+        "project": lambda: timed("configs/seed.yaml", ["train.mixed_precision=fp32"]),
+        "fastest": lambda: timed("configs/fast.yaml", []),
+        "dcgan": lambda: timed("configs/dcgan.yaml", []),
     }
     custom = [custom_variant(spec) for spec in args.custom]
     for name, config, overrides in custom:
-        variants[name] = (lambda c=config, o=overrides: project_loop(c, steps, args.warmup, o))
+        variants[name] = (lambda c=config, o=overrides: timed(c, o))
     out = Path(args.out)
     failed = []
     for name in [*filter(None, args.variants.split(",")), *(name for name, _, _ in custom)]:
