@@ -65,6 +65,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile both networks (inductor), through Accelerate
     channels_last: bool = False  # NHWC memory format for both networks and the batches
     cuda_graph: bool = False  # run each step's updates as one replayed CUDA graph (one process, CUDA)
+    tf32: bool = False  # float32 matrix products on TF32 tensor cores (CUDA), as cuDNN runs convolutions by default
     check_every: int = 10  # steps between the collective checks for signals and non-finite numbers
     on_nonfinite: str = "stop"  # stop | skip | rollback
     timeout_s: int = 600  # a collective waiting longer than this (a rank died) fails the run
@@ -203,8 +204,6 @@ def validate(cfg: Config) -> None:
         value = OmegaConf.select(node, key)
         if not holds(value):
             raise ConfigError(f"config key '{key}' is {value!r}; it must be {rule}")
-    if cfg.train.cuda_graph and cfg.train.compile:
-        raise ConfigError("train.cuda_graph=true and train.compile=true exclude each other; set one of them to false")
     if cfg.train.cuda_graph and cfg.train.on_nonfinite == "skip":
         raise ConfigError("train.cuda_graph=true needs train.on_nonfinite=stop or rollback: skip decides on the host "
                           "inside every step, which a CUDA graph cannot")

@@ -158,6 +158,9 @@ def set_up(cfg: Config) -> tuple[Accelerator, Path, Path | None]:
     cpu = cfg.train.cpu or not torch.accelerator.is_available()
     if cfg.train.mixed_precision == "fp16" and cpu:
         raise ConfigError("train.mixed_precision=fp16 needs a GPU; on the CPU use bf16 or fp32")
+    # cuDNN's float32 convolutions use TF32 by default; this extends it to the matrix products (the
+    # seed generator's fused upsampling, Linear layers).
+    torch.backends.cuda.matmul.allow_tf32 = cfg.train.tf32
     if cfg.train.cuda_graph and (cpu or not torch.cuda.is_available()):
         raise ConfigError("train.cuda_graph=true needs a CUDA GPU; set train.cuda_graph=false on this machine")
     accelerator = Accelerator(
