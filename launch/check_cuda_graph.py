@@ -1,8 +1,9 @@
 """GPU check: `train.cuda_graph=true` trains the same weights as the eager loop.
 
-For each config, three short runs of `python -m train` from the same seed: eager twice (how far
-apart the GPU's own non-determinism puts two eager runs) and once as a replayed CUDA graph (the
-first steps run eagerly, the rest replay the graph). Prints the largest weight difference of each
+For each config (seed fp32, fast.yaml bf16, and seed fp32 with torch.compile, whose graph replays
+the compiled kernels), three short runs of `python -m train` from the same seed: eager twice (how
+far apart the GPU's own non-determinism puts two eager runs) and once as a replayed CUDA graph
+(the first steps run eagerly, the rest replay the graph). Prints the largest weight difference of each
 pair; the graph run passes when it is bitwise equal to the eager one, or no further from it than
 ten times the eager runs' own spread. Throughput is the benchmark's (`train.bench --custom`).
 Usage: python launch/check_cuda_graph.py [steps]
@@ -19,8 +20,10 @@ from safetensors.torch import load_file
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 from train import checkpoint  # noqa: E402
-CONFIGS = {"seed fp32": ["--config", "configs/seed.yaml", "train.mixed_precision=fp32"],
-           "fast (dcgan bf16)": ["--config", "configs/fast.yaml"]}
+SEED = ["--config", "configs/seed.yaml", "train.mixed_precision=fp32"]
+CONFIGS = {"seed fp32": SEED, "fast (dcgan bf16)": ["--config", "configs/fast.yaml"],
+           "seed fp32 compiled": [*SEED, "train.compile=true"]}
+RUN_TIMEOUT_S = 120  # a capture that hangs fails its config; the others are still checked
 QUIET = ["logging.wandb=disabled", "eval.num_samples=0", "logging.samples_every=0", "checkpoint.every=0",
          "resume=none"]
 
@@ -28,9 +31,12 @@ QUIET = ["logging.wandb=disabled", "eval.num_samples=0", "logging.samples_every=
 def final_weights(args: list[str], steps: int, run_dir: Path, graph: bool) -> dict:
     command = [sys.executable, "-m", "train", *args, *QUIET, f"train.steps={steps}", f"run.dir={run_dir}",
                f"train.cuda_graph={str(graph).lower()}"]
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+    try:
+        result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
+    except subprocess.TimeoutExpired as expired:
+        raise RuntimeError(f"{' '.join(command)} took over {RUN_TIMEOUT_S} s") from expired
     if result.returncode != 0:
-        raise SystemExit(f"{' '.join(command)} failed ({result.returncode}):\n{result.stderr[-4000:]}")
+        raise RuntimeError(f"{' '.join(command)} failed ({result.returncode}):\n{result.stderr[-4000:]}")
     folder = checkpoint.resolve(run_dir)
     return {f"{name}.{key}": value for name in ("generator", "discriminator", "generator_ema")
             for key, value in load_file(folder / f"{name}.safetensors").items()}
@@ -46,9 +52,14 @@ def main() -> int:
     failed = False
     with tempfile.TemporaryDirectory() as root:
         for name, args in CONFIGS.items():
-            eager = final_weights(args, steps, Path(root) / f"{name}-eager", graph=False)
-            again = final_weights(args, steps, Path(root) / f"{name}-again", graph=False)
-            graph = final_weights(args, steps, Path(root) / f"{name}-graph", graph=True)
+            try:
+                eager = final_weights(args, steps, Path(root) / f"{name}-eager", graph=False)
+                again = final_weights(args, steps, Path(root) / f"{name}-again", graph=False)
+                graph = final_weights(args, steps, Path(root) / f"{name}-graph", graph=True)
+            except RuntimeError as error:  # the next config is still checked
+                print(f"{name}: FAILED to run: {error}", flush=True)
+                failed = True
+                continue
             spread, gap = largest_difference(eager, again), largest_difference(eager, graph)
             ok = gap == 0.0 or gap <= 10 * spread
             failed |= not ok

@@ -27,7 +27,6 @@ def test_overrides_take_dotted_keys_and_convert_types():
     (["logging.wandb=maybe"], "allowed values: online, offline, disabled"),
     (["train.mixed_precision=fp8"], "allowed values: null, fp32, bf16, fp16"),
     (["train.steps"], "override 'train.steps' is not of the form key=value"),
-    (["train.cuda_graph=true", "train.compile=true"], "train.cuda_graph=true and train.compile=true exclude each other"),
     (["train.cuda_graph=true", "train.on_nonfinite=skip"], "train.cuda_graph=true needs train.on_nonfinite=stop or"),
 ])
 def test_bad_values_name_the_key_and_the_fix(overrides, expected):

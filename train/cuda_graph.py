@@ -8,7 +8,9 @@ step, the networks, the optimizers' states) and leaves its results in tensors th
 window sums, the fault record); no host synchronisation and no host-side decision inside it.
 
 Single process only (DDP's all-reduce would have to be captured too), and not with fp16 loss
-scaling, `torch.compile` or `train.on_nonfinite=skip`: each needs the host inside the step.
+scaling or `train.on_nonfinite=skip`: each needs the host inside the step. With `train.compile`
+the warm-up steps compile the networks (D in both its forms: with and without gradients for its
+weights) and the capture records the kernels torch.compile generated: fused kernels, one launch.
 """
 
 from __future__ import annotations
