@@ -13,7 +13,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from conftest import TINY
-from train import config, cuda_graph, loop
+from train import config, cuda_graph, loop, models
 
 RECORDED_CALLS = (2, 5)  # during the EMA's ramp-up, at different fault-record slots
 
@@ -82,3 +82,29 @@ def test_every_step_runs_the_same_operations_with_the_same_arguments(recorded_st
 def test_the_step_never_reads_a_device_value_on_the_host(recorded_steps):
     names = [name for name, _ in recorded_steps[RECORDED_CALLS[0]]]
     assert "aten._local_scalar_dense.default" not in names  # .item(), bool(tensor), float(tensor)
+
+
+class HostTensorLog(TorchDispatchMode):
+    """The operations that read a tensor on the CPU."""
+
+    def __init__(self):
+        super().__init__()
+        self.found = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        flat, _ = tree_flatten((args, kwargs or {}))
+        if any(isinstance(a, torch.Tensor) and a.device.type == "cpu" for a in flat):
+            self.found.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("arch", ["seed", "dcgan"])
+def test_the_networks_read_no_host_tensor_forward_or_backward(arch):
+    """On a GPU a tensor made on the host inside a network is a copy every step and, under
+    torch.compile, one that a CUDA graph cannot capture (seen on an H200 with the seed generator's
+    interpolation matrices). With the networks on the meta device, any such tensor shows."""
+    generator, discriminator = (network.to("meta") for network in models.build(arch, 100))
+    with HostTensorLog() as log:
+        images = generator(torch.randn(4, 100, device="meta"))
+        discriminator(images).sum().backward()
+    assert log.found == []

@@ -7,8 +7,6 @@ processes, devices or precision.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -23,8 +21,7 @@ def conv_bn_relu(in_channels: int, out_channels: int, kernel_size: int = 3, padd
     )
 
 
-@functools.cache
-def _interpolation_matrix(size: int, device: torch.device) -> Tensor:
+def _interpolation_matrix(size: int) -> Tensor:
     """[2 size, size]: linear interpolation x2 with align_corners=True, as one matrix."""
     source = torch.arange(2 * size, dtype=torch.float64) * (size - 1) / (2 * size - 1)
     lower = source.floor().long().clamp(max=size - 1)
@@ -34,30 +31,30 @@ def _interpolation_matrix(size: int, device: torch.device) -> Tensor:
     rows = torch.arange(2 * size)
     matrix.index_put_((rows, lower), 1 - weight, accumulate=True)
     matrix.index_put_((rows, upper), weight, accumulate=True)
-    return matrix.float().to(device)
+    return matrix.float()
 
 
-@functools.cache
-def _shifted_interpolation(size: int, device: torch.device) -> Tensor:
+def shifted_interpolation(size: int) -> Tensor:
     """[2 size, 3 size]: the interpolation matrix shifted by each 3x3 tap offset (-1, 0, +1), zero-padded."""
-    padded = F.pad(_interpolation_matrix(size, device), (0, 0, 1, 1))
+    padded = F.pad(_interpolation_matrix(size), (0, 0, 1, 1))
     return torch.cat([padded[offset:offset + 2 * size] for offset in range(3)], dim=1)
 
 
-def upsample_conv3x3(x: Tensor, weight: Tensor) -> Tensor:
+def upsample_conv3x3(x: Tensor, weight: Tensor, interpolation: Tensor) -> Tensor:
     """conv2d(UpsamplingBilinear2d(2)(x), weight, padding=1, no bias), as three matrix products.
 
     Both operators are linear: mixing channels first, at the low resolution, for each of the 9 taps,
     then interpolating and shifting each tap's map with fixed matrices (rows, then columns) gives the
     same function with about a third of the arithmetic, and a backward made of matrix products.
+    `interpolation` is `shifted_interpolation(size)` for square [n, c, size, size] inputs, on x's device.
     """
     n, c, h, w = x.shape
     o = weight.shape[0]
     taps = torch.matmul(weight.permute(2, 3, 0, 1).reshape(9 * o, c), x.reshape(n, c, h * w))
     taps = taps.view(n, 3, 3, o, h, w).permute(0, 1, 3, 4, 2, 5).reshape(n, 3, o, h, 3 * w)  # [n, dy, o, h, (dx, w)]
-    columns_done = taps @ _shifted_interpolation(w, x.device).T  # [n, dy, o, h, 2w]
+    columns_done = taps @ interpolation.T  # [n, dy, o, h, 2w]
     stacked = columns_done.transpose(1, 2).reshape(n, o, 3 * h, 2 * w)  # [n, o, (dy, h), 2w]
-    return _shifted_interpolation(h, x.device) @ stacked  # [n, o, 2h, 2w]
+    return interpolation @ stacked  # [n, o, 2h, 2w]
 
 
 class SeedGenerator(nn.Module):
@@ -72,12 +69,17 @@ class SeedGenerator(nn.Module):
         self.conv1 = conv_bn_relu(256, 128)
         self.conv2 = conv_bn_relu(128, 64)
         self.to_image = nn.Conv2d(64, 1, kernel_size=1, bias=True)
+        # Constants of the fused path, moved with the module (computing them in forward would be a
+        # host-to-device copy every step), not saved: they are no learned state.
+        self.register_buffer("interpolate_7", shifted_interpolation(7), persistent=False)
+        self.register_buffer("interpolate_14", shifted_interpolation(14), persistent=False)
 
     def forward(self, z: Tensor) -> Tensor:
         x = self.fc(z).reshape(-1, 256, 7, 7)
-        for block in (self.conv1, self.conv2):
+        for block, interpolation in ((self.conv1, self.interpolate_7), (self.conv2, self.interpolate_14)):
             convolution, batch_norm_relu = block[0], block[1:]
-            x = upsample_conv3x3(x, convolution.weight) if self.fused else convolution(self.upsample(x))
+            x = (upsample_conv3x3(x, convolution.weight, interpolation) if self.fused
+                 else convolution(self.upsample(x)))
             x = batch_norm_relu(x)
         return self.to_image(x).sigmoid()
 
