@@ -54,7 +54,9 @@ def test_smoke_config_writes_a_complete_run(tmp_path):
     assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step_00000200"
     assert sorted(p.name for p in (tmp_path / "checkpoints").glob("step_*")) == ["step_00000100", "step_00000200"]
     assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == ["step_00000100.png", "step_00000200.png"]
-    assert "arch: dcgan" in (tmp_path / "config.yaml").read_text()
+    recorded = (tmp_path / "config.yaml").read_text()
+    assert "arch: dcgan" in recorded
+    assert "cuda_graph: false" in recorded  # null (wherever it can run) resolved on the CPU, and recorded
     assert not list(tmp_path.glob("checkpoints/.incomplete*"))
 
 

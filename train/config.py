@@ -64,7 +64,7 @@ class TrainConfig:
     cpu: bool = False  # force the CPU even where a GPU is present
     compile: bool = False  # torch.compile both networks (inductor), through Accelerate
     channels_last: bool = False  # NHWC memory format for both networks and the batches
-    cuda_graph: bool = False  # run each step's updates as one replayed CUDA graph (one process, CUDA)
+    cuda_graph: bool | None = None  # each step's updates as one replayed CUDA graph; null: wherever it can run
     tf32: bool = False  # float32 matrix products on TF32 tensor cores (CUDA), as cuDNN runs convolutions by default
     check_every: int = 10  # steps between the collective checks for signals and non-finite numbers
     on_nonfinite: str = "stop"  # stop | skip | rollback

