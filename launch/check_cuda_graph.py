@@ -23,7 +23,7 @@ from train import checkpoint  # noqa: E402
 SEED = ["--config", "configs/seed.yaml", "train.mixed_precision=fp32"]
 CONFIGS = {"seed fp32": SEED, "fast (dcgan bf16)": ["--config", "configs/fast.yaml"],
            "seed fp32 compiled": [*SEED, "train.compile=true"]}
-RUN_TIMEOUT_S = 120  # a capture that hangs fails its config; the others are still checked
+RUN_TIMEOUT_S = 180  # a capture that hangs fails its config; the others are still checked
 QUIET = ["logging.wandb=disabled", "eval.num_samples=0", "logging.samples_every=0", "checkpoint.every=0",
          "resume=none"]
 

@@ -214,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
             report["scaling"][count] = measured
             print(f"{count} processes: {measured['images_per_second']:.0f} images/s in total, "
                   f"{measured['per_process_images_per_second']:.0f} per process", flush=True)
-    shipped = [("configs/seed.yaml", "configs/seed.yaml", [], 500), ("configs/fast.yaml", "configs/fast.yaml", [], 250)]
+    shipped = [("configs/seed.yaml", "configs/seed.yaml", [], 500), ("configs/fast.yaml", "configs/fast.yaml", [], 1000)]
     recipes = [*(shipped if args.time_to_quality else []),
                *((name, config, overrides, 250) for name, config, overrides in map(custom_variant, args.ttq_custom))]
     if recipes:
