@@ -2,11 +2,12 @@
 # Every GPU measurement in docs/performance.md, in three parts, the most owed first:
 #   graph    the CUDA graph (on by default where it can run) against the eager loop, compiled or
 #            not (launch/check_cuda_graph.py); then the throughput benchmark: (a)-(d), the seed
-#            loop eager, with TF32 matrix products, and with torch.compile inside the graph
+#            loop eager, with TF32 matrix products, with torch.compile inside the graph, and
+#            channels_last
 #   quality  time to quality of configs/seed.yaml and configs/fast.yaml, and of fast.yaml with a
 #            longer generator average (EMA half-life 100k and 500k images)
-#   rest     the BatchNorm/DDP hazard, the fp16 path, the kernel profile of a seed step, the host and
-#            device profile of the real loop, channels_last and torch.compile's reduce-overhead mode
+#   rest     the host and device profile of the real loop (graphed), the kernel profile of an eager
+#            seed step, the BatchNorm/DDP hazard, the fp16 path, torch.compile's reduce-overhead mode
 # Needs torch, torchvision, accelerate, safetensors, omegaconf, scipy and matplotlib; no network, no W&B.
 # Usage: bash launch/gpu_suite.sh [OUTPUT_DIR [PART ...]]   (default: all three; a device call is
 # limited to 10 minutes: run each part in a call of its own)
@@ -32,6 +33,7 @@ graph() {
     --custom "seed_compile=$seed,train.compile=true,train.cuda_graph=true" \
     --custom "seed_compile_tf32=$seed,train.compile=true,train.cuda_graph=true,train.tf32=true" \
     --custom "fast_compile=configs/fast.yaml:train.compile=true,train.cuda_graph=true" \
+    --custom "seed_channels_last=$seed,train.channels_last=true" \
     --out "$out/bench.json" 2>&1 | tee "$out/bench.log"
 }
 
@@ -47,6 +49,13 @@ quality() {
 rest() {
   {
     environment
+    echo "=== host and device profile of the real loop (configs/seed.yaml, batch 64, graph): 20 steps after 50"
+    timeout 180 "$python" -m train --config configs/seed.yaml train.steps=80 profile.steps=20 profile.after=50 \
+      logging.wandb=disabled eval.num_samples=0 logging.samples_every=0 resume=none run.dir="$out/runs/profile" \
+      2>&1 | grep "profile of"
+    cat "$out/runs/profile/profile/ops.txt"
+    echo "=== kernel profile of one eager seed step (batch 64, fp32)"
+    timeout 120 "$python" launch/profile_step.py 30 2>&1 | grep -v "^ *$"
     echo "=== BatchNorm discriminator under DDP, two ranks on one GPU (gloo)"
     for setting in true false; do
       timeout 90 "$python" launch/check_bn_ddp.py "$setting" 2>&1 | grep -E "^broadcast_buffers|Error" | head -4
@@ -55,19 +64,9 @@ rest() {
     timeout 120 "$python" -m train --config configs/smoke.yaml train.mixed_precision=fp16 run.dir="$out/runs/fp16" \
       resume=none 2>&1 | tr '\r' '\n' | grep -v "it/s" | tail -3
     tail -n 1 "$out/runs/fp16/metrics.jsonl"
-    echo "=== kernel profile of one seed step (batch 64, fp32)"
-    timeout 120 "$python" launch/profile_step.py 30 2>&1 | grep -v "^ *$"
-    echo "=== host and device profile of the real loop (configs/seed.yaml, batch 64): 20 steps after 50"
-    timeout 180 "$python" -m train --config configs/seed.yaml train.steps=80 profile.steps=20 profile.after=50 \
-      logging.wandb=disabled eval.num_samples=0 logging.samples_every=0 resume=none run.dir="$out/runs/profile" \
-      2>&1 | grep "profile of"
-    cat "$out/runs/profile/profile/ops.txt"
   } > "$out/checks.txt" 2>&1
-  timeout 150 "$python" -m train.bench --variants "" --steps 600 --warmup 100 \
-    --custom "seed_channels_last=configs/seed.yaml:train.mixed_precision=fp32,train.channels_last=true" \
-    --out "$out/bench_rest.json" 2>&1 | tee "$out/bench_rest.log"
-  # torch.compile with inductor's CUDA graphs (Accelerate reads the mode from ACCELERATE_DYNAMO_MODE):
-  # does capturing the networks' kernels remove the host time per step that the default mode kept?
+  # torch.compile with inductor's CUDA graphs (Accelerate reads the mode from ACCELERATE_DYNAMO_MODE),
+  # the alternative to train.cuda_graph with train.compile
   ACCELERATE_DYNAMO_MODE=reduce-overhead timeout 150 "$python" -m train.bench --steps 600 --warmup 100 --variants "" \
     --custom "seed_compile_reduce_overhead=configs/seed.yaml:train.mixed_precision=fp32,train.compile=true" \
     --custom "fast_compile_reduce_overhead=configs/fast.yaml:train.compile=true" \
