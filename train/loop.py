@@ -150,7 +150,7 @@ def train(cfg: Config) -> int:
 
 
 def set_up(cfg: Config) -> tuple[Accelerator, Path, Path | None]:
-    """Everything that can reject the run does so here, before anything is written."""
+    """Everything that can reject the run does so here, before anything is written; resolves train.cuda_graph=null."""
     tracking.check_available(cfg)
     run_dir = Path(cfg.run.dir)
     # Without an accelerator, say so to Accelerate: processes started by `accelerate launch
