@@ -9,7 +9,6 @@ ten times the eager runs' own spread. Throughput is the benchmark's (`train.benc
 Usage: python launch/check_cuda_graph.py [steps]
 """
 
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -20,23 +19,18 @@ from safetensors.torch import load_file
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 from train import checkpoint  # noqa: E402
+from train.bench import QUIET, run_checked  # noqa: E402
+
 SEED = ["--config", "configs/seed.yaml", "train.mixed_precision=fp32"]
 CONFIGS = {"seed fp32": SEED, "fast (dcgan bf16)": ["--config", "configs/fast.yaml"],
            "seed fp32 compiled": [*SEED, "train.compile=true"]}
 RUN_TIMEOUT_S = 180  # a capture that hangs fails its config; the others are still checked
-QUIET = ["logging.wandb=disabled", "eval.num_samples=0", "logging.samples_every=0", "checkpoint.every=0",
-         "resume=none"]
 
 
 def final_weights(args: list[str], steps: int, run_dir: Path, graph: bool) -> dict:
     command = [sys.executable, "-m", "train", *args, *QUIET, f"train.steps={steps}", f"run.dir={run_dir}",
                f"train.cuda_graph={str(graph).lower()}"]
-    try:
-        result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
-    except subprocess.TimeoutExpired as expired:
-        raise RuntimeError(f"{' '.join(command)} took over {RUN_TIMEOUT_S} s") from expired
-    if result.returncode != 0:
-        raise RuntimeError(f"{' '.join(command)} failed ({result.returncode}):\n{result.stderr[-4000:]}")
+    run_checked(command, RUN_TIMEOUT_S)
     folder = checkpoint.resolve(run_dir)
     return {f"{name}.{key}": value for name in ("generator", "discriminator", "generator_ema")
             for key, value in load_file(folder / f"{name}.safetensors").items()}

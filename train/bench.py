@@ -89,6 +89,16 @@ def blog_loop(device: torch.device, steps: int, warmup: int) -> dict:
     return {"images_per_second": steps * 64 / seconds, "steps_per_second": steps / seconds, "global_batch": 64}
 
 
+def run_checked(command: list[str], timeout: float | None = None) -> None:
+    """Run `command` in the repository; RuntimeError (with the end of its stderr) if it fails or outlasts `timeout` s."""
+    try:
+        result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as expired:
+        raise RuntimeError(f"{' '.join(command)} took over {timeout:.0f} s") from expired
+    if result.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed ({result.returncode}):\n{result.stderr[-3000:]}")
+
+
 def project_loop(config: str, steps: int, warmup: int, overrides: list[str], processes: int = 0,
                  timeout: float | None = None) -> dict:
     """`python -m train` (or `accelerate launch` with `processes`), timed from its own metrics log."""
@@ -99,12 +109,7 @@ def project_loop(config: str, steps: int, warmup: int, overrides: list[str], pro
         if processes:
             command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
                        str(processes), "--num_machines", "1", "--dynamo_backend", "no", "-m", "train", *args]
-        try:
-            result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout)
-        except subprocess.TimeoutExpired as expired:
-            raise RuntimeError(f"{' '.join(command)} took over {timeout:.0f} s (--variant-timeout)") from expired
-        if result.returncode != 0:
-            raise RuntimeError(f"{' '.join(command)} failed:\n{result.stderr[-3000:]}")
+        run_checked(command, timeout)
         lines = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()][1:]
     timed_steps = sum(warmup for _ in lines)
     global_batch = lines[0]["global_batch"]
