@@ -38,7 +38,8 @@ def test_seed_networks_compute_the_blogs_functions():
     # Same parameter and (saved) buffer order and shapes, so our weights copy into the blog's positionally.
     with torch.no_grad():
         for ours, blog in ((generator, blog_generator), (discriminator, blog_discriminator)):
-            saved = [buffer for name, buffer in ours.named_buffers() if name in ours.state_dict()]
+            saved_names = ours.state_dict().keys()
+            saved = [buffer for name, buffer in ours.named_buffers() if name in saved_names]
             for mine, theirs in zip([*ours.parameters(), *saved], [*blog.parameters(), *blog.buffers()], strict=True):
                 theirs.copy_(mine)
     z = torch.randn(7, 100)
