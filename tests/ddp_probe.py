@@ -39,7 +39,7 @@ def counting(network):
     return hook
 
 
-ema = GeneratorEMA(loop.build_models(cfg)[0], accelerator.unwrap_model(generator), 500, 0.05)
+ema = GeneratorEMA(loop.build_models(cfg)[0], accelerator.unwrap_model(generator), 500, 0.05, cfg.ema.statistics_images)
 generator.register_comm_hook(None, counting("generator"))
 discriminator.register_comm_hook(None, counting("discriminator"))
 shard = batches.epoch_indices.clone()

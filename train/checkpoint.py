@@ -3,6 +3,7 @@
 A checkpoint is the folder `<run.dir>/checkpoints/step_<N>/`:
 
     generator.safetensors, discriminator.safetensors   weights and buffers (rank 0's BN statistics)
+    generator_ema.safetensors                            the EMA generator (its own BN statistics)
     optimizers.safetensors + optimizers.json             Adam moments / hyper-parameters of both networks
     rank_<r>.safetensors + rank_<r>.json                 RNG states of rank r (noise, torch, CUDA, numpy, python)
     state.json                                           step, data position, counters, W&B id, config

@@ -89,6 +89,7 @@ class LoggingConfig:
 class EMAConfig:
     half_life_images: int = 10000  # the generator average forgets half its past over this many images
     rampup: float = 0.05  # early on, the half-life is at most this fraction of the images seen; 0: off
+    statistics_images: int = 2048  # generated images that measure the average's own BatchNorm statistics
 
 
 @dataclass
@@ -152,6 +153,7 @@ RULES = {
     "run.seed": _NOT_NEGATIVE,
     "ema.half_life_images": _GREATER_THAN_ZERO,
     "ema.rampup": _NOT_NEGATIVE,
+    "ema.statistics_images": _GREATER_THAN_ZERO,
     "eval.every": _NOT_NEGATIVE,
     "eval.num_samples": (lambda v: v == 0 or v >= 100, "0 (no evaluation) or at least 100"),
     "eval.seed": _NOT_NEGATIVE,

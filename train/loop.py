@@ -49,7 +49,8 @@ def train(cfg: Config) -> int:
     plain_generator, plain_discriminator = (accelerator.unwrap_model(m, keep_torch_compile=False)
                                             for m in (generator, discriminator))
     ema = GeneratorEMA(models.build(cfg.model.arch, cfg.model.z_dim, cfg.model.upsample)[0].to(accelerator.device),
-                       plain_generator, cfg.ema.half_life_images, cfg.ema.rampup)
+                       plain_generator, cfg.ema.half_life_images, cfg.ema.rampup, cfg.ema.statistics_images,
+                       seed=derived_seed(cfg.run.seed, *b"ema statistics"))
     snapshot = Snapshot(
         networks={"generator": plain_generator, "discriminator": plain_discriminator, "generator_ema": ema.network},
         optimizers={"generator": g_optimizer, "discriminator": d_optimizer},
@@ -273,10 +274,11 @@ def build_evaluator(cfg: Config, accelerator) -> metrics.Evaluator | None:
 
 
 def share_buffers(snapshot: Snapshot, ema: GeneratorEMA) -> None:
-    """Rank 0's BatchNorm statistics on every rank, and in the EMA generator; a collective."""
+    """Rank 0's BatchNorm statistics on every rank; the EMA generator's measured from its own weights; a collective."""
     sync_buffers_from_main(snapshot.networks["generator"])
     sync_buffers_from_main(snapshot.networks["discriminator"])
-    ema.copy_buffers(snapshot.networks["generator"])
+    ema.measure_statistics()
+    sync_buffers_from_main(ema.network)  # every rank measured the same; rank 0's, should a kernel differ
 
 
 @torch.no_grad()
