@@ -65,20 +65,22 @@ class SeedGenerator(nn.Module):
         self.z_dim = z_dim
         self.fused = upsample == "fused"  # else the blog's modules, op by op
         self.fc = nn.Linear(z_dim, 7 * 7 * 256)
-        self.upsample = nn.UpsamplingBilinear2d(scale_factor=2)  # align_corners=True, as in the blog
         self.conv1 = conv_bn_relu(256, 128)
         self.conv2 = conv_bn_relu(128, 64)
         self.to_image = nn.Conv2d(64, 1, kernel_size=1, bias=True)
-        # Constants of the fused path, moved with the module (computing them in forward would be a
-        # host-to-device copy every step), not saved: they are no learned state.
-        self.register_buffer("interpolate_7", shifted_interpolation(7), persistent=False)
-        self.register_buffer("interpolate_14", shifted_interpolation(14), persistent=False)
+        if self.fused:
+            # Constants moved with the module (computing them in forward would be a host-to-device
+            # copy every step), not saved: they are no learned state.
+            self.register_buffer("interpolate_7", shifted_interpolation(7), persistent=False)
+            self.register_buffer("interpolate_14", shifted_interpolation(14), persistent=False)
+        else:
+            self.upsample = nn.UpsamplingBilinear2d(scale_factor=2)  # align_corners=True, as in the blog
 
     def forward(self, z: Tensor) -> Tensor:
         x = self.fc(z).reshape(-1, 256, 7, 7)
-        for block, interpolation in ((self.conv1, self.interpolate_7), (self.conv2, self.interpolate_14)):
+        for block, size in ((self.conv1, 7), (self.conv2, 14)):
             convolution, batch_norm_relu = block[0], block[1:]
-            x = (upsample_conv3x3(x, convolution.weight, interpolation) if self.fused
+            x = (upsample_conv3x3(x, convolution.weight, getattr(self, f"interpolate_{size}")) if self.fused
                  else convolution(self.upsample(x)))
             x = batch_norm_relu(x)
         return self.to_image(x).sigmoid()
