@@ -60,15 +60,32 @@ def mnist_dir() -> Path:
     return REPO / "data" / "mnist"
 
 
+def write_idx_images(folder: Path, split: str, images: torch.Tensor) -> None:
+    """uint8 images [N, 28, 28] as the uncompressed IDX file of MNIST's `split` ("train" or "test")."""
+    from train.data import IDX_FILES
+    header = (2051).to_bytes(4, "big") + b"".join(n.to_bytes(4, "big") for n in images.shape)
+    (folder / IDX_FILES[split]).write_bytes(header + images.numpy().tobytes())
+
+
 @pytest.fixture(scope="session")
 def tiny_mnist(tmp_path_factory) -> Path:
     """The first 96 MNIST training images as an IDX folder: epochs of a few steps."""
     from train.data import read_idx_images
-    images = read_idx_images(REPO / "data" / "mnist", "train")[:96].numpy()
     folder = tmp_path_factory.mktemp("tiny_mnist")
-    header = (2051).to_bytes(4, "big") + b"".join(n.to_bytes(4, "big") for n in images.shape)
-    (folder / "train-images-idx3-ubyte").write_bytes(header + images.tobytes())
+    write_idx_images(folder, "train", read_idx_images(REPO / "data" / "mnist", "train")[:96])
     return folder
+
+
+@pytest.fixture(scope="session")
+def eval_cache(tmp_path_factory, worker_id) -> Path:
+    """One `eval.cache_dir` for every evaluating test of this pytest session, on all xdist workers.
+
+    Extracting the features of the 10,000 MNIST test images costs about 18 s of one core; the cache
+    is keyed by its content and written atomically, so sharing it is safe. Never the repository's
+    `.cache/eval`: a test must not depend on what an earlier session left there.
+    """
+    root = tmp_path_factory.getbasetemp()
+    return (root if worker_id == "master" else root.parent) / "eval_cache"
 
 
 def run_with_fault(fault: str, step: int, rank: int, args: list[str], processes: int = 1,

@@ -189,9 +189,9 @@ def test_sample_names_a_path_that_is_no_checkpoint(tmp_path):
     assert "is neither a checkpoint folder (with manifest.json) nor a run directory" in result.stderr
 
 
-def test_evaluate_prints_the_metrics_of_a_checkpoint_as_json(finished_run, tmp_path):
+def test_evaluate_prints_the_metrics_of_a_checkpoint_as_json(finished_run, eval_cache):
     result = subprocess.run([sys.executable, "-m", "train.evaluate", "--checkpoint", str(finished_run), "--num", "200",
-                             "--floor", "--cache-dir", str(tmp_path / "cache"), "--device", "cpu"],
+                             "--floor", "--cache-dir", str(eval_cache), "--device", "cpu"],
                             cwd=REPO, env=run_env(), capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)

@@ -17,10 +17,10 @@ FAKE_KEY = "local-0123456789abcdef0123456789abcdef01234567"
 
 
 @pytest.fixture(scope="module")
-def wandb_run(tmp_path_factory):
+def wandb_run(tmp_path_factory, eval_cache):
     run_dir = tmp_path_factory.mktemp("wandb_run")
     args = TINY + [f"run.dir={run_dir}", "logging.wandb=offline", "logging.samples_every=3",
-                   "eval.num_samples=200", "eval.every=3", f"eval.cache_dir={run_dir.parent / 'eval_cache'}"]
+                   "eval.num_samples=200", "eval.every=3", f"eval.cache_dir={eval_cache}"]
     result = run_train(args, env=run_env(WANDB_API_KEY=FAKE_KEY, WANDB_SILENT="false"))
     assert result.returncode == 0, result.stderr[-3000:]
     return run_dir, result
@@ -77,10 +77,10 @@ def test_the_run_draws_its_curves_and_they_can_be_redrawn(wandb_run):
     assert result.returncode == 0 and curves.stat().st_size > 10_000
 
 
-def test_every_evaluation_is_logged_with_the_training_time_it_took(tmp_path):
+def test_every_evaluation_is_logged_with_the_training_time_it_took(tmp_path, eval_cache):
     """Time to quality reads the training seconds off each evaluation, also between logging steps."""
     result = run_train(TINY + [f"run.dir={tmp_path / 'run'}", "logging.every=4", "eval.num_samples=200",
-                               "eval.every=3", f"eval.cache_dir={tmp_path / 'eval_cache'}"])
+                               "eval.every=3", f"eval.cache_dir={eval_cache}"])
     assert result.returncode == 0, result.stderr[-2000:]
     lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [line["step"] for line in lines] == [3, 4, 6]

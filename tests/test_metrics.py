@@ -90,17 +90,17 @@ def test_sqrtm_reference_is_the_one_scipy_gives():
 
 
 @pytest.fixture(scope="module")
-def evaluator(tmp_path_factory):
+def evaluator(eval_cache):
     from train.config import SHIPPED_MNIST
-    return metrics.Evaluator(SHIPPED_MNIST, tmp_path_factory.mktemp("cache"))
+    return metrics.Evaluator(SHIPPED_MNIST, eval_cache)
 
 
-def test_the_committed_feature_network_is_over_99_percent_accurate():
-    from train import classifier
+def test_the_committed_feature_network_is_over_99_percent_accurate(evaluator):
     from train.config import SHIPPED_MNIST
-    from train.data import read_idx_images, read_idx_labels
-    network = classifier.load()
-    accuracy = classifier.accuracy(network, read_idx_images(SHIPPED_MNIST, "test"), read_idx_labels(SHIPPED_MNIST, "test"))
+    from train.data import read_idx_labels
+    # The real set's class probabilities are the network's own on the 10,000 test images.
+    assert evaluator.real.probabilities.shape == (10000, 10)
+    accuracy = (evaluator.real.probabilities.argmax(1) == read_idx_labels(SHIPPED_MNIST, "test")).double().mean()
     assert accuracy >= 0.99
 
 
@@ -113,18 +113,25 @@ def test_a_tampered_feature_network_is_refused(tmp_path, monkeypatch):
         classifier.load()
 
 
-def test_real_features_are_cached_on_disk_and_reused(evaluator, tmp_path_factory):
-    (cached,) = evaluator_cache_files(evaluator)
-    assert evaluator.real.features.shape == (10000, 128)
-    stamp = cached.stat().st_mtime_ns
+def test_real_features_are_cached_on_disk_and_reused(tmp_path):
+    from conftest import write_idx_images
     from train.config import SHIPPED_MNIST
-    again = metrics.Evaluator(SHIPPED_MNIST, cached.parent)
+    from train.data import read_idx_images
+    test_images = read_idx_images(SHIPPED_MNIST, "test")
+    data, other_data = tmp_path / "data", tmp_path / "other_data"
+    for folder, images in ((data, test_images[:100]), (other_data, test_images[100:200])):
+        folder.mkdir()
+        write_idx_images(folder, "test", images)
+    cache = tmp_path / "cache"
+    first = metrics.Evaluator(data, cache)
+    (cached,) = cache.iterdir()
+    assert first.real.features.shape == (100, 128)
+    stamp = cached.stat().st_mtime_ns
+    again = metrics.Evaluator(data, cache)
     assert cached.stat().st_mtime_ns == stamp  # read, not rewritten
-    assert torch.equal(again.real.features, evaluator.real.features)
-
-
-def evaluator_cache_files(evaluator):
-    return [p for p in evaluator.cache_dir.iterdir() if p.name.startswith("mnist_test_features_")]
+    assert torch.equal(again.real.features, first.real.features)
+    other = metrics.Evaluator(other_data, cache)  # another test set: its own entry, not the first one's
+    assert len(list(cache.iterdir())) == 2 and not torch.equal(other.real.features, first.real.features)
 
 
 @pytest.mark.slow

@@ -30,34 +30,57 @@ def uninterrupted(tiny_mnist, tmp_path_factory):
     return runs
 
 
-def preempt_then_resume(tiny_mnist, run_dir, fault, step, rank, processes, *extra):
-    first = run_with_fault(fault, step, rank, tiny_run(tiny_mnist, run_dir, *extra), processes)
-    assert first.returncode == (EXIT_PREEMPTED if processes == 1 else 1), first.stderr[-3000:]
-    assert "s after the signal" in first.stderr
+def preempt(tiny_mnist, run_dir, fault, step, rank, processes, *extra, resumed_at=0):
+    """One run that gets `fault` on `rank` at absolute step `step` and must leave a checkpoint of that step.
+
+    tests/interrupt.py counts the steps of its own process, so a run resumed at `resumed_at` is told
+    `step - resumed_at`.
+    """
+    result = run_with_fault(fault, step - resumed_at, rank, tiny_run(tiny_mnist, run_dir, *extra), processes)
+    assert result.returncode == (EXIT_PREEMPTED if processes == 1 else 1), result.stderr[-3000:]
+    assert "s after the signal" in result.stderr
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"step_{step:08d}"
-    second = run_with_fault("none", 0, 0, tiny_run(tiny_mnist, run_dir, *extra), processes)
-    assert second.returncode == 0, second.stderr[-3000:]
-    assert f"resumed from {run_dir / 'checkpoints' / f'step_{step:08d}'}" in second.stdout + second.stderr
-    return second
+    return result
 
 
-@pytest.mark.parametrize("step, signal", [(7, "TERM"), (17, "USR1")])
-def test_one_process_resumes_bitwise(tiny_mnist, tmp_path, uninterrupted, step, signal):
-    preempt_then_resume(tiny_mnist, tmp_path, f"signal:{signal}", step, 0, 1)
+def assert_resumed_from(result, run_dir, step):
+    assert f"resumed from {run_dir / 'checkpoints' / f'step_{step:08d}'}" in result.stdout + result.stderr
+
+
+def finish(tiny_mnist, run_dir, processes, *extra):
+    result = run_with_fault("none", 0, 0, tiny_run(tiny_mnist, run_dir, *extra), processes)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def test_one_process_resumes_bitwise_after_each_preemption_and_keeps_one_wandb_run(tiny_mnist, tmp_path,
+                                                                                   uninterrupted):
+    """SIGTERM at step 7 with a second SIGTERM while its checkpoint is written, then SIGUSR1 at step 17."""
+    pytest.importorskip("wandb")
+    from wandb_records import records
+    preempt(tiny_mnist, tmp_path, "double-signal", 7, 0, 1, "logging.wandb=offline")
+    second = preempt(tiny_mnist, tmp_path, "signal:USR1", 17, 0, 1, "logging.wandb=offline", resumed_at=7)
+    assert_resumed_from(second, tmp_path, 7)
+    assert_resumed_from(finish(tiny_mnist, tmp_path, 1, "logging.wandb=offline"), tmp_path, 17)
     assert_bitwise_equal(all_state(tmp_path), uninterrupted[1])
     steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert steps == sorted(set(steps)) and steps[-1] == STEPS  # no duplicated or lost lines
+    # Three starts, one W&B run: the id saved in the checkpoints is the one every start logged to.
+    run_files = sorted(tmp_path.glob("wandb/offline-run-*/run-*.wandb"))
+    assert len(run_files) == 3
+    ids = {record.run.run_id for path in run_files for record in records(path)
+           if record.WhichOneof("record_type") == "run"}
+    state = json.loads((tmp_path / "checkpoints" / f"step_{STEPS:08d}" / "state.json").read_text())
+    assert ids == {state["progress"]["wandb_run_id"]}
 
 
-@pytest.mark.parametrize("step, rank, signal", [(5, 1, "USR1"), (14, 0, "TERM")])
-def test_two_processes_resume_bitwise(tiny_mnist, tmp_path, uninterrupted, step, rank, signal):
-    preempt_then_resume(tiny_mnist, tmp_path, f"signal:{signal}", step, rank, 2)
+def test_two_processes_resume_bitwise_after_each_preemption(tiny_mnist, tmp_path, uninterrupted):
+    """SIGUSR1 reaching only rank 1 at step 5, then SIGTERM reaching only rank 0 at step 14."""
+    preempt(tiny_mnist, tmp_path, "signal:USR1", 5, 1, 2)
+    second = preempt(tiny_mnist, tmp_path, "signal:TERM", 14, 0, 2, resumed_at=5)
+    assert_resumed_from(second, tmp_path, 5)
+    assert_resumed_from(finish(tiny_mnist, tmp_path, 2), tmp_path, 14)
     assert_bitwise_equal(all_state(tmp_path), uninterrupted[2])
-
-
-def test_a_second_signal_during_the_save_does_not_corrupt_it(tiny_mnist, tmp_path, uninterrupted):
-    preempt_then_resume(tiny_mnist, tmp_path, "double-signal", 13, 0, 1)
-    assert_bitwise_equal(all_state(tmp_path), uninterrupted[1])
 
 
 def test_a_crash_while_saving_leaves_the_previous_checkpoint_to_resume_from(tiny_mnist, tmp_path, uninterrupted):
@@ -68,19 +91,6 @@ def test_a_crash_while_saving_leaves_the_previous_checkpoint_to_resume_from(tiny
     second = run_train(tiny_run(tiny_mnist, tmp_path))
     assert second.returncode == 0, second.stderr[-3000:]
     assert_bitwise_equal(all_state(tmp_path), uninterrupted[1])
-
-
-def test_resumed_run_continues_the_same_wandb_run(tiny_mnist, tmp_path):
-    pytest.importorskip("wandb")
-    from wandb_records import records
-    preempt_then_resume(tiny_mnist, tmp_path, "signal:TERM", 9, 0, 1, "logging.wandb=offline")
-    run_files = sorted(tmp_path.glob("wandb/offline-run-*/run-*.wandb"))
-    assert len(run_files) == 2
-    ids = {record.run.run_id for path in run_files for record in records(path)
-           if record.WhichOneof("record_type") == "run"}
-    assert len(ids) == 1
-    state = json.loads((tmp_path / "checkpoints" / "step_00000030" / "state.json").read_text())
-    assert ids == {state["progress"]["wandb_run_id"]}
 
 
 def test_resuming_on_another_number_of_processes_keeps_the_global_batch(tiny_mnist, tmp_path):

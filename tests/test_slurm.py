@@ -105,9 +105,9 @@ def check_finished_run(job: Job, steps: int) -> None:
 
 
 @pytest.fixture(scope="session")
-def single_node_run(cluster, tmp_path_factory) -> Job:
+def single_node_run(cluster, tmp_path_factory, eval_cache) -> Job:
     job = Job(cluster, "slurm/train.sbatch", tmp_path_factory.mktemp("single"), ["--cpus-per-task=2"],
-              SMOKE | {"GAN_PROCESSES_PER_NODE": "2"})
+              SMOKE | {"GAN_ARGS": f"{SHORT} eval.cache_dir={eval_cache}", "GAN_PROCESSES_PER_NODE": "2"})
     job.wait_completed()
     return job
 

@@ -47,8 +47,8 @@ def test_losses_stay_finite(tmp_path, precision):
 
 
 @pytest.mark.slow
-def test_smoke_config_writes_a_complete_run(tmp_path):
-    result = run_train(["--config", "configs/smoke.yaml", f"run.dir={tmp_path}"])
+def test_smoke_config_writes_a_complete_run(tmp_path, eval_cache):
+    result = run_train(["--config", "configs/smoke.yaml", f"run.dir={tmp_path}", f"eval.cache_dir={eval_cache}"])
     assert result.returncode == 0, result.stderr[-2000:]
     assert [line["step"] for line in metrics(tmp_path)] == list(range(25, 201, 25))
     assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step_00000200"
