@@ -18,8 +18,8 @@ REPO = Path(__file__).resolve().parent.parent
 os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
 # A few cheap steps on the CPU: enough to exercise every phase of the loop.
 TINY = ["model.arch=dcgan", "data.batch_size=8", "train.steps=6", "logging.every=3",
-        "logging.samples_every=0", "checkpoint.every=0", "logging.wandb=disabled", "train.cpu=true",
-        "eval.num_samples=0", "ema.statistics_images=64"]
+        "logging.samples_every=0", "checkpoint.every=0", "logging.wandb=disabled", "logging.curves=false",
+        "train.cpu=true", "eval.num_samples=0", "ema.statistics_images=64"]
 
 
 def run_env(**extra: str) -> dict[str, str]:

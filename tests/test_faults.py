@@ -18,7 +18,8 @@ pytestmark = pytest.mark.slow
 def tiny_run(tiny_mnist, run_dir, *extra):
     return ["model.arch=dcgan", "data.batch_size=8", f"data.path={tiny_mnist}", "train.steps=16",
             "checkpoint.every=5", "train.check_every=1", "logging.every=4", "logging.samples_every=0",
-            "logging.wandb=disabled", "train.cpu=true", "eval.num_samples=0", f"run.dir={run_dir}", *extra]
+            "logging.wandb=disabled", "logging.curves=false", "train.cpu=true", "eval.num_samples=0",
+            "ema.statistics_images=64", f"run.dir={run_dir}", *extra]
 
 
 def test_nan_on_one_rank_stops_every_rank_at_that_step(tiny_mnist, tmp_path):

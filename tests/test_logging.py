@@ -19,7 +19,7 @@ FAKE_KEY = "local-0123456789abcdef0123456789abcdef01234567"
 @pytest.fixture(scope="module")
 def wandb_run(tmp_path_factory, eval_cache):
     run_dir = tmp_path_factory.mktemp("wandb_run")
-    args = TINY + [f"run.dir={run_dir}", "logging.wandb=offline", "logging.samples_every=3",
+    args = TINY + [f"run.dir={run_dir}", "logging.wandb=offline", "logging.samples_every=3", "logging.curves=true",
                    "eval.num_samples=200", "eval.every=3", f"eval.cache_dir={eval_cache}"]
     result = run_train(args, env=run_env(WANDB_API_KEY=FAKE_KEY, WANDB_SILENT="false"))
     assert result.returncode == 0, result.stderr[-3000:]
@@ -60,11 +60,17 @@ def test_no_api_key_is_written_anywhere(wandb_run):
     assert FAKE_KEY not in result.stdout + result.stderr
 
 
-def test_disabled_wandb_writes_only_the_local_log(tmp_path):
-    result = run_train(TINY + [f"run.dir={tmp_path}"])
+def test_a_disabled_run_writes_only_the_local_log_and_never_imports_wandb(tmp_path):
+    blocker = tmp_path / "blocked" / "wandb"
+    blocker.mkdir(parents=True)
+    (blocker / "__init__.py").write_text("raise ImportError('wandb is not installed here')\n")
+    env = run_env(PYTHONPATH=str(tmp_path / "blocked"))
+    run_dir = tmp_path / "run"
+    result = run_train(TINY + [f"run.dir={run_dir}"], env=env)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert not (tmp_path / "wandb").exists()
-    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2
+    assert not (run_dir / "wandb").exists()
+    assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 2
+    assert not (run_dir / "curves.png").exists()  # logging.curves=false (TINY)
 
 
 def test_the_run_draws_its_curves_and_they_can_be_redrawn(wandb_run):
@@ -86,16 +92,6 @@ def test_every_evaluation_is_logged_with_the_training_time_it_took(tmp_path, eva
     assert [line["step"] for line in lines] == [3, 4, 6]
     assert ["eval/fd" in line for line in lines] == [True, False, True]
     assert all({"train_seconds", "loss/d", "images_per_second"} <= set(line) for line in lines)
-
-
-def test_without_wandb_a_disabled_run_never_imports_it(tmp_path):
-    blocker = tmp_path / "blocked" / "wandb"
-    blocker.mkdir(parents=True)
-    (blocker / "__init__.py").write_text("raise ImportError('wandb is not installed here')\n")
-    env = run_env(PYTHONPATH=str(tmp_path / "blocked"))
-    result = run_train(TINY + [f"run.dir={tmp_path / 'run'}"], env=env)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 2
 
 
 def test_asking_for_wandb_without_it_is_refused_before_any_work(monkeypatch):

@@ -19,18 +19,24 @@ def metrics(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_same_seed_gives_bitwise_identical_weights_and_another_seed_does_not(tmp_path):
-    runs = {name: tmp_path / name for name in ("a", "b", "other")}
-    for name, run_dir in runs.items():
-        seed = 1 if name == "other" else 0
-        result = run_train(TINY + [f"run.dir={run_dir}", f"run.seed={seed}"])
+@pytest.fixture(scope="module")
+def seeded_runs(tmp_path_factory) -> dict:
+    """Three finished TINY runs: "a" and "b" with seed 0, "other" with seed 1."""
+    runs = {}
+    for name, seed in (("a", 0), ("b", 0), ("other", 1)):
+        runs[name] = tmp_path_factory.mktemp(name)
+        result = run_train(TINY + [f"run.dir={runs[name]}", f"run.seed={seed}"])
         assert result.returncode == 0, result.stderr[-2000:]
-    a, b, other = (final_weights(runs[name]) for name in ("a", "b", "other"))
+    return runs
+
+
+def test_same_seed_gives_bitwise_identical_weights_and_another_seed_does_not(seeded_runs):
+    a, b, other = (final_weights(seeded_runs[name]) for name in ("a", "b", "other"))
     for network in a:
         assert a[network].keys() == b[network].keys()
         assert all(torch.equal(a[network][key], b[network][key]) for key in a[network])
     assert not all(torch.equal(a["generator"][k], other["generator"][k]) for k in a["generator"])
-    timeless = [[{k: v for k, v in line.items() if k not in TIMINGS} for line in metrics(runs[name])]
+    timeless = [[{k: v for k, v in line.items() if k not in TIMINGS} for line in metrics(seeded_runs[name])]
                 for name in ("a", "b")]
     assert timeless[0] == timeless[1]
 
@@ -54,6 +60,7 @@ def test_smoke_config_writes_a_complete_run(tmp_path, eval_cache):
     assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step_00000200"
     assert sorted(p.name for p in (tmp_path / "checkpoints").glob("step_*")) == ["step_00000100", "step_00000200"]
     assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == ["step_00000100.png", "step_00000200.png"]
+    assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # logging.curves defaults to true
     recorded = (tmp_path / "config.yaml").read_text()
     assert "arch: dcgan" in recorded
     assert "cuda_graph: false" in recorded  # null (wherever it can run) resolved on the CPU, and recorded
@@ -85,13 +92,13 @@ def test_corrupt_data_file_stops_before_the_run_dir_is_made(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def test_rerunning_a_finished_run_leaves_its_checkpoints_alone(tmp_path):
-    assert run_train(TINY + [f"run.dir={tmp_path}"]).returncode == 0
-    before = {p: p.read_bytes() for p in (tmp_path / "checkpoints").rglob("*") if p.is_file()}
-    result = run_train(TINY + [f"run.dir={tmp_path}"])  # resume=auto: already at train.steps
+def test_rerunning_a_finished_run_leaves_its_checkpoints_alone(seeded_runs, tmp_path):
+    run_dir = shutil.copytree(seeded_runs["a"], tmp_path / "run")
+    before = {p: p.read_bytes() for p in (run_dir / "checkpoints").rglob("*") if p.is_file()}
+    result = run_train(TINY + [f"run.dir={run_dir}"])  # resume=auto: already at train.steps
     assert result.returncode == 0, result.stderr[-2000:]
     assert "resumed from" in result.stdout + result.stderr
-    assert {p: p.read_bytes() for p in (tmp_path / "checkpoints").rglob("*") if p.is_file()} == before
+    assert {p: p.read_bytes() for p in (run_dir / "checkpoints").rglob("*") if p.is_file()} == before
 
 
 def test_profile_writes_a_trace_and_an_operator_table(tmp_path):

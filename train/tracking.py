@@ -81,6 +81,7 @@ class RunLog:
         self.accelerator = accelerator
         self.run_dir = run_dir
         self.use_wandb = cfg.logging.wandb != "disabled"
+        self.draw_curves = cfg.logging.curves
         if accelerator.is_main_process:
             (run_dir / SAMPLES_DIR).mkdir(exist_ok=True)
             _drop_lines_after(run_dir / METRICS_FILE, progress.step)
@@ -121,8 +122,8 @@ class RunLog:
         return path
 
     def close(self) -> None:
-        """Flush W&B, and draw the curves of the whole run so far (main process)."""
-        if self.accelerator.is_main_process and (self.run_dir / METRICS_FILE).is_file():
+        """Flush W&B, and draw the curves of the whole run so far (main process, `logging.curves`)."""
+        if self.draw_curves and self.accelerator.is_main_process and (self.run_dir / METRICS_FILE).is_file():
             plot_curves(self.run_dir / METRICS_FILE, self.run_dir / CURVES_FILE)
         if self.use_wandb:
             self.accelerator.end_training()
