@@ -122,11 +122,13 @@ class RunLog:
         return path
 
     def close(self) -> None:
-        """Flush W&B, and draw the curves of the whole run so far (main process, `logging.curves`)."""
+        """Draw the curves of the whole run so far (main process, `logging.curves`), flush W&B and end
+        the process group. Every rank calls this on the same exit, so ending the group cannot hang; a
+        process that exits with a gloo group alive can abort in its threads' teardown (SIGABRT after
+        a finished run: pytorch/pytorch#190489)."""
         if self.draw_curves and self.accelerator.is_main_process and (self.run_dir / METRICS_FILE).is_file():
             plot_curves(self.run_dir / METRICS_FILE, self.run_dir / CURVES_FILE)
-        if self.use_wandb:
-            self.accelerator.end_training()
+        self.accelerator.end_training()
 
 
 def _drop_lines_after(path: Path, step: int) -> None:
