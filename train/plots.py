@@ -1,6 +1,7 @@
 """Training curves as a PNG, from a run's metrics.jsonl: readable without W&B.
 
-`python -m train.plots --run <run dir>` writes `<run dir>/curves.png`; a run also writes it at its end.
+`python -m train.plots --run <run dir>` writes `<run dir>/curves.png`; a run also writes it at its end
+(`logging.curves`, on by default).
 """
 
 from __future__ import annotations
