@@ -77,15 +77,15 @@ def tiny_mnist(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def eval_cache(tmp_path_factory, worker_id) -> Path:
+def eval_cache(tmp_path_factory) -> Path:
     """One `eval.cache_dir` for every evaluating test of this pytest session, on all xdist workers.
 
     Extracting the features of the 10,000 MNIST test images costs about 18 s of one core; the cache
     is keyed by its content and written atomically, so sharing it is safe. Never the repository's
     `.cache/eval`: a test must not depend on what an earlier session left there.
     """
-    root = tmp_path_factory.getbasetemp()
-    return (root if worker_id == "master" else root.parent) / "eval_cache"
+    root = tmp_path_factory.getbasetemp()  # under xdist, one folder per worker inside the session's
+    return (root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root) / "eval_cache"
 
 
 def run_with_fault(fault: str, step: int, rank: int, args: list[str], processes: int = 1,
