@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Every GPU measurement in docs/performance.md, in parts; `owed` (the default) holds what is still
-# owed and fits one device call (10 minutes at most; a session's device time is about 15 minutes,
+# Every GPU measurement in docs/performance.md, in parts that measure nothing twice; `owed` (the
+# default) holds what is still owed and fits one device call (10 minutes at most; a session's device time is about 15 minutes,
 # machine start included, so plan on one call):
 #   owed     the two open targets: (a) the blog's loop, (b) the seed loop as a CUDA graph, and (b)
 #            with torch.compile inside the graph (with and without TF32): can fused kernels take the
@@ -9,10 +9,9 @@
 #            lower the FD where fast.yaml's curve flattens (about 48 at 60 s)?
 #   graph    the CUDA graph (on by default where it can run) against the eager loop, compiled or
 #            not (launch/check_cuda_graph.py); then the throughput benchmark: (a)-(d), then the
-#            seed loop with torch.compile inside the graph, channels_last, bf16, TF32 matrix
-#            products, eager (the most owed first: the JSON keeps what a time limit cut short)
-#   quality  time to quality of configs/seed.yaml and configs/fast.yaml, and of fast.yaml with a
-#            longer generator average (EMA half-life 100k and 500k images)
+#            seed loop with channels_last, bf16, TF32 matrix products, eager, and fast.yaml with
+#            torch.compile inside the graph (the JSON keeps what a time limit cut short)
+#   quality  time to quality of configs/seed.yaml and configs/fast.yaml as they ship
 #   rest     the host and device profile of the real loop (graphed), the kernel profile of an eager
 #            seed step, the BatchNorm/DDP hazard, the fp16 path, torch.compile's reduce-overhead mode
 # Needs torch, torchvision, accelerate, safetensors, omegaconf, scipy and matplotlib; no network, no W&B.
@@ -51,8 +50,6 @@ graph() {
   timeout 270 "$python" launch/check_cuda_graph.py >> "$out/graph_check.txt" 2>&1
   local seed="configs/seed.yaml:train.mixed_precision=fp32"
   timeout 290 "$python" -m train.bench --steps 500 --warmup 100 --variant-timeout 150 \
-    --custom "seed_compile=$seed,train.compile=true,train.cuda_graph=true" \
-    --custom "seed_compile_tf32=$seed,train.compile=true,train.cuda_graph=true,train.tf32=true" \
     --custom "seed_channels_last=$seed,train.channels_last=true" \
     --custom "seed_bf16=configs/seed.yaml:train.mixed_precision=bf16" \
     --custom "seed_tf32=$seed,train.tf32=true" \
@@ -63,8 +60,6 @@ graph() {
 
 quality() {
   timeout 420 "$python" -m train.bench --variants "" --time-to-quality --ttq-seconds 90 \
-    --ttq-custom "fast_ema100k=configs/fast.yaml:ema.half_life_images=100000,eval.every=1000" \
-    --ttq-custom "fast_ema500k=configs/fast.yaml:ema.half_life_images=500000,eval.every=1000" \
     --runs-dir "$out/runs" --out "$out/bench_quality.json" 2>&1 | tee "$out/bench_quality.log"
   keep_run seed
   keep_run fast
