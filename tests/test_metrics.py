@@ -165,11 +165,11 @@ def test_degraded_training_images_score_worse_than_the_floor(evaluator):
     assert all(scores["classes_present"] == 10 for scores in degraded.values())
 
 
-def test_scoring_with_the_real_sets_cached_radii_gives_the_same_numbers():
+def test_scoring_with_the_real_sets_cached_neighbour_distances_gives_the_same_numbers():
     real = metrics.Features(random_features(150, seed=9), torch.full((150, 10), 0.1))
     fake = metrics.Features(random_features(120, seed=10, shift=0.4), torch.full((120, 10), 0.1))
     first, second = metrics.compare(real, fake), metrics.compare(real, fake)  # the second reuses the radii
-    assert sorted(real._radii) == [metrics.PRECISION_RECALL_K, metrics.DENSITY_COVERAGE_K]
+    assert real._neighbours.shape == (150, max(metrics.PRECISION_RECALL_K, metrics.DENSITY_COVERAGE_K))
     precision, recall = metrics.precision_recall(real.features, fake.features)
     density, coverage = metrics.density_coverage(real.features, fake.features)
     assert first == second

@@ -41,14 +41,14 @@ DISTANCE_CHUNK = 2048
 class Features:
     features: Tensor  # [N, FEATURE_DIM] float32, penultimate layer
     probabilities: Tensor  # [N, 10] softmax of the class logits
-    _radii: dict[int, Tensor] = field(default_factory=dict, repr=False)
+    _neighbours: Tensor | None = field(default=None, repr=False)
 
     def radii(self, k: int) -> Tensor:
-        """Each sample's distance to its k-th nearest neighbour in this set, computed once: the real set
-        is scored against many sample sets, and this is an N x N distance computation."""
-        if k not in self._radii:
-            self._radii[k] = kth_neighbour_distance(self.features, k)
-        return self._radii[k]
+        """Each sample's distance to its k-th nearest neighbour in this set. The real set is scored against
+        many sample sets, and this is an N x N distance computation: done once, for every k the metrics use."""
+        if self._neighbours is None or self._neighbours.shape[1] < k:
+            self._neighbours = neighbour_distances(self.features, max(k, PRECISION_RECALL_K, DENSITY_COVERAGE_K))
+        return self._neighbours[:, k - 1]
 
 
 @torch.no_grad()
@@ -79,10 +79,15 @@ def frechet_distance(a: Tensor, b: Tensor) -> float:
     return float(((mu_a - mu_b) ** 2).sum() + np.trace(sigma_a) + np.trace(sigma_b) - 2 * np.trace(root))
 
 
+def neighbour_distances(x: Tensor, k: int) -> Tensor:
+    """[N, k]: distances from each row of x to its 1st, 2nd, ... k-th nearest other row."""
+    nearest = [torch.cdist(chunk, x).topk(k + 1, dim=1, largest=False).values[:, 1:] for chunk in x.split(DISTANCE_CHUNK)]
+    return torch.cat(nearest)
+
+
 def kth_neighbour_distance(x: Tensor, k: int) -> Tensor:
     """Distance from each row of x to its k-th nearest other row."""
-    radii = [torch.cdist(chunk, x).topk(k + 1, dim=1, largest=False).values[:, k] for chunk in x.split(DISTANCE_CHUNK)]
-    return torch.cat(radii)
+    return neighbour_distances(x, k)[:, k - 1]
 
 
 def _within_balls(points: Tensor, centres: Tensor, radii: Tensor) -> Tensor:
