@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from train import checkpoint  # noqa: E402
+from train import manifest  # noqa: E402
 from train.bench import QUIET, run_checked  # noqa: E402
 
 SEED = ["--config", "configs/seed.yaml", "train.mixed_precision=fp32"]
@@ -31,7 +31,7 @@ def final_weights(args: list[str], steps: int, run_dir: Path, graph: bool) -> di
     command = [sys.executable, "-m", "train", *args, *QUIET, f"train.steps={steps}", f"run.dir={run_dir}",
                f"train.cuda_graph={str(graph).lower()}"]
     run_checked(command, RUN_TIMEOUT_S)
-    folder = checkpoint.resolve(run_dir)
+    folder = manifest.resolve(run_dir)
     return {f"{name}.{key}": value for name in ("generator", "discriminator", "generator_ema")
             for key, value in load_file(folder / f"{name}.safetensors").items()}
 

@@ -20,7 +20,7 @@ from train.faults import FaultMonitor
 
 out, overrides = Path(sys.argv[1]), sys.argv[2:]
 cfg = config.load(None, overrides)
-accelerator, run_dir, _ = loop.set_up(cfg)
+accelerator, run_dir = loop.set_up(cfg, resume_from=None)
 batches = data.ShardedBatches(data.load_images(cfg.data), cfg.data.batch_size, accelerator.process_index,
                               accelerator.num_processes, cfg.run.seed, accelerator.device)
 faults = FaultMonitor("stop", accelerator.device, check_gradients=True, check_every=cfg.train.steps)

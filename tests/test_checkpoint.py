@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import REPO, TINY, all_state, assert_bitwise_equal, run_env, run_train
-from train import checkpoint, models
+from train import manifest, models
 
 
 @pytest.fixture(scope="module")
@@ -38,8 +38,8 @@ def test_a_checkpoint_is_safetensors_and_json_named_in_its_manifest(finished_run
     assert names == ["discriminator.safetensors", "generator.safetensors", "generator_ema.safetensors",
                      "manifest.json", "optimizers.json",
                      "optimizers.safetensors", "rank_0.json", "rank_0.safetensors", "state.json"]
-    manifest = json.loads((folder / "manifest.json").read_text())
-    assert sorted(manifest["sha256"]) == [n for n in names if n != "manifest.json"]
+    written = json.loads((folder / "manifest.json").read_text())
+    assert sorted(written["sha256"]) == [n for n in names if n != "manifest.json"]
     state = json.loads((folder / "state.json").read_text())
     assert state["progress"] == {"step": 6, "images_seen": 48, "data": {"epoch": 0, "step_in_epoch": 6},
                                  "seed_offset": 0, "wandb_run_id": None}
@@ -53,7 +53,7 @@ def test_a_checkpoint_is_safetensors_and_json_named_in_its_manifest(finished_run
 def test_keep_last_deletes_only_older_complete_checkpoints(tmp_path):
     result = run_train(TINY + [f"run.dir={tmp_path}", "checkpoint.every=2", "checkpoint.keep_last=2"])
     assert result.returncode == 0, result.stderr[-2000:]
-    assert [p.name for p in checkpoint.complete_checkpoints(tmp_path)] == ["step_00000004", "step_00000006"]
+    assert [p.name for p in manifest.complete_checkpoints(tmp_path)] == ["step_00000004", "step_00000006"]
 
 
 def test_a_planted_pickle_is_never_loaded(finished_run, tmp_path):
@@ -94,7 +94,7 @@ def test_auto_resume_falls_back_to_the_newest_valid_checkpoint(finished_run, tmp
     assert f"skipping checkpoint step_00000006: {target.parent / message}" in output
     assert "resuming from step_00000004, the newest valid checkpoint (not step_00000006)" in output
     # The new step 6 is complete; the damaged one is kept aside, unchanged, for a person to look at.
-    checkpoint.verify(run_dir / "checkpoints" / "step_00000006")
+    manifest.verify(run_dir / "checkpoints" / "step_00000006")
     kept = run_dir / "checkpoints" / "damaged_step_00000006" / "optimizers.safetensors"
     assert (kept.read_bytes() if kept.exists() else None) == damaged
     assert "kept the damaged step_00000006 as damaged_step_00000006" in output
@@ -107,15 +107,15 @@ def bad_checkpoint(kind, finished_run, tmp_path):
     if kind == "not a checkpoint":
         return run_dir / "samples", "is not a checkpoint: it has no manifest.json"
     if kind == "manifest mismatch":
-        manifest = json.loads((folder / "manifest.json").read_text())
-        manifest["sha256"]["generator.safetensors"] = "0" * 64
-        (folder / "manifest.json").write_text(json.dumps(manifest))
+        written = json.loads((folder / "manifest.json").read_text())
+        written["sha256"]["generator.safetensors"] = "0" * 64
+        (folder / "manifest.json").write_text(json.dumps(written))
         return folder, "generator.safetensors is damaged: its SHA-256 does not match manifest.json"
     if kind == "newer format":
-        manifest = json.loads((folder / "manifest.json").read_text())
-        manifest["format_version"] = checkpoint.FORMAT_VERSION + 1
-        (folder / "manifest.json").write_text(json.dumps(manifest))
-        return folder, f"written with checkpoint format version {checkpoint.FORMAT_VERSION + 1}; this code reads up to"
+        written = json.loads((folder / "manifest.json").read_text())
+        written["format_version"] = manifest.FORMAT_VERSION + 1
+        (folder / "manifest.json").write_text(json.dumps(written))
+        return folder, f"written with checkpoint format version {manifest.FORMAT_VERSION + 1}; this code reads up to"
     assert kind == "other architecture"
     return folder, "generator.safetensors does not fit this model.arch/model.z_dim"
 

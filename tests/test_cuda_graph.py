@@ -60,7 +60,7 @@ def recorded_steps(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("run")
     original, loop.ReplayableStep = loop.ReplayableStep, RecordingStep
     try:
-        assert loop.train(config.load(None, TINY + [f"run.dir={run_dir}", "model.arch=seed"])) == 0
+        assert loop.train(config.load(None, TINY + [f"run.dir={run_dir}", "model.arch=seed"]), resume_from=None) == 0
     finally:
         loop.ReplayableStep = original
     return recorded

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import REPO, free_port, run_env, run_with_fault
-from train import checkpoint
+from train import manifest
 from train.faults import EXIT_NONFINITE
 
 pytestmark = pytest.mark.slow
@@ -29,14 +29,14 @@ def test_nan_on_one_rank_stops_every_rank_at_that_step(tiny_mnist, tmp_path):
     assert "non-finite discriminator loss or gradient at step 8 on rank 1 (loss nan)" in result.stderr
     assert "stopping (train.on_nonfinite=stop)" in result.stderr
     assert f"exitcode  : {EXIT_NONFINITE}" in result.stderr  # torchrun's summary of the ranks' exits
-    assert [p.name for p in checkpoint.complete_checkpoints(tmp_path)] == ["step_00000005"]
-    checkpoint.verify(tmp_path / "checkpoints" / "step_00000005")
+    assert [p.name for p in manifest.complete_checkpoints(tmp_path)] == ["step_00000005"]
+    manifest.verify(tmp_path / "checkpoints" / "step_00000005")
 
 
 def test_skip_drops_the_bad_update_everywhere_and_training_goes_on(tiny_mnist, tmp_path):
     result = run_with_fault("nan", 8, 1, tiny_run(tiny_mnist, tmp_path, "train.on_nonfinite=skip"), processes=2)
     assert result.returncode == 0, result.stderr[-3000:]
-    final = checkpoint.complete_checkpoints(tmp_path)[-1]
+    final = manifest.complete_checkpoints(tmp_path)[-1]
     assert final.name == "step_00000016"
     from safetensors.torch import load_file
     for name in ("generator", "discriminator", "optimizers"):

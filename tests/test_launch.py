@@ -13,7 +13,7 @@ import pytest
 from accelerate.commands.config.config_args import load_config_from_file
 
 from conftest import REPO, TINY, run_env
-from train import checkpoint
+from train import manifest
 from train.launch import ACCELERATE_CONFIGS, LaunchError, Topology, command, detect
 
 SHELL_SCRIPTS = sorted(str(p.relative_to(REPO)) for pattern in ("slurm/*.sbatch", "slurm/*.sh", "launch/*.sh", "tests/*.sh")
@@ -81,7 +81,7 @@ def test_helper_passes_usr1_on_and_returns_after_the_checkpoint(tmp_path, tiny_m
     assert "cpu_1.yaml --num_processes 1" in log
     # The helper returned only after the training process had finished its checkpoint.
     assert "SIGTERM received: checkpointing" in log and "exiting with 75" in log, log[-3000:]
-    checkpoint.verify(checkpoint.newest_valid(run_dir, print))
+    manifest.verify(manifest.newest_valid(run_dir, print))
 
 
 @pytest.mark.skipif(shutil.which("shellcheck") is None and os.environ.get("GAN_REQUIRE_SYSTEM_TOOLS") != "1",

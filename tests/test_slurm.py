@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from conftest import REPO, final_weights, latest_checkpoint, run_env
 from slurm_cluster import LocalSlurm, missing_programs
-from train import checkpoint
+from train import manifest
 from train.distributed import weights_digest
 
 pytestmark = [pytest.mark.slow, pytest.mark.slurm]
@@ -97,8 +97,8 @@ class Job:
 
 def check_finished_run(job: Job, steps: int) -> None:
     final = latest_checkpoint(job.run_dir)
-    checkpoint.verify(final)
-    assert checkpoint.read_state(final)["progress"]["step"] == steps
+    manifest.verify(final)
+    assert manifest.read_state(final)["progress"]["step"] == steps
     assert job.logged_steps()[-1] == steps
     assert sorted(p.name for p in (job.run_dir / "samples").iterdir())
     assert "accelerate.commands.launch --config_file" in job.log()
@@ -142,7 +142,7 @@ def test_multinode_template_trains_on_two_nodes_through_a_preemption(cluster, tm
     digests = rank_digests(log)
     assert set(digests) == {"rank 0", "rank 1"} and len(set(digests.values())) == 1, digests
     # What the ranks reported is what was saved, and the same global batch on one node gives the same weights.
-    folder = job.run_dir / "checkpoints" / checkpoint.checkpoint_name(STEPS)
+    folder = job.run_dir / "checkpoints" / manifest.checkpoint_name(STEPS)
     saved = {name: load_file(folder / f"{name}.safetensors") for name in ("generator", "discriminator", "generator_ema")}
     assert weights_digest(saved) == digests["rank 0"]
     assert digests == rank_digests(single_node_run.log())

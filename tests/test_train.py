@@ -114,9 +114,18 @@ def test_profile_writes_a_trace_and_an_operator_table(tmp_path):
     assert steps == {"ProfilerStep#3", "ProfilerStep#4"}  # the two steps after the first three
 
 
-def test_a_config_mistake_is_reported_before_torch_is_loaded():
-    probe = ("import sys\nfrom train.__main__ import main\ncode = main(['train.stepz=3'])\n"
-             "print(code, 'torch' in sys.modules)")
-    result = subprocess.run([sys.executable, "-c", probe], cwd=REPO, env=run_env(), capture_output=True, text=True)
-    assert result.stdout.split() == ["2", "False"], result.stderr[-2000:]
-    assert "unknown config key 'train.stepz'" in result.stderr
+def test_a_config_or_resume_mistake_is_reported_before_torch_is_loaded(tmp_path):
+    used = tmp_path / "used"
+    used.mkdir()
+    (used / "metrics.jsonl").write_text("")
+    mistakes = {
+        "unknown config key 'train.stepz'": ["train.stepz=3"],
+        f"{tmp_path} is not a checkpoint: it has no manifest.json": [f"resume={tmp_path}", f"run.dir={tmp_path / 'new'}"],
+        f"run.dir '{used}' is not empty and resume=none": ["resume=none", f"run.dir={used}"],
+    }
+    for message, arguments in mistakes.items():
+        probe = f"import sys\nfrom train.__main__ import main\ncode = main({arguments!r})\nprint(code, 'torch' in sys.modules)"
+        result = subprocess.run([sys.executable, "-c", probe], cwd=REPO, env=run_env(), capture_output=True, text=True)
+        assert result.stdout.split() == ["2", "False"], result.stderr[-2000:]
+        assert message in result.stderr
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["metrics.jsonl", "used"]  # nothing written

@@ -1,20 +1,26 @@
 """`python -m train [--config FILE] [key=value ...]`: one training run (exit codes in the README).
 
-The configuration is read and checked before torch and the training code are imported, so a
-mistake in it is reported at once instead of after the seconds they take to load.
+The configuration and the checkpoint to resume from are read and checked before torch and the
+training code are imported, so a mistake in either is reported at once instead of after the
+seconds they take to load.
 """
 
+import os
 import sys
+from pathlib import Path
 
 from train.config import RunError, parse_args
+from train.manifest import resume_point
 
 
 def main(argv: list[str] | None = None) -> int:
     try:
         cfg = parse_args(argv)
-        from train.loop import train  # loaded only for a config that can run
+        first_rank = os.environ.get("RANK", "0") == "0"  # set by `accelerate launch`; no process group yet
+        resume_from = resume_point(cfg.resume, Path(cfg.run.dir), report=print if first_rank else lambda _: None)
+        from train.loop import train  # loaded only for a run that can start
 
-        return train(cfg)
+        return train(cfg, resume_from)
     except RunError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -13,12 +13,12 @@ It is written into a hidden `.incomplete_step_<N>` folder beside the final one: 
 its own RNG state there, the main process the shared state, each file fsync'ed; once all ranks
 are done the main process writes the manifest, renames the folder into place and only then moves
 the `latest` marker. A crash at any moment leaves the previous checkpoint valid. Loading reads
-only the files the manifest names, after checking their hashes; nothing is ever unpickled.
+only the files the manifest names, after checking their hashes; nothing is ever unpickled. The
+layout and the manifest, which need no torch, are train/manifest.py.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -31,19 +31,12 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from train.config import RunError
 from train.data import DataPosition
+from train.manifest import (LATEST, STATE, CheckpointError, checkpoint_name, checkpoints_dir, complete_checkpoints,
+                            fsync, read_state, resolve, sha256, verify, write_atomically, write_json, write_manifest)
 
-FORMAT_VERSION = 1
-CHECKPOINTS = "checkpoints"
-LATEST = "latest"
-MANIFEST = "manifest.json"
-STATE = "state.json"
-NETWORKS = ("generator", "discriminator")
-
-
-class CheckpointError(RunError):
-    """A checkpoint that cannot be used; the message names the file and what is wrong."""
+EXPORTED_WEIGHTS = "generator.safetensors"
+EXPORTED_DESCRIPTION = "generator.json"
 
 
 @dataclass
@@ -70,20 +63,6 @@ class Snapshot:
     extra_json: dict = field(default_factory=dict)
 
 
-def checkpoint_name(step: int) -> str:
-    return f"step_{step:08d}"
-
-
-def checkpoints_dir(run_dir: Path) -> Path:
-    return Path(run_dir) / CHECKPOINTS
-
-
-def complete_checkpoints(run_dir: Path) -> list[Path]:
-    """Checkpoint folders by step, oldest first (hidden `.incomplete_*` folders are not checkpoints)."""
-    folder = checkpoints_dir(run_dir)
-    return sorted(p for p in folder.glob("step_*") if p.is_dir()) if folder.is_dir() else []
-
-
 # ----------------------------------------------------------------------------------------- saving
 
 
@@ -102,14 +81,14 @@ def save(accelerator, run_dir: Path, snapshot: Snapshot, keep_last: int = 0) -> 
     rank = accelerator.process_index
     rng_tensors, rng_json = _rng_state(snapshot.noise)
     _write_tensors(staging / f"rank_{rank}.safetensors", rng_tensors)
-    _write_json(staging / f"rank_{rank}.json", rng_json)
+    write_json(staging / f"rank_{rank}.json", rng_json)
     if accelerator.is_main_process:
         for name, network in snapshot.networks.items():
             _write_tensors(staging / f"{name}.safetensors", network.state_dict())
         optimizer_tensors, optimizer_json = _optimizer_state(snapshot.optimizers)
         _write_tensors(staging / "optimizers.safetensors", optimizer_tensors)
-        _write_json(staging / "optimizers.json", optimizer_json)
-        _write_json(staging / STATE, {
+        write_json(staging / "optimizers.json", optimizer_json)
+        write_json(staging / STATE, {
             "progress": asdict(snapshot.progress),
             "world_size": accelerator.num_processes,
             "scaler": snapshot.scaler.state_dict() if snapshot.scaler is not None else None,
@@ -119,13 +98,11 @@ def save(accelerator, run_dir: Path, snapshot: Snapshot, keep_last: int = 0) -> 
     accelerator.wait_for_everyone()
 
     if accelerator.is_main_process:
-        files = sorted(p.name for p in staging.iterdir())
-        _write_json(staging / MANIFEST, {"format_version": FORMAT_VERSION,
-                                         "sha256": {name: _sha256(staging / name) for name in files}})
-        _fsync(staging)
+        write_manifest(staging)
+        fsync(staging)
         os.rename(staging, final)
-        _fsync(folder)
-        _write_atomically(folder / LATEST, final.name + "\n")
+        fsync(folder)
+        write_atomically(folder / LATEST, final.name + "\n")
         if keep_last:
             for old in complete_checkpoints(run_dir)[:-keep_last]:
                 shutil.rmtree(old)
@@ -174,64 +151,10 @@ def _optimizer_state(optimizers: dict[str, torch.optim.Optimizer]) -> tuple[dict
 
 def _write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     save_file({key: value.detach().cpu().contiguous() for key, value in tensors.items()}, path)
-    _fsync(path)
-
-
-def _write_json(path: Path, value: dict) -> None:
-    path.write_text(json.dumps(value, indent=1))
-    _fsync(path)
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    staging = path.with_name(f".{path.name}.incomplete")
-    staging.write_text(text)
-    _fsync(staging)
-    os.replace(staging, path)
-    _fsync(path.parent)
-
-
-def _fsync(path: Path) -> None:
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    fsync(path)
 
 
 # ---------------------------------------------------------------------------------------- loading
-
-
-def verify(path: Path) -> dict:
-    """Check that `path` is a complete checkpoint this code can read; return its manifest."""
-    path = Path(path)
-    manifest_path = path / MANIFEST
-    if not path.is_dir() or not manifest_path.is_file():
-        raise CheckpointError(f"{path} is not a checkpoint: it has no {MANIFEST} "
-                              "(point at a folder such as <run.dir>/checkpoints/step_00001000)")
-    try:
-        manifest = json.loads(manifest_path.read_text())
-        version, hashes = manifest["format_version"], manifest["sha256"]
-    except (ValueError, KeyError, TypeError):
-        raise CheckpointError(f"{manifest_path} is damaged: not a checkpoint manifest") from None
-    if version > FORMAT_VERSION:
-        raise CheckpointError(f"{path} was written with checkpoint format version {version}; this code reads up "
-                              f"to version {FORMAT_VERSION}: update the code to resume from it")
-    for name, expected in hashes.items():
-        if Path(name).name != name:
-            raise CheckpointError(f"{manifest_path} names {name!r}, which is not a file of the checkpoint")
-        if not (path / name).is_file():
-            raise CheckpointError(f"{path / name} is missing (listed in {MANIFEST})")
-        if _sha256(path / name) != expected:
-            raise CheckpointError(f"{path / name} is damaged: its SHA-256 does not match {MANIFEST}")
-    return manifest
-
-
-def read_state(path: Path) -> dict:
-    return json.loads((Path(path) / STATE).read_text())
 
 
 def restore(path: Path, snapshot: Snapshot, rank: int, world_size: int) -> bool:
@@ -299,35 +222,6 @@ def _restore_rng(path: Path, rank: int, noise: torch.Generator) -> None:
     random.setstate((python_state["version"], tuple(python_state["state"]), python_state["gauss"]))
 
 
-def newest_valid(run_dir: Path, report) -> Path | None:
-    """The newest checkpoint in run_dir that verifies; each one skipped is reported with why."""
-    for candidate in reversed(complete_checkpoints(run_dir)):
-        try:
-            verify(candidate)
-            return candidate
-        except CheckpointError as error:
-            report(f"skipping checkpoint {candidate.name}: {error}")
-    return None
-
-
-EXPORTED_WEIGHTS = "generator.safetensors"
-EXPORTED_DESCRIPTION = "generator.json"
-
-
-def resolve(path: Path, report=print) -> Path:
-    """A checkpoint folder as given, or the newest valid checkpoint of a run directory."""
-    path = Path(path)
-    if (path / MANIFEST).is_file():
-        verify(path)
-        return path
-    if checkpoints_dir(path).is_dir():
-        found = newest_valid(path, report)
-        if found is None:
-            raise CheckpointError(f"{path} holds no valid checkpoint")
-        return found
-    raise CheckpointError(f"{path} is neither a checkpoint folder (with {MANIFEST}) nor a run directory "
-                          f"(with {CHECKPOINTS}/)")
-
 
 def export_generator(path: Path, out: Path, use_ema: bool = True) -> Path:
     """Write `generator.safetensors` + `generator.json` (architecture and arguments) into `out`."""
@@ -337,11 +231,11 @@ def export_generator(path: Path, out: Path, use_ema: bool = True) -> Path:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(source / name, out / EXPORTED_WEIGHTS)
-    _fsync(out / EXPORTED_WEIGHTS)
+    fsync(out / EXPORTED_WEIGHTS)
     model = state["config"]["model"]
-    _write_json(out / EXPORTED_DESCRIPTION, {
+    write_json(out / EXPORTED_DESCRIPTION, {
         "arch": model["arch"], "z_dim": model["z_dim"], "weights": name.removesuffix(".safetensors"),
-        "step": state["progress"]["step"], "source": str(source), "sha256": _sha256(out / EXPORTED_WEIGHTS),
+        "step": state["progress"]["step"], "source": str(source), "sha256": sha256(out / EXPORTED_WEIGHTS),
     })
     return out
 
@@ -361,7 +255,7 @@ def load_generator(path: Path, build, device: str = "cpu", use_ema: bool = True)
     path = Path(path)
     if (path / EXPORTED_DESCRIPTION).is_file():
         description = json.loads((path / EXPORTED_DESCRIPTION).read_text())
-        if _sha256(path / EXPORTED_WEIGHTS) != description["sha256"]:
+        if sha256(path / EXPORTED_WEIGHTS) != description["sha256"]:
             raise CheckpointError(f"{path / EXPORTED_WEIGHTS} is damaged: its SHA-256 does not match "
                                   f"{EXPORTED_DESCRIPTION}")
         arch, z_dim, folder, name = description["arch"], description["z_dim"], path, EXPORTED_WEIGHTS

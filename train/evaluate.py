@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from train.checkpoint import CheckpointError
+from train.manifest import CheckpointError
 from train.config import SHIPPED_MNIST
 from train.data import to_uint8
 from train.metrics import Evaluator

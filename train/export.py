@@ -8,7 +8,8 @@ the generator without the training state.
 import argparse
 import sys
 
-from train.checkpoint import CheckpointError, export_generator
+from train.checkpoint import export_generator
+from train.manifest import CheckpointError
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,8 +19,8 @@ from accelerate import Accelerator
 from accelerate.utils import AutocastKwargs, InitProcessGroupKwargs, TorchDynamoPlugin
 from tqdm import tqdm
 
-from train import checkpoint, config, data, losses, metrics, models, tracking
-from train.checkpoint import CheckpointError, Progress, Snapshot
+from train import checkpoint, config, data, losses, manifest, metrics, models, tracking
+from train.checkpoint import Progress, Snapshot
 from train.config import Config, ConfigError
 from train.cuda_graph import ReplayableStep
 from train.data import ShardedBatches, derived_seed, to_uint8
@@ -32,9 +32,10 @@ from train.profiling import StepProfiler
 SAMPLE_GRID_SIZE = 64
 
 
-def train(cfg: Config) -> int:
-    """Train until `train.steps`; returns the process exit code."""
-    accelerator, run_dir, resume_from = set_up(cfg)
+def train(cfg: Config, resume_from: Path | None) -> int:
+    """Train until `train.steps` from a fresh start or the checkpoint `resume_from`
+    (manifest.resume_point); returns the process exit code."""
+    accelerator, run_dir = set_up(cfg, resume_from)
     progress = Progress()
     batches = ShardedBatches(data.load_images(cfg.data), cfg.data.batch_size, accelerator.process_index,
                              accelerator.num_processes, cfg.run.seed, accelerator.device, position=progress.data,
@@ -150,7 +151,7 @@ def train(cfg: Config) -> int:
     return 0
 
 
-def set_up(cfg: Config) -> tuple[Accelerator, Path, Path | None]:
+def set_up(cfg: Config, resume_from: Path | None) -> tuple[Accelerator, Path]:
     """Everything that can reject the run does so here, before anything is written; resolves train.cuda_graph=null."""
     tracking.check_available(cfg)
     run_dir = Path(cfg.run.dir)
@@ -183,38 +184,14 @@ def set_up(cfg: Config) -> tuple[Accelerator, Path, Path | None]:
         raise ConfigError("train.cuda_graph=true runs one process without fp16 loss scaling; this launch has "
                           f"{accelerator.num_processes} processes and mixed precision {accelerator.mixed_precision}: "
                           "launch one process with bf16 or fp32, or set train.cuda_graph=false")
-    resume_from = find_resume_point(cfg, run_dir, report=accelerator.print)
     if resume_from is not None:
         check_global_batch(resume_from, cfg.data.batch_size, accelerator.num_processes)
-    return accelerator, run_dir, resume_from
-
-
-def find_resume_point(cfg: Config, run_dir: Path, report) -> Path | None:
-    """The checkpoint to continue from, per `resume`: auto, none, or a path."""
-    if cfg.resume == "none":
-        if run_dir.exists() and any(run_dir.iterdir()):
-            raise ConfigError(f"run.dir {str(run_dir)!r} is not empty and resume=none; choose another run.dir, "
-                              "or resume=auto to continue the run in it")
-        return None
-    if cfg.resume != "auto":
-        checkpoint.verify(Path(cfg.resume))
-        return Path(cfg.resume)
-    complete = checkpoint.complete_checkpoints(run_dir)
-    if not complete:
-        return None
-    found = checkpoint.newest_valid(run_dir, report)
-    if found is None:
-        raise CheckpointError(f"no checkpoint in {run_dir / 'checkpoints'} is valid (see above); nothing was "
-                              "changed. Restore them, resume from a path with resume=..., or choose another run.dir")
-    latest = complete[-1]
-    if found != latest:
-        report(f"resuming from {found.name}, the newest valid checkpoint (not {latest.name})")
-    return found
+    return accelerator, run_dir
 
 
 def check_global_batch(path: Path, batch_size: int, processes: int) -> None:
     """Resuming on another number of processes keeps the global batch, or stops and says how."""
-    saved = checkpoint.read_state(path)["global_batch"]
+    saved = manifest.read_state(path)["global_batch"]
     if saved != batch_size * processes:
         fix = (f"set data.batch_size={saved // processes}" if saved % processes == 0
                else f"use a number of processes that divides {saved}")
@@ -338,9 +315,9 @@ def resume(accelerator, path: Path, snapshot: Snapshot, batches: ShardedBatches,
 
 def rollback(accelerator, run_dir: Path, snapshot: Snapshot, batches: ShardedBatches, seed: int, event, log) -> None:
     """Go back to the newest valid checkpoint and redo the steps with fresh noise."""
-    path = checkpoint.newest_valid(run_dir, accelerator.print)
+    path = manifest.newest_valid(run_dir, accelerator.print)
     if path is None:
-        raise CheckpointError(f"{event}, and there is no checkpoint to roll back to in {run_dir / 'checkpoints'}")
+        raise manifest.CheckpointError(f"{event}, and there is no checkpoint to roll back to in {run_dir / 'checkpoints'}")
     offset = snapshot.progress.seed_offset + 1
     checkpoint.restore(path, snapshot, accelerator.process_index, accelerator.num_processes)
     snapshot.progress.seed_offset = offset

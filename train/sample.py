@@ -13,7 +13,8 @@ import torch
 from torchvision.utils import make_grid, save_image
 
 from train import models
-from train.checkpoint import CheckpointError, load_generator
+from train.checkpoint import load_generator
+from train.manifest import CheckpointError
 from train.data import to_uint8
 
 
