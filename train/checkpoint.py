@@ -222,7 +222,6 @@ def _restore_rng(path: Path, rank: int, noise: torch.Generator) -> None:
     random.setstate((python_state["version"], tuple(python_state["state"]), python_state["gauss"]))
 
 
-
 def export_generator(path: Path, out: Path, use_ema: bool = True) -> Path:
     """Write `generator.safetensors` + `generator.json` (architecture and arguments) into `out`."""
     source = resolve(path)
