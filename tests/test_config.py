@@ -11,8 +11,8 @@ def test_every_shipped_config_loads(name):
 
 
 def test_overrides_take_dotted_keys_and_convert_types():
-    cfg = load("configs/smoke.yaml", ["train.steps=7", "data.batch_size=3", "loss=hinge", "optim.amsgrad=false"])
-    assert (cfg.train.steps, cfg.data.batch_size, cfg.loss, cfg.optim.amsgrad) == (7, 3, "hinge", False)
+    cfg = load("configs/smoke.yaml", ["train.steps=7", "data.batch_size=3", "loss.kind=hinge", "optim.amsgrad=false"])
+    assert (cfg.train.steps, cfg.data.batch_size, cfg.loss.kind, cfg.optim.amsgrad) == (7, 3, "hinge", False)
 
 
 @pytest.mark.parametrize("overrides, expected", [
@@ -23,7 +23,10 @@ def test_overrides_take_dotted_keys_and_convert_types():
     (["optim.g_lr=-0.001"], "config key 'optim.g_lr' is -0.001; it must be greater than 0"),
     (["optim.beta1=1.5"], "config key 'optim.beta1' is 1.5; it must be in [0, 1)"),
     (["model.arch=stylegan"], "config key 'model.arch' is 'stylegan'; allowed values: seed, dcgan"),
-    (["loss=wasserstein"], "config key 'loss' is 'wasserstein'; allowed values: bce, hinge"),
+    (["loss.kind=wasserstein"], "config key 'loss.kind' is 'wasserstein'; allowed values: bce, hinge"),
+    (["loss=hinge"], "config key 'loss' is a section, not a value: set one of its keys (kind, r1_gamma), "
+                     "e.g. loss.kind=hinge"),
+    (["loss.r1_gamma=-1"], "config key 'loss.r1_gamma' is -1.0; it must be 0 or more"),
     (["logging.wandb=maybe"], "allowed values: online, offline, disabled"),
     (["train.mixed_precision=fp8"], "allowed values: null, fp32, bf16, fp16"),
     (["train.steps"], "override 'train.steps' is not of the form key=value"),

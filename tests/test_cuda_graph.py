@@ -60,7 +60,9 @@ def recorded_steps(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("run")
     original, loop.ReplayableStep = loop.ReplayableStep, RecordingStep
     try:
-        assert loop.train(config.load(None, TINY + [f"run.dir={run_dir}", "model.arch=seed"]), resume_from=None) == 0
+        # With the R1 penalty, so that its double backward is checked as well.
+        cfg = config.load(None, TINY + [f"run.dir={run_dir}", "model.arch=seed", "loss.r1_gamma=1"])
+        assert loop.train(cfg, resume_from=None) == 0
     finally:
         loop.ReplayableStep = original
     return recorded

@@ -14,12 +14,13 @@ PROBE_STEPS = 5
 BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
 
 
-@pytest.fixture(scope="module")
-def probe(tmp_path_factory):
+@pytest.fixture(scope="module", params=[0, 1], ids=["plain", "r1"])
+def probe(request, tmp_path_factory):
+    """With and without the R1 penalty, whose double backward runs through the DDP-wrapped D."""
     out = tmp_path_factory.mktemp("probe")
     args = [str(REPO / "tests" / "ddp_probe.py"), str(out), "model.arch=seed", "data.batch_size=8",
             f"train.steps={PROBE_STEPS}", "logging.wandb=disabled", "train.cpu=true", "ema.statistics_images=64",
-            f"run.dir={out / 'run'}"]
+            f"loss.r1_gamma={request.param}", f"run.dir={out / 'run'}"]
     result = accelerate_launch(2, args)
     assert result.returncode == 0, result.stderr[-3000:]
     return out

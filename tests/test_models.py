@@ -76,6 +76,19 @@ def test_hinge_loss_values():
     assert losses.generator_loss("hinge", fake).item() == 0.75
 
 
+def test_r1_penalty_of_a_linear_discriminator_is_its_squared_weight_norm_and_differentiable_in_it():
+    # D(x) = <w, x> + b has the same input gradient w at every image: the penalty is ||w||^2, whose
+    # gradient in w is 2w (the second backward the D step takes through the first).
+    discriminator = nn.Sequential(nn.Flatten(), nn.Linear(28 * 28, 1))
+    real = torch.rand(8, 1, 28, 28, requires_grad=True)
+    penalty = losses.r1_penalty(discriminator(real).squeeze(1), real)
+    weight = discriminator[1].weight
+    torch.testing.assert_close(penalty, weight.square().sum(), rtol=1e-5, atol=0)
+    penalty.backward()
+    torch.testing.assert_close(weight.grad, 2 * weight.detach(), rtol=1e-5, atol=0)
+    assert real.grad is None  # for a linear D the penalty does not depend on the images
+
+
 def test_dcgan_shapes():
     generator, discriminator = models.build("dcgan", z_dim=64)
     images = generator(torch.randn(3, 64))

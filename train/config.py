@@ -10,7 +10,7 @@ import argparse
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -45,6 +45,12 @@ class ModelConfig:
     arch: str = "seed"  # seed | dcgan
     z_dim: int = 100
     upsample: str = "fused"  # seed generator's upsample+conv: fused (same function as matrix products) | native
+
+
+@dataclass
+class LossConfig:
+    kind: str = "bce"  # bce (the blog's) | hinge
+    r1_gamma: float = 0.0  # weight of the R1 penalty gamma/2 E||grad_x D(x)||^2 on real images; 0: off
 
 
 @dataclass
@@ -113,7 +119,7 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
-    loss: str = "bce"  # bce | hinge
+    loss: LossConfig = field(default_factory=LossConfig)
     resume: str = "auto"  # auto | none | <path of a checkpoint folder>
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -129,7 +135,7 @@ CHOICES = {
     "data.torchvision_name": ("MNIST", "FashionMNIST", "KMNIST"),
     "model.arch": ("seed", "dcgan"),
     "model.upsample": ("fused", "native"),
-    "loss": ("bce", "hinge"),
+    "loss.kind": ("bce", "hinge"),
     "train.mixed_precision": (None, "fp32", "bf16", "fp16"),
     "logging.wandb": ("online", "offline", "disabled"),
     "train.on_nonfinite": ("stop", "skip", "rollback"),
@@ -140,6 +146,7 @@ _IN_UNIT_INTERVAL = (lambda v: 0 <= v < 1, "in [0, 1)")
 RULES = {
     "data.batch_size": _GREATER_THAN_ZERO,
     "model.z_dim": _GREATER_THAN_ZERO,
+    "loss.r1_gamma": _NOT_NEGATIVE,
     "optim.g_lr": _GREATER_THAN_ZERO,
     "optim.d_lr": _GREATER_THAN_ZERO,
     "optim.beta1": _IN_UNIT_INTERVAL,
@@ -171,16 +178,29 @@ def load(config_path: str | None, overrides: list[str]) -> Config:
             path = Path(config_path)
             if not path.is_file():
                 raise ConfigError(f"config file {config_path!r} does not exist; pick one of {available_configs()}")
-            merged = OmegaConf.merge(merged, OmegaConf.load(path))
+            merged = OmegaConf.merge(merged, _sections_kept(OmegaConf.load(path)))
         for item in overrides:
             if "=" not in item:
                 raise ConfigError(f"override {item!r} is not of the form key=value (e.g. train.steps=200)")
-        merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(overrides))
+        merged = OmegaConf.merge(merged, _sections_kept(OmegaConf.from_dotlist(overrides)))
     except OmegaConfBaseException as error:
         raise ConfigError(_explain(error)) from None
     cfg: Config = OmegaConf.to_object(merged)
     validate(cfg)
     return cfg
+
+
+def _sections_kept(given: DictConfig) -> DictConfig:
+    """Refuse a plain value where the config has a section (`loss=hinge` for `loss.kind=hinge`), which
+    OmegaConf would report without naming the key."""
+    defaults = OmegaConf.structured(Config)
+    for key, value in given.items_ex(resolve=False):
+        section = defaults.get(key)
+        if isinstance(section, DictConfig) and not isinstance(value, (DictConfig, dict)):
+            keys = list(section.keys())
+            raise ConfigError(f"config key '{key}' is a section, not a value: set one of its keys ({', '.join(keys)}), "
+                              f"e.g. {key}.{keys[0]}={value}")
+    return given
 
 
 def _explain(error: OmegaConfBaseException) -> str:

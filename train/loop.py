@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from train import checkpoint, config, data, losses, manifest, metrics, models, tracking
 from train.checkpoint import Progress, Snapshot
-from train.config import Config, ConfigError
+from train.config import Config, ConfigError, LossConfig
 from train.cuda_graph import ReplayableStep
 from train.data import ShardedBatches, derived_seed, to_uint8
 from train.distributed import check_ranks_agree, ddp_without_forward_buffer_sync, sync_buffers_from_main
@@ -217,12 +217,16 @@ def build_optimizers(cfg: Config, generator, discriminator) -> tuple[torch.optim
     )
 
 
-def discriminator_step(accelerator, loss, discriminator, d_optimizer, real, fake, faults):
+def discriminator_step(accelerator, loss: LossConfig, discriminator, d_optimizer, real, fake, faults):
     """Update D on real and (detached) fake images; G's graph is not touched."""
     discriminator.requires_grad_(True)
+    if loss.r1_gamma:
+        real = real.detach().requires_grad_(True)  # a view: the batch buffer itself stays a plain tensor
     real_logits = discriminator(real)
     fake_logits = discriminator(fake.detach())
-    d_loss = losses.discriminator_loss(loss, real_logits, fake_logits)
+    d_loss = losses.discriminator_loss(loss.kind, real_logits, fake_logits)
+    if loss.r1_gamma:
+        d_loss = d_loss + loss.r1_gamma / 2 * losses.r1_penalty(real_logits, real)
     d_optimizer.zero_grad(set_to_none=True)
     accelerator.backward(d_loss)
     if faults.allows_update("discriminator", d_loss, d_optimizer):
@@ -230,12 +234,12 @@ def discriminator_step(accelerator, loss, discriminator, d_optimizer, real, fake
     return d_loss.detach(), real_logits.detach(), fake_logits.detach()
 
 
-def generator_step(accelerator, loss, discriminator, g_optimizer, fake, faults):
+def generator_step(accelerator, loss: LossConfig, discriminator, g_optimizer, fake, faults):
     """Update G through the just-updated D; D gets no gradients and DDP syncs none of its."""
     discriminator.requires_grad_(False)
     with accelerator.no_sync(discriminator):
         fake_logits = discriminator(fake)
-    g_loss = losses.generator_loss(loss, fake_logits)
+    g_loss = losses.generator_loss(loss.kind, fake_logits)
     g_optimizer.zero_grad(set_to_none=True)
     accelerator.backward(g_loss)
     if faults.allows_update("generator", g_loss, g_optimizer):

@@ -7,6 +7,7 @@ the logit's sign maps one convention onto the other, so the training dynamics ar
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -29,3 +30,11 @@ def generator_loss(kind: str, fake_logits: Tensor) -> Tensor:
     if kind == "hinge":
         return -fake_logits.mean()
     raise ValueError(f"unknown loss {kind!r}")
+
+
+def r1_penalty(real_logits: Tensor, real: Tensor) -> Tensor:
+    """E ||grad_x D(x)||^2 over the real batch (Mescheder et al. 2018, "Which training methods for GANs
+    actually converge?"): it flattens D on the data, which damps the oscillation around the equilibrium.
+    `real` must require grad; the result is differentiable in D's parameters (a double backward)."""
+    gradient, = torch.autograd.grad(real_logits.float().sum(), real, create_graph=True)
+    return gradient.float().square().flatten(1).sum(1).mean()
