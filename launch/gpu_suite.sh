@@ -13,7 +13,8 @@
 #            torch.compile inside the graph (the JSON keeps what a time limit cut short)
 #   quality  time to quality of configs/seed.yaml and configs/fast.yaml as they ship
 #   rest     the host and device profile of the real loop (graphed), the kernel profile of an eager
-#            seed step, the BatchNorm/DDP hazard, the fp16 path, torch.compile's reduce-overhead mode
+#            seed step, the BatchNorm/DDP hazard, the fp16 path (and its refusal of R1), torch.compile's
+#            reduce-overhead mode
 # Needs torch, torchvision, accelerate, safetensors, omegaconf, scipy and matplotlib; no network, no W&B.
 # Usage: bash launch/gpu_suite.sh [OUTPUT_DIR [PART ...]]   (default: owed; one part per device call)
 set -uo pipefail
@@ -83,6 +84,9 @@ rest() {
     timeout 120 "$python" -m train --config configs/smoke.yaml train.mixed_precision=fp16 run.dir="$out/runs/fp16" \
       resume=none 2>&1 | tr '\r' '\n' | grep -v "it/s" | tail -3
     tail -n 1 "$out/runs/fp16/metrics.jsonl"
+    echo "=== fp16 with the R1 penalty is refused (exit 2, before anything is written)"
+    timeout 60 "$python" -m train --config configs/smoke.yaml train.mixed_precision=fp16 loss.r1_gamma=1 \
+      run.dir="$out/runs/fp16_r1" resume=none 2>&1 | tail -n 1
   } > "$out/checks.txt" 2>&1
   # torch.compile with inductor's CUDA graphs (Accelerate reads the mode from ACCELERATE_DYNAMO_MODE),
   # the alternative to train.cuda_graph with train.compile

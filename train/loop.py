@@ -180,6 +180,9 @@ def set_up(cfg: Config, resume_from: Path | None) -> tuple[Accelerator, Path]:
         cfg.train.cuda_graph = (accelerator.device.type == "cuda" and accelerator.num_processes == 1
                                 and accelerator.mixed_precision != "fp16" and cfg.train.on_nonfinite != "skip"
                                 and not cfg.train.compile)  # with torch.compile: when asked for, until measured
+    if cfg.loss.r1_gamma and accelerator.mixed_precision == "fp16":  # known only here: null means the launcher's
+        raise ConfigError("loss.r1_gamma > 0 needs bf16 or fp32: the R1 penalty's inner gradient is taken without "
+                          "fp16 loss scaling and could underflow; set train.mixed_precision=bf16")
     if cfg.train.cuda_graph and (accelerator.num_processes > 1 or accelerator.mixed_precision == "fp16"):
         raise ConfigError("train.cuda_graph=true runs one process without fp16 loss scaling; this launch has "
                           f"{accelerator.num_processes} processes and mixed precision {accelerator.mixed_precision}: "
