@@ -27,6 +27,7 @@ def test_overrides_take_dotted_keys_and_convert_types():
     (["loss=hinge"], "config key 'loss' is a section, not a value: set one of its keys (kind, r1_gamma), "
                      "e.g. loss.kind=hinge"),
     (["loss.r1_gamma=-1"], "config key 'loss.r1_gamma' is -1.0; it must be 0 or more"),
+    (["loss.r1_gamma=1", "train.compile=true"], "loss.r1_gamma > 0 needs train.compile=false"),
     (["logging.wandb=maybe"], "allowed values: online, offline, disabled"),
     (["train.mixed_precision=fp8"], "allowed values: null, fp32, bf16, fp16"),
     (["train.steps"], "override 'train.steps' is not of the form key=value"),

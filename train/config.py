@@ -227,6 +227,9 @@ def validate(cfg: Config) -> None:
         value = OmegaConf.select(node, key)
         if not holds(value):
             raise ConfigError(f"config key '{key}' is {value!r}; it must be {rule}")
+    if cfg.loss.r1_gamma and cfg.train.compile:
+        raise ConfigError("loss.r1_gamma > 0 needs train.compile=false: the R1 penalty backpropagates through D's "
+                          "gradient, and torch.compile (AOTAutograd) has no double backward")
     if cfg.train.cuda_graph and cfg.train.on_nonfinite == "skip":
         raise ConfigError("train.cuda_graph=true needs train.on_nonfinite=stop or rollback: skip decides on the host "
                           "inside every step, which a CUDA graph cannot")
