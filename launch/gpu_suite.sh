@@ -4,14 +4,17 @@
 # machine start included, so plan on one call):
 #   owed     the two open targets: (a) the blog's loop, (b) the seed loop as a CUDA graph, and (b)
 #            with torch.compile inside the graph (with and without TF32): can fused kernels take the
-#            seed step from 2.09 ms to the 0.88 ms that 20x needs? Then fast.yaml with generator
-#            averages of half-life 100k and 500k images (their own BatchNorm statistics): do they
-#            lower the FD where fast.yaml's curve flattens (about 48 at 60 s)?
+#            seed step from 2.09 ms to the 0.88 ms that 20x needs? Then fast.yaml with the R1
+#            penalty (loss.r1_gamma 0.1 and 1; on the CPU proxy it cut the steps to a given FD
+#            2.5x): does it lower the FD where fast.yaml's curve flattens (about 48 at 60 s), and
+#            what does its second backward cost per step? (Also the first capture of R1's
+#            double backward in a CUDA graph: a failure is recorded in the JSON.)
 #   graph    the CUDA graph (on by default where it can run) against the eager loop, compiled or
 #            not (launch/check_cuda_graph.py); then the throughput benchmark: (a)-(d), then the
 #            seed loop with channels_last, bf16, TF32 matrix products, eager, and fast.yaml with
 #            torch.compile inside the graph (the JSON keeps what a time limit cut short)
-#   quality  time to quality of configs/seed.yaml and configs/fast.yaml as they ship
+#   quality  time to quality of configs/seed.yaml and configs/fast.yaml as they ship, and of
+#            fast.yaml with a generator average of half-life 100k images (its own BatchNorm statistics)
 #   rest     the host and device profile of the real loop (graphed), the kernel profile of an eager
 #            seed step, the BatchNorm/DDP hazard, the fp16 path (and its refusal of R1), torch.compile's
 #            reduce-overhead mode
@@ -39,11 +42,11 @@ owed() {
     --out "$out/bench_owed.json" 2>&1 | tee "$out/bench_owed.log"
   # fast.yaml's 20,000 steps take about 60 s of training; evaluations every 2,000 steps add about 20 s
   timeout 240 "$python" -m train.bench --variants "" --ttq-seconds 100 \
-    --ttq-custom "fast_ema100k=configs/fast.yaml:ema.half_life_images=100000,eval.every=2000" \
-    --ttq-custom "fast_ema500k=configs/fast.yaml:ema.half_life_images=500000,eval.every=2000" \
+    --ttq-custom "fast_r1_0.1=configs/fast.yaml:loss.r1_gamma=0.1,eval.every=2000" \
+    --ttq-custom "fast_r1_1=configs/fast.yaml:loss.r1_gamma=1,eval.every=2000" \
     --runs-dir "$out/runs" --out "$out/bench_owed_quality.json" 2>&1 | tee "$out/bench_owed_quality.log"
-  keep_run fast_ema100k
-  keep_run fast_ema500k
+  keep_run fast_r1_0.1
+  keep_run fast_r1_1
 }
 
 graph() {
@@ -60,10 +63,12 @@ graph() {
 }
 
 quality() {
-  timeout 420 "$python" -m train.bench --variants "" --time-to-quality --ttq-seconds 90 \
+  timeout 540 "$python" -m train.bench --variants "" --time-to-quality --ttq-seconds 90 \
+    --ttq-custom "fast_ema100k=configs/fast.yaml:ema.half_life_images=100000,eval.every=2000" \
     --runs-dir "$out/runs" --out "$out/bench_quality.json" 2>&1 | tee "$out/bench_quality.log"
   keep_run seed
   keep_run fast
+  keep_run fast_ema100k
 }
 
 rest() {
