@@ -13,9 +13,9 @@ from pathlib import Path
 
 import torch
 
-from train.manifest import CheckpointError
 from train.config import SHIPPED_MNIST
 from train.data import to_uint8
+from train.manifest import CheckpointError
 from train.metrics import Evaluator
 from train.sample import generate, load
 

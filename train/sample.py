@@ -14,8 +14,8 @@ from torchvision.utils import make_grid, save_image
 
 from train import models
 from train.checkpoint import load_generator
-from train.manifest import CheckpointError
 from train.data import to_uint8
+from train.manifest import CheckpointError
 
 
 def load(path: str, device: str, use_ema: bool = True) -> torch.nn.Module:
