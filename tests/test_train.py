@@ -41,15 +41,19 @@ def test_same_seed_gives_bitwise_identical_weights_and_another_seed_does_not(see
     assert timeless[0] == timeless[1]
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_losses_stay_finite(tmp_path, precision):
-    result = run_train(TINY + [f"run.dir={tmp_path}", f"train.mixed_precision={precision}", "model.arch=seed"])
+@pytest.mark.parametrize("precision, r1_gamma", [("fp32", 0), ("bf16", 0), ("bf16", 1)])
+def test_losses_stay_finite(tmp_path, precision, r1_gamma):
+    result = run_train(TINY + [f"run.dir={tmp_path}", f"train.mixed_precision={precision}", "model.arch=seed",
+                               f"loss.r1_gamma={r1_gamma}"])
     assert result.returncode == 0, result.stderr[-2000:]
     lines = metrics(tmp_path)
     assert [line["step"] for line in lines] == [3, 6]
     for line in lines:
         assert all(math.isfinite(line[key]) for key in ("loss/d", "loss/g", "d/real", "d/fake"))
         assert 0 <= line["d/real"] <= 1 and 0 <= line["d/fake"] <= 1
+        # The R1 penalty (a double backward, here under bf16 autocast) is logged only when it is on.
+        assert ("d/r1_penalty" in line) == bool(r1_gamma)
+        assert not r1_gamma or 0 < line["d/r1_penalty"] < math.inf
 
 
 @pytest.mark.slow

@@ -68,7 +68,7 @@ def train(cfg: Config, resume_from: Path | None) -> int:
     log = tracking.RunLog(accelerator, cfg, run_dir, progress)
     faults = FaultMonitor(cfg.train.on_nonfinite, accelerator.device, check_gradients=accelerator.scaler is None,
                           check_every=cfg.train.check_every)
-    window = tracking.TrainingWindow(accelerator.device)
+    window = tracking.TrainingWindow(accelerator.device, r1_penalty=cfg.loss.r1_gamma > 0)
     fixed_z = torch.randn(SAMPLE_GRID_SIZE, cfg.model.z_dim, generator=torch.Generator().manual_seed(cfg.run.seed))
     bar = tqdm(total=cfg.train.steps, initial=progress.step, disable=not accelerator.is_main_process, desc="train",
                mininterval=0.1 if sys.stderr.isatty() else 30)  # a batch job's log gets a line every 30 s
@@ -79,11 +79,11 @@ def train(cfg: Config, resume_from: Path | None) -> int:
     def update_networks() -> None:
         """Update D, update G through the new D, average G: everything a step computes on the device."""
         fake = generator(z)
-        d_loss, real_logits, fake_logits = discriminator_step(
+        d_loss, real_logits, fake_logits, r1_penalty = discriminator_step(
             accelerator, cfg.loss, discriminator, d_optimizer, real, fake, faults)
         g_loss = generator_step(accelerator, cfg.loss, discriminator, g_optimizer, fake, faults)
         ema.update(generator)
-        window.add(d_loss, g_loss, real_logits, fake_logits)
+        window.add(d_loss, g_loss, real_logits, fake_logits, r1_penalty)
 
     update = ReplayableStep(update_networks, enabled=cfg.train.cuda_graph)
 
@@ -221,20 +221,24 @@ def build_optimizers(cfg: Config, generator, discriminator) -> tuple[torch.optim
 
 
 def discriminator_step(accelerator, loss: LossConfig, discriminator, d_optimizer, real, fake, faults):
-    """Update D on real and (detached) fake images; G's graph is not touched."""
+    """Update D on real and (detached) fake images; G's graph is not touched. Returns D's loss, its
+    logits and, with `loss.r1_gamma`, the R1 penalty before weighting (else None)."""
     discriminator.requires_grad_(True)
     if loss.r1_gamma:
         real = real.detach().requires_grad_(True)  # a view: the batch buffer itself stays a plain tensor
     real_logits = discriminator(real)
     fake_logits = discriminator(fake.detach())
     d_loss = losses.discriminator_loss(loss.kind, real_logits, fake_logits)
+    r1_penalty = None
     if loss.r1_gamma:
-        d_loss = d_loss + loss.r1_gamma / 2 * losses.r1_penalty(real_logits, real)
+        r1_penalty = losses.r1_penalty(real_logits, real)
+        d_loss = d_loss + loss.r1_gamma / 2 * r1_penalty
+        r1_penalty = r1_penalty.detach()
     d_optimizer.zero_grad(set_to_none=True)
     accelerator.backward(d_loss)
     if faults.allows_update("discriminator", d_loss, d_optimizer):
         d_optimizer.step()
-    return d_loss.detach(), real_logits.detach(), fake_logits.detach()
+    return d_loss.detach(), real_logits.detach(), fake_logits.detach(), r1_penalty
 
 
 def generator_step(accelerator, loss: LossConfig, discriminator, g_optimizer, fake, faults):

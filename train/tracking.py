@@ -32,16 +32,16 @@ class TrainingWindow:
     """Means of the step statistics since the last read, accumulated on the device (no sync per step),
     and the training time: wall time less what was spent in `paused()` (evaluation, grids, checkpoints)."""
 
-    NAMES = ("loss/d", "loss/g", "d/real", "d/fake")
-
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, r1_penalty: bool = False):
         self.device = device
-        self.sums = torch.zeros(len(self.NAMES), device=device)
+        self.names = ("loss/d", "loss/g", "d/real", "d/fake") + (("d/r1_penalty",) if r1_penalty else ())
+        self.sums = torch.zeros(len(self.names), device=device)
         self.steps, self.started, self.paused_seconds, self.train_seconds = 0, time.perf_counter(), 0.0, 0.0
 
-    def add(self, d_loss, g_loss, real_logits, fake_logits) -> None:
+    def add(self, d_loss, g_loss, real_logits, fake_logits, r1_penalty=None) -> None:
         """Device work only (it runs inside the training step, which may be a CUDA graph)."""
-        self.sums += torch.stack([d_loss, g_loss, real_logits.sigmoid().mean(), fake_logits.sigmoid().mean()])
+        values = [d_loss, g_loss, real_logits.sigmoid().mean(), fake_logits.sigmoid().mean()]
+        self.sums += torch.stack(values + ([r1_penalty] if r1_penalty is not None else []))
 
     def count_step(self) -> None:
         self.steps += 1
@@ -59,7 +59,7 @@ class TrainingWindow:
         means = (accelerator.reduce(self.sums, reduction="mean") / self.steps).tolist()
         seconds = time.perf_counter() - self.started - self.paused_seconds
         self.train_seconds += seconds
-        values = dict(zip(self.NAMES, means)) | {
+        values = dict(zip(self.names, means)) | {
             "images_per_second": self.steps * global_batch / seconds, "train_seconds": self.train_seconds}
         self.sums.zero_()
         self.steps, self.started, self.paused_seconds = 0, time.perf_counter(), 0.0
