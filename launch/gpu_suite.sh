@@ -5,8 +5,8 @@
 #   owed     the two open targets: (a) the blog's loop, (b) the seed loop as a CUDA graph, and (b)
 #            with torch.compile inside the graph (with and without TF32): can fused kernels take the
 #            seed step from 2.09 ms to the 0.88 ms that 20x needs? Then fast.yaml with the R1
-#            penalty (loss.r1_gamma 0.1 and 1; on the CPU proxy it cut the steps to a given FD
-#            2.5x): does it lower the FD where fast.yaml's curve flattens (about 48 at 60 s), and
+#            penalty (loss.r1_gamma=0.1, with Adam 1e-3 and 2e-3; on the CPU proxy it cut the FD at
+#            step 10,000 from 99.5 to 56.2): does it lower the FD where fast.yaml's curve flattens (about 48 at 60 s), and
 #            what does its second backward cost per step? (Also the first capture of R1's
 #            double backward in a CUDA graph: a failure is recorded in the JSON.)
 #   graph    the CUDA graph (on by default where it can run) against the eager loop, compiled or
@@ -42,11 +42,11 @@ owed() {
     --out "$out/bench_owed.json" 2>&1 | tee "$out/bench_owed.log"
   # fast.yaml's 20,000 steps take about 60 s of training; evaluations every 2,000 steps add about 20 s
   timeout 240 "$python" -m train.bench --variants "" --ttq-seconds 100 \
-    --ttq-custom "fast_r1_0.1=configs/fast.yaml:loss.r1_gamma=0.1,eval.every=2000" \
-    --ttq-custom "fast_r1_1=configs/fast.yaml:loss.r1_gamma=1,eval.every=2000" \
+    --ttq-custom "fast_r1=configs/fast.yaml:loss.r1_gamma=0.1,eval.every=2000" \
+    --ttq-custom "fast_r1_lr2e-3=configs/fast.yaml:loss.r1_gamma=0.1,optim.g_lr=2e-3,optim.d_lr=2e-3,eval.every=2000" \
     --runs-dir "$out/runs" --out "$out/bench_owed_quality.json" 2>&1 | tee "$out/bench_owed_quality.log"
-  keep_run fast_r1_0.1
-  keep_run fast_r1_1
+  keep_run fast_r1
+  keep_run fast_r1_lr2e-3
 }
 
 graph() {
