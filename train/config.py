@@ -178,11 +178,11 @@ def load(config_path: str | None, overrides: list[str]) -> Config:
             path = Path(config_path)
             if not path.is_file():
                 raise ConfigError(f"config file {config_path!r} does not exist; pick one of {available_configs()}")
-            merged = OmegaConf.merge(merged, _sections_kept(OmegaConf.load(path)))
+            merged = OmegaConf.merge(merged, _sections_kept(OmegaConf.load(path), merged))
         for item in overrides:
             if "=" not in item:
                 raise ConfigError(f"override {item!r} is not of the form key=value (e.g. train.steps=200)")
-        merged = OmegaConf.merge(merged, _sections_kept(OmegaConf.from_dotlist(overrides)))
+        merged = OmegaConf.merge(merged, _sections_kept(OmegaConf.from_dotlist(overrides), merged))
     except OmegaConfBaseException as error:
         raise ConfigError(_explain(error)) from None
     cfg: Config = OmegaConf.to_object(merged)
@@ -190,12 +190,11 @@ def load(config_path: str | None, overrides: list[str]) -> Config:
     return cfg
 
 
-def _sections_kept(given: DictConfig) -> DictConfig:
-    """Refuse a plain value where the config has a section (`loss=hinge` for `loss.kind=hinge`), which
-    OmegaConf would report without naming the key."""
-    defaults = OmegaConf.structured(Config)
+def _sections_kept(given: DictConfig, schema: DictConfig) -> DictConfig:
+    """Refuse a plain value where `schema` (the config merged so far) has a section (`loss=hinge` for
+    `loss.kind=hinge`), which OmegaConf would report without naming the key."""
     for key, value in given.items_ex(resolve=False):
-        section = defaults.get(key)
+        section = schema.get(key)
         if isinstance(section, DictConfig) and not isinstance(value, (DictConfig, dict)):
             keys = list(section.keys())
             raise ConfigError(f"config key '{key}' is a section, not a value: set one of its keys ({', '.join(keys)}), "
