@@ -16,8 +16,7 @@ def tiny_run(tiny_mnist, run_dir, *extra):
     return ["model.arch=seed", "data.batch_size=8", f"data.path={tiny_mnist}", f"train.steps={STEPS}",
             "checkpoint.every=10", "train.check_every=1", "logging.every=4", "logging.samples_every=0",
             "logging.wandb=disabled", "logging.curves=false", "train.cpu=true", "eval.num_samples=0",
-            "ema.statistics_images=64",
-            f"run.dir={run_dir}", *extra]
+            "ema.statistics_images=64", f"run.dir={run_dir}", *extra]
 
 
 @pytest.fixture(scope="module")

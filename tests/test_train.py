@@ -124,11 +124,13 @@ def test_a_config_or_resume_mistake_is_reported_before_torch_is_loaded(tmp_path)
     (used / "metrics.jsonl").write_text("")
     mistakes = {
         "unknown config key 'train.stepz'": ["train.stepz=3"],
-        f"{tmp_path} is not a checkpoint: it has no manifest.json": [f"resume={tmp_path}", f"run.dir={tmp_path / 'new'}"],
+        f"{tmp_path} is not a checkpoint: it has no manifest.json": [f"resume={tmp_path}",
+                                                                      f"run.dir={tmp_path / 'new'}"],
         f"run.dir '{used}' is not empty and resume=none": ["resume=none", f"run.dir={used}"],
     }
     for message, arguments in mistakes.items():
-        probe = f"import sys\nfrom train.__main__ import main\ncode = main({arguments!r})\nprint(code, 'torch' in sys.modules)"
+        probe = (f"import sys\nfrom train.__main__ import main\ncode = main({arguments!r})\n"
+                 "print(code, 'torch' in sys.modules)")
         result = subprocess.run([sys.executable, "-c", probe], cwd=REPO, env=run_env(), capture_output=True, text=True)
         assert result.stdout.split() == ["2", "False"], result.stderr[-2000:]
         assert message in result.stderr

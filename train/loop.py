@@ -328,7 +328,8 @@ def rollback(accelerator, run_dir: Path, snapshot: Snapshot, batches: ShardedBat
     """Go back to the newest valid checkpoint and redo the steps with fresh noise."""
     path = manifest.newest_valid(run_dir, accelerator.print)
     if path is None:
-        raise manifest.CheckpointError(f"{event}, and there is no checkpoint to roll back to in {run_dir / 'checkpoints'}")
+        raise manifest.CheckpointError(f"{event}, and there is no checkpoint to roll back to in "
+                                       f"{manifest.checkpoints_dir(run_dir)}")
     offset = snapshot.progress.seed_offset + 1
     checkpoint.restore(path, snapshot, accelerator.process_index, accelerator.num_processes)
     snapshot.progress.seed_offset = offset

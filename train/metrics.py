@@ -81,8 +81,8 @@ def frechet_distance(a: Tensor, b: Tensor) -> float:
 
 def neighbour_distances(x: Tensor, k: int) -> Tensor:
     """[N, k]: distances from each row of x to its 1st, 2nd, ... k-th nearest other row."""
-    nearest = [torch.cdist(chunk, x).topk(k + 1, dim=1, largest=False).values[:, 1:] for chunk in x.split(DISTANCE_CHUNK)]
-    return torch.cat(nearest)
+    return torch.cat([torch.cdist(chunk, x).topk(k + 1, dim=1, largest=False).values[:, 1:]
+                      for chunk in x.split(DISTANCE_CHUNK)])
 
 
 def kth_neighbour_distance(x: Tensor, k: int) -> Tensor:
