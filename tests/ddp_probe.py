@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import save_file
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
-from train import config, data, loop
+from train import config, data, loop, losses
 from train.checkpoint import Snapshot
 from train.ema import GeneratorEMA
 from train.faults import FaultMonitor
@@ -49,9 +49,10 @@ for step in range(cfg.train.steps):
     z = torch.randn(real.shape[0], cfg.model.z_dim, generator=noise)
     phase = "d_step"
     fake = generator(z)
-    loop.discriminator_step(accelerator, cfg.loss, discriminator, d_optimizer, real, fake, faults)
+    r1_weight = losses.r1_weight(cfg.loss.r1_gamma, cfg.loss.r1_every, step + 1)
+    loop.discriminator_step(accelerator, cfg.loss.kind, r1_weight, discriminator, d_optimizer, real, fake, faults)
     phase = "g_step"
-    loop.generator_step(accelerator, cfg.loss, discriminator, g_optimizer, fake, faults)
+    loop.generator_step(accelerator, cfg.loss.kind, discriminator, g_optimizer, fake, faults)
     ema.set_weight((step + 1) * batches.global_batch, batches.global_batch)
     ema.update(generator)
     faults.end_step(step + 1)

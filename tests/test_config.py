@@ -24,9 +24,10 @@ def test_overrides_take_dotted_keys_and_convert_types():
     (["optim.beta1=1.5"], "config key 'optim.beta1' is 1.5; it must be in [0, 1)"),
     (["model.arch=stylegan"], "config key 'model.arch' is 'stylegan'; allowed values: seed, dcgan"),
     (["loss.kind=wasserstein"], "config key 'loss.kind' is 'wasserstein'; allowed values: bce, hinge"),
-    (["loss=hinge"], "config key 'loss' is a section, not a value: set one of its keys (kind, r1_gamma), "
+    (["loss=hinge"], "config key 'loss' is a section, not a value: set one of its keys (kind, r1_gamma, r1_every), "
                      "e.g. loss.kind=hinge"),
     (["loss.r1_gamma=-1"], "config key 'loss.r1_gamma' is -1.0; it must be 0 or more"),
+    (["loss.r1_every=0"], "config key 'loss.r1_every' is 0; it must be greater than 0"),
     (["loss.r1_gamma=1", "train.compile=true"], "loss.r1_gamma > 0 needs train.compile=false"),
     (["logging.wandb=maybe"], "allowed values: online, offline, disabled"),
     (["train.mixed_precision=fp8"], "allowed values: null, fp32, bf16, fp16"),

@@ -15,7 +15,9 @@ from torch.utils._pytree import tree_flatten
 from conftest import TINY
 from train import config, cuda_graph, loop, models
 
-RECORDED_CALLS = (2, 5)  # during the EMA's ramp-up, at different fault-record slots
+# With lazy R1 every 3rd step: steps 2 and 5 without the penalty, 3 and 6 with it (two graphs), all during
+# the EMA's ramp-up and at different fault-record slots.
+PLAIN_CALLS, R1_CALLS = (2, 5), (3, 6)
 
 
 VALUES = (int, float, bool, str, type(None), torch.dtype, torch.device, torch.memory_format, torch.layout)
@@ -49,41 +51,53 @@ def recorded_steps(tmp_path_factory):
     class RecordingStep(cuda_graph.ReplayableStep):
         calls = 0
 
-        def __call__(self):
+        def __call__(self, *arguments):
             RecordingStep.calls += 1
-            if RecordingStep.calls not in RECORDED_CALLS:
-                return super().__call__()
+            if RecordingStep.calls not in PLAIN_CALLS + R1_CALLS:
+                return super().__call__(*arguments)
             with OperationLog() as log:
-                super().__call__()
+                super().__call__(*arguments)
             recorded[RecordingStep.calls] = log.operations
 
     run_dir = tmp_path_factory.mktemp("run")
     original, loop.ReplayableStep = loop.ReplayableStep, RecordingStep
     try:
         # With the R1 penalty, so that its double backward is checked as well.
-        cfg = config.load(None, TINY + [f"run.dir={run_dir}", "model.arch=seed", "loss.r1_gamma=1"])
+        cfg = config.load(None, TINY + [f"run.dir={run_dir}", "model.arch=seed", "loss.r1_gamma=1",
+                                        "loss.r1_every=3"])
         assert loop.train(cfg, resume_from=None) == 0
     finally:
         loop.ReplayableStep = original
     return recorded
 
 
+def names(operations):
+    return [name for name, _ in operations]
+
+
 def test_the_step_records_forward_backward_and_both_optimizers(recorded_steps):
-    names = [name for name, _ in recorded_steps[RECORDED_CALLS[0]]]
-    assert "aten.convolution_backward.default" in names  # the backward passes ran under the recorder
-    assert names.count("aten._fused_adam_.default") == 2
+    for call in (PLAIN_CALLS[0], R1_CALLS[0]):
+        assert "aten.convolution_backward.default" in names(recorded_steps[call])  # backward ran under the recorder
+        assert names(recorded_steps[call]).count("aten._fused_adam_.default") == 2
 
 
-def test_every_step_runs_the_same_operations_with_the_same_arguments(recorded_steps):
-    first, later = (recorded_steps[call] for call in RECORDED_CALLS)
+def test_only_the_lazy_r1_steps_backpropagate_through_ds_gradient(recorded_steps):
+    plain, r1 = (names(recorded_steps[calls[0]]).count("aten.convolution_backward.default")
+                 for calls in (PLAIN_CALLS, R1_CALLS))
+    assert r1 > plain  # the penalty's input gradient and its backward: more passes through D's convolutions
+
+
+@pytest.mark.parametrize("calls", [PLAIN_CALLS, R1_CALLS], ids=["plain", "r1"])
+def test_every_step_runs_the_same_operations_with_the_same_arguments(recorded_steps, calls):
+    first, later = (recorded_steps[call] for call in calls)
     assert len(first) == len(later)
     for index, (a, b) in enumerate(zip(first, later)):
-        assert a == b, f"operation {index} differs between steps {RECORDED_CALLS}: {a} vs {b}"
+        assert a == b, f"operation {index} differs between steps {calls}: {a} vs {b}"
 
 
 def test_the_step_never_reads_a_device_value_on_the_host(recorded_steps):
-    names = [name for name, _ in recorded_steps[RECORDED_CALLS[0]]]
-    assert "aten._local_scalar_dense.default" not in names  # .item(), bool(tensor), float(tensor)
+    for call in PLAIN_CALLS + R1_CALLS:
+        assert "aten._local_scalar_dense.default" not in names(recorded_steps[call])  # .item(), bool(tensor)
 
 
 @pytest.mark.parametrize("arch", ["seed", "dcgan"])

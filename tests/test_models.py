@@ -89,6 +89,13 @@ def test_r1_penalty_of_a_linear_discriminator_is_its_squared_weight_norm_and_dif
     assert real.grad is None  # for a linear D the penalty does not depend on the images
 
 
+def test_lazy_r1_weighs_every_kth_step_so_the_mean_weight_per_step_is_gamma():
+    weights = [losses.r1_weight(0.1, 4, step) for step in range(1, 13)]
+    assert weights == [0, 0, 0, 0.4] * 3
+    assert [losses.r1_weight(0.1, 1, step) for step in range(1, 4)] == [0.1] * 3
+    assert [losses.r1_weight(0.0, 4, step) for step in range(1, 9)] == [0.0] * 8
+
+
 def test_dcgan_shapes():
     generator, discriminator = models.build("dcgan", z_dim=64)
     images = generator(torch.randn(3, 64))

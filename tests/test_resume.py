@@ -12,8 +12,10 @@ STEPS = 30
 
 
 def tiny_run(tiny_mnist, run_dir, *extra):
-    # 96 images at global batch 8 (1 process) or 16 (2 processes): epochs of 12 or 6 steps.
+    # 96 images at global batch 8 (1 process) or 16 (2 processes): epochs of 12 or 6 steps. Lazy R1 on
+    # every 3rd step: the preemptions fall between, so the schedule must follow the global step.
     return ["model.arch=seed", "data.batch_size=8", f"data.path={tiny_mnist}", f"train.steps={STEPS}",
+            "loss.r1_gamma=1", "loss.r1_every=3",
             "checkpoint.every=10", "train.check_every=1", "logging.every=4", "logging.samples_every=0",
             "logging.wandb=disabled", "logging.curves=false", "train.cpu=true", "eval.num_samples=0",
             "ema.statistics_images=64", f"run.dir={run_dir}", *extra]

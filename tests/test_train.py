@@ -56,6 +56,24 @@ def test_losses_stay_finite(tmp_path, precision, r1_gamma):
         assert not r1_gamma or 0 < line["d/r1_penalty"] < math.inf
 
 
+def test_the_logged_r1_penalty_is_its_mean_over_the_steps_that_computed_it():
+    from accelerate import Accelerator
+
+    from train.tracking import TrainingWindow
+
+    window = TrainingWindow(torch.device("cpu"), r1_penalty=True)
+    logits = torch.zeros(4)
+    for step, penalty in enumerate([None, None, 3.0, None, None, 5.0], start=1):  # lazy R1, every 3rd step
+        window.add(torch.tensor(float(step)), torch.tensor(1.0), logits, logits,
+                   None if penalty is None else torch.tensor(penalty))
+        window.count_step(regularised=penalty is not None)
+    means = window.read(Accelerator(cpu=True), global_batch=8)
+    assert (means["loss/d"], means["loss/g"], means["d/real"], means["d/r1_penalty"]) == (3.5, 1.0, 0.5, 4.0)
+    window.add(torch.tensor(1.0), torch.tensor(1.0), logits, logits)
+    window.count_step()
+    assert "d/r1_penalty" not in window.read(Accelerator(cpu=True), global_batch=8)  # no R1 step in this window
+
+
 @pytest.mark.slow
 def test_smoke_config_writes_a_complete_run(tmp_path, eval_cache):
     result = run_train(["--config", "configs/smoke.yaml", f"run.dir={tmp_path}", f"eval.cache_dir={eval_cache}"])

@@ -51,6 +51,7 @@ class ModelConfig:
 class LossConfig:
     kind: str = "bce"  # bce (the blog's) | hinge
     r1_gamma: float = 0.0  # weight of the R1 penalty gamma/2 E||grad_x D(x)||^2 on real images; 0: off
+    r1_every: int = 1  # the penalty on every k-th step only, weighted gamma*k (StyleGAN2's lazy regularisation)
 
 
 @dataclass
@@ -147,6 +148,7 @@ RULES = {
     "data.batch_size": _GREATER_THAN_ZERO,
     "model.z_dim": _GREATER_THAN_ZERO,
     "loss.r1_gamma": _NOT_NEGATIVE,
+    "loss.r1_every": _GREATER_THAN_ZERO,
     "optim.g_lr": _GREATER_THAN_ZERO,
     "optim.d_lr": _GREATER_THAN_ZERO,
     "optim.beta1": _IN_UNIT_INTERVAL,

@@ -15,7 +15,8 @@ weights) and the capture records the kernels torch.compile generated: fused kern
 
 from __future__ import annotations
 
-from typing import Callable
+from collections import Counter
+from typing import Callable, Hashable
 
 import torch
 
@@ -23,33 +24,35 @@ WARMUP_STEPS = 3  # real steps, run eagerly on a side stream before the capture 
 
 
 class ReplayableStep:
-    """Calls `step` eagerly, or (enabled) warms up, captures it once and from then on replays the graph."""
+    """Calls `step(*arguments)` eagerly, or (enabled) for each distinct tuple of arguments warms up,
+    captures once and from then on replays that graph (the arguments are baked into it)."""
 
-    def __init__(self, step: Callable[[], None], enabled: bool):
+    def __init__(self, step: Callable[..., None], enabled: bool):
         self.step = step
         self.enabled = enabled
-        self.graph: torch.cuda.CUDAGraph | None = None
-        self.warmed_up = 0
+        self.graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
+        self.warmed_up: Counter[tuple] = Counter()
 
-    def __call__(self) -> None:
+    def __call__(self, *arguments: Hashable) -> None:
         if not self.enabled:
-            self.step()
-        elif self.graph is not None:
-            self.graph.replay()
-        elif self.warmed_up < WARMUP_STEPS:
+            self.step(*arguments)
+        elif arguments in self.graphs:
+            self.graphs[arguments].replay()
+        elif self.warmed_up[arguments] < WARMUP_STEPS:
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
-                self.step()
+                self.step(*arguments)
             torch.cuda.current_stream().wait_stream(side)
-            self.warmed_up += 1
+            self.warmed_up[arguments] += 1
         else:
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):  # records this step's kernels without running them
-                self.step()
-            self.graph = graph
+                self.step(*arguments)
+            self.graphs[arguments] = graph
             graph.replay()
 
     def reset(self) -> None:
-        """Forget the graph: after tensors it reads were replaced (an optimizer's state_dict loaded)."""
-        self.graph, self.warmed_up = None, 0
+        """Forget the graphs: after tensors they read were replaced (an optimizer's state_dict loaded)."""
+        self.graphs.clear()
+        self.warmed_up.clear()

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from train import checkpoint, config, data, losses, manifest, metrics, models, tracking
 from train.checkpoint import Progress, Snapshot
-from train.config import Config, ConfigError, LossConfig
+from train.config import Config, ConfigError
 from train.cuda_graph import ReplayableStep
 from train.data import ShardedBatches, derived_seed, to_uint8
 from train.distributed import check_ranks_agree, ddp_without_forward_buffer_sync, sync_buffers_from_main
@@ -76,15 +76,16 @@ def train(cfg: Config, resume_from: Path | None) -> int:
     real = batches.empty_batch()  # the step's inputs, refilled in place every step
     z = torch.empty(cfg.data.batch_size, cfg.model.z_dim, device=accelerator.device)
 
-    def update_networks() -> None:
+    def update_networks(r1_weight: float) -> None:
         """Update D, update G through the new D, average G: everything a step computes on the device."""
         fake = generator(z)
         d_loss, real_logits, fake_logits, r1_penalty = discriminator_step(
-            accelerator, cfg.loss, discriminator, d_optimizer, real, fake, faults)
-        g_loss = generator_step(accelerator, cfg.loss, discriminator, g_optimizer, fake, faults)
+            accelerator, cfg.loss.kind, r1_weight, discriminator, d_optimizer, real, fake, faults)
+        g_loss = generator_step(accelerator, cfg.loss.kind, discriminator, g_optimizer, fake, faults)
         ema.update(generator)
         window.add(d_loss, g_loss, real_logits, fake_logits, r1_penalty)
 
+    # One graph per distinct argument: with lazy R1 (loss.r1_every > 1), a step with the penalty and one without.
     update = ReplayableStep(update_networks, enabled=cfg.train.cuda_graph)
 
     while progress.step < cfg.train.steps:
@@ -92,9 +93,10 @@ def train(cfg: Config, resume_from: Path | None) -> int:
         real.copy_(batches.next())  # sample a batch
         torch.randn(z.shape, device=z.device, generator=snapshot.noise, out=z)  # and the latents
         ema.set_weight(images_seen, batches.global_batch)
-        update()  # update D, update G, average G: one replay of the CUDA graph with train.cuda_graph
+        r1_weight = losses.r1_weight(cfg.loss.r1_gamma, cfg.loss.r1_every, step)
+        update(r1_weight)  # update D, update G, average G: one replay of a CUDA graph with train.cuda_graph
         faults.end_step(step)
-        window.count_step()
+        window.count_step(regularised=r1_weight > 0)
         progress.step, progress.images_seen = step, images_seen
         bar.update()
         profiler.step()
@@ -220,19 +222,19 @@ def build_optimizers(cfg: Config, generator, discriminator) -> tuple[torch.optim
     )
 
 
-def discriminator_step(accelerator, loss: LossConfig, discriminator, d_optimizer, real, fake, faults):
+def discriminator_step(accelerator, loss_kind: str, r1_weight: float, discriminator, d_optimizer, real, fake, faults):
     """Update D on real and (detached) fake images; G's graph is not touched. Returns D's loss, its
-    logits and, with `loss.r1_gamma`, the R1 penalty before weighting (else None)."""
+    logits and, where `r1_weight` > 0, the R1 penalty before weighting (else None)."""
     discriminator.requires_grad_(True)
-    if loss.r1_gamma:
+    if r1_weight:
         real = real.detach().requires_grad_(True)  # a view: the batch buffer itself stays a plain tensor
     real_logits = discriminator(real)
     fake_logits = discriminator(fake.detach())
-    d_loss = losses.discriminator_loss(loss.kind, real_logits, fake_logits)
+    d_loss = losses.discriminator_loss(loss_kind, real_logits, fake_logits)
     r1_penalty = None
-    if loss.r1_gamma:
+    if r1_weight:
         r1_penalty = losses.r1_penalty(real_logits, real)
-        d_loss = d_loss + loss.r1_gamma / 2 * r1_penalty
+        d_loss = d_loss + r1_weight / 2 * r1_penalty
         r1_penalty = r1_penalty.detach()
     d_optimizer.zero_grad(set_to_none=True)
     accelerator.backward(d_loss)
@@ -241,12 +243,12 @@ def discriminator_step(accelerator, loss: LossConfig, discriminator, d_optimizer
     return d_loss.detach(), real_logits.detach(), fake_logits.detach(), r1_penalty
 
 
-def generator_step(accelerator, loss: LossConfig, discriminator, g_optimizer, fake, faults):
+def generator_step(accelerator, loss_kind: str, discriminator, g_optimizer, fake, faults):
     """Update G through the just-updated D; D gets no gradients and DDP syncs none of its."""
     discriminator.requires_grad_(False)
     with accelerator.no_sync(discriminator):
         fake_logits = discriminator(fake)
-    g_loss = losses.generator_loss(loss.kind, fake_logits)
+    g_loss = losses.generator_loss(loss_kind, fake_logits)
     g_optimizer.zero_grad(set_to_none=True)
     accelerator.backward(g_loss)
     if faults.allows_update("generator", g_loss, g_optimizer):

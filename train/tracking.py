@@ -30,21 +30,26 @@ SAMPLES_DIR = "samples"
 
 class TrainingWindow:
     """Means of the step statistics since the last read, accumulated on the device (no sync per step),
-    and the training time: wall time less what was spent in `paused()` (evaluation, grids, checkpoints)."""
+    and the training time: wall time less what was spent in `paused()` (evaluation, grids, checkpoints).
+    The R1 penalty's mean is over the steps that computed it (every `loss.r1_every`-th)."""
 
     def __init__(self, device: torch.device, r1_penalty: bool = False):
         self.device = device
         self.names = ("loss/d", "loss/g", "d/real", "d/fake") + (("d/r1_penalty",) if r1_penalty else ())
         self.sums = torch.zeros(len(self.names), device=device)
-        self.steps, self.started, self.paused_seconds, self.train_seconds = 0, time.perf_counter(), 0.0, 0.0
+        self.steps, self.regularised_steps = 0, 0
+        self.started, self.paused_seconds, self.train_seconds = time.perf_counter(), 0.0, 0.0
 
     def add(self, d_loss, g_loss, real_logits, fake_logits, r1_penalty=None) -> None:
         """Device work only (it runs inside the training step, which may be a CUDA graph)."""
         values = [d_loss, g_loss, real_logits.sigmoid().mean(), fake_logits.sigmoid().mean()]
-        self.sums += torch.stack(values + ([r1_penalty] if r1_penalty is not None else []))
+        values += [r1_penalty] if r1_penalty is not None else []
+        self.sums[:len(values)].add_(torch.stack(values))
 
-    def count_step(self) -> None:
+    def count_step(self, regularised: bool = False) -> None:
+        """After each step; `regularised`: it computed the R1 penalty."""
         self.steps += 1
+        self.regularised_steps += regularised
 
     @contextmanager
     def paused(self):
@@ -56,13 +61,14 @@ class TrainingWindow:
 
     def read(self, accelerator: Accelerator, global_batch: int) -> dict[str, float]:
         """Means over the window and all ranks, images/s and training seconds; a collective."""
-        means = (accelerator.reduce(self.sums, reduction="mean") / self.steps).tolist()
+        counts = [self.steps] * 4 + [self.regularised_steps] * (len(self.names) - 4)
+        sums = accelerator.reduce(self.sums, reduction="mean").tolist()
         seconds = time.perf_counter() - self.started - self.paused_seconds
         self.train_seconds += seconds
-        values = dict(zip(self.names, means)) | {
+        values = {name: total / count for name, total, count in zip(self.names, sums, counts) if count} | {
             "images_per_second": self.steps * global_batch / seconds, "train_seconds": self.train_seconds}
         self.sums.zero_()
-        self.steps, self.started, self.paused_seconds = 0, time.perf_counter(), 0.0
+        self.steps, self.regularised_steps, self.started, self.paused_seconds = 0, 0, time.perf_counter(), 0.0
         return values
 
 
