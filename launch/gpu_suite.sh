@@ -4,11 +4,12 @@
 # machine start included, so plan on one call):
 #   owed     the two open targets: (a) the blog's loop, (b) the seed loop as a CUDA graph, and (b)
 #            with torch.compile inside the graph (with and without TF32): can fused kernels take the
-#            seed step from 2.09 ms to the 0.88 ms that 20x needs? Then fast.yaml with the R1
-#            penalty (loss.r1_gamma=0.1, with Adam 1e-3 and 2e-3; on the CPU proxy it cut the FD at
-#            step 10,000 from 99.5 to 56.2): does it lower the FD where fast.yaml's curve flattens (about 48 at 60 s), and
-#            what does its second backward cost per step? (Also the first capture of R1's
-#            double backward in a CUDA graph: a failure is recorded in the JSON.)
+#            seed step from 2.09 ms to the 0.88 ms that 20x needs? Then time to quality of
+#            configs/seed_r1.yaml (the blog's networks, Adam 2e-3, R1 on every 4th step: FD 27.0
+#            after 4,000 steps on the CPU, where fast.yaml's DCGAN on an H200 flattens near 48) and
+#            of fast.yaml with the same R1 and Adam 2e-3: what does R1 cost per step, and is FD 12
+#            within 60 s? (Also the first captures of R1's double backward and of two alternating
+#            graphs: a failure is recorded in the JSON.)
 #   graph    the CUDA graph (on by default where it can run) against the eager loop, compiled or
 #            not (launch/check_cuda_graph.py); then the throughput benchmark: (a)-(d), then the
 #            seed loop with channels_last, bf16, TF32 matrix products, eager, and fast.yaml with
@@ -36,17 +37,17 @@ owed() {
   environment > "$out/owed_environment.txt" 2>&1
   local seed="configs/seed.yaml:train.mixed_precision=fp32"
   # at most 15 + 25 + 2 x 130 s: a cold compile that takes longer counts as failed, and the JSON keeps the rest
-  timeout 320 "$python" -m train.bench --steps 500 --warmup 100 --variant-timeout 130 --variants blog,project \
+  timeout 300 "$python" -m train.bench --steps 500 --warmup 100 --variant-timeout 130 --variants blog,project \
     --custom "seed_compile=$seed,train.compile=true,train.cuda_graph=true" \
     --custom "seed_compile_tf32=$seed,train.compile=true,train.cuda_graph=true,train.tf32=true" \
     --out "$out/bench_owed.json" 2>&1 | tee "$out/bench_owed.log"
-  # fast.yaml's 20,000 steps take about 60 s of training; evaluations every 2,000 steps add about 20 s
-  timeout 240 "$python" -m train.bench --variants "" --ttq-seconds 100 \
-    --ttq-custom "fast_r1=configs/fast.yaml:loss.r1_gamma=0.1,eval.every=2000" \
-    --ttq-custom "fast_r1_lr2e-3=configs/fast.yaml:loss.r1_gamma=0.1,optim.g_lr=2e-3,optim.d_lr=2e-3,eval.every=2000" \
+  # 20,000 steps each, about 50-70 s of training if R1 costs little; the evaluations add about 20 s
+  timeout 250 "$python" -m train.bench --variants "" --ttq-seconds 105 \
+    --ttq-custom "seed_r1=configs/seed_r1.yaml:eval.every=1000" \
+    --ttq-custom "fast_r1_lazy4_lr2e-3=configs/fast.yaml:loss.r1_gamma=0.1,loss.r1_every=4,optim.g_lr=2e-3,optim.d_lr=2e-3,eval.every=2000" \
     --runs-dir "$out/runs" --out "$out/bench_owed_quality.json" 2>&1 | tee "$out/bench_owed_quality.log"
-  keep_run fast_r1
-  keep_run fast_r1_lr2e-3
+  keep_run seed_r1
+  keep_run fast_r1_lazy4_lr2e-3
 }
 
 graph() {
