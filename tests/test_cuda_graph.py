@@ -4,7 +4,8 @@ A CUDA graph replays the kernels of one recorded call with the arguments they ha
 step's operations must be the same at every step, with the same non-tensor arguments (a Python
 number that changes from step to step, such as an EMA decay or a slot index, would be frozen
 at its captured value), and must never wait for a device value on the host. These tests record
-every aten operation of the real loop's step at two different steps and compare them.
+every aten operation of the real loop's step at two different steps of each kind (with lazy R1, a
+step with the penalty and one without are two graphs) and compare them.
 """
 
 import pytest
