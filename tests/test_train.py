@@ -9,8 +9,10 @@ import sys
 
 import pytest
 import torch
+from accelerate import Accelerator
 
 from conftest import REPO, TINY, final_weights, run_env, run_train
+from train.tracking import TrainingWindow
 
 TIMINGS = ("images_per_second", "train_seconds")
 
@@ -57,10 +59,6 @@ def test_losses_stay_finite(tmp_path, precision, r1_gamma):
 
 
 def test_the_logged_r1_penalty_is_its_mean_over_the_steps_that_computed_it():
-    from accelerate import Accelerator
-
-    from train.tracking import TrainingWindow
-
     window = TrainingWindow(torch.device("cpu"), r1_penalty=True)
     logits = torch.zeros(4)
     for step, penalty in enumerate([None, None, 3.0, None, None, 5.0], start=1):  # lazy R1, every 3rd step
