@@ -3,10 +3,10 @@
 For each config (seed fp32, fast.yaml bf16 without and with the lazy R1 penalty, which alternates
 two graphs, and seed fp32 with torch.compile, whose graph replays the compiled kernels), three
 short runs of `python -m train` from the same seed: eager twice (how far apart the GPU's own
-non-determinism puts two eager runs) and once as a replayed CUDA graph (the first steps run eagerly, the rest replay the graph). Prints
-the largest weight difference of each pair; the graph run passes when it is bitwise equal to the
-eager one, or no further from it than ten times the eager runs' own spread. Throughput is the
-benchmark's (`train.bench --custom`).
+non-determinism puts two eager runs) and once as a replayed CUDA graph (the first steps run
+eagerly, the rest replay the graph). Prints the largest weight difference of each pair; the graph
+run passes when it is bitwise equal to the eager one, or no further from it than ten times the
+eager runs' own spread. Throughput is the benchmark's (`train.bench --custom`).
 Usage: python launch/check_cuda_graph.py [steps]
 """
 

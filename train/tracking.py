@@ -33,9 +33,11 @@ class TrainingWindow:
     and the training time: wall time less what was spent in `paused()` (evaluation, grids, checkpoints).
     The R1 penalty's mean is over the steps that computed it (every `loss.r1_every`-th)."""
 
+    EVERY_STEP = ("loss/d", "loss/g", "d/real", "d/fake")  # averaged over all steps of the window
+
     def __init__(self, device: torch.device, r1_penalty: bool = False):
         self.device = device
-        self.names = ("loss/d", "loss/g", "d/real", "d/fake") + (("d/r1_penalty",) if r1_penalty else ())
+        self.names = self.EVERY_STEP + (("d/r1_penalty",) if r1_penalty else ())
         self.sums = torch.zeros(len(self.names), device=device)
         self.steps, self.regularised_steps = 0, 0
         self.started, self.paused_seconds, self.train_seconds = time.perf_counter(), 0.0, 0.0
@@ -61,7 +63,8 @@ class TrainingWindow:
 
     def read(self, accelerator: Accelerator, global_batch: int) -> dict[str, float]:
         """Means over the window and all ranks, images/s and training seconds; a collective."""
-        counts = [self.steps] * 4 + [self.regularised_steps] * (len(self.names) - 4)
+        every_step = len(self.EVERY_STEP)
+        counts = [self.steps] * every_step + [self.regularised_steps] * (len(self.names) - every_step)
         sums = accelerator.reduce(self.sums, reduction="mean").tolist()
         seconds = time.perf_counter() - self.started - self.paused_seconds
         self.train_seconds += seconds
