@@ -1,12 +1,14 @@
 """`python -m train.bench`: what it writes, on custom variants short enough for the CPU."""
 
 import json
+import re
 import subprocess
 import sys
 
 import pytest
 
 from conftest import REPO, run_env
+from train import bench, config
 
 
 @pytest.mark.slow
@@ -25,3 +27,15 @@ def test_bench_times_custom_variants_and_records_one_that_cannot_run(tmp_path):
     assert tiny["images_per_second"] == pytest.approx(tiny["steps_per_second"] * 8)
     assert "refused  FAILED" in result.stdout and "failed: refused" in result.stdout
     assert "tiny" in result.stdout and "images/s" in result.stdout
+
+
+def test_every_variant_of_the_gpu_suite_is_a_valid_config():
+    """A typo in launch/gpu_suite.sh would cost a session's scarce GPU time; the CPU finds it first."""
+    script = (REPO / "launch" / "gpu_suite.sh").read_text()
+    variables = dict(re.findall(r'local (\w+)="([^"]*)"', script))
+    specs = [re.sub(r"\$(\w+)", lambda name: variables[name[1]], spec)
+             for spec in re.findall(r'--(?:ttq-)?custom "([^"]+)"', script)]
+    assert len(specs) >= 10 and any(spec.startswith("seed_r1=") for spec in specs)
+    for spec in specs:
+        name, config_path, overrides = bench.custom_variant(spec)
+        config.validate(config.load(str(REPO / config_path), overrides))
