@@ -6,7 +6,7 @@
 #            with torch.compile inside the graph (with and without TF32): can fused kernels take the
 #            seed step from 2.09 ms to the 0.88 ms that 20x needs? Then time to quality of
 #            configs/seed_r1.yaml (the blog's networks, Adam 2e-3, R1 on every 4th step, a long
-#            generator average: FD 13.6 after 10,000 steps on the CPU, where fast.yaml's DCGAN on an
+#            generator average: FD 11.4 after 14,000 steps on the CPU, where fast.yaml's DCGAN on an
 #            H200 flattens near 48) and of fast.yaml with the same R1 and Adam 2e-3: what does R1 cost per step, and is FD 12
 #            within 60 s? (Also the first captures of R1's double backward and of two alternating
 #            graphs: a failure is recorded in the JSON.)
