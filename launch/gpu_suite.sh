@@ -7,9 +7,10 @@
 #            seed step from 2.09 ms to the 0.88 ms that 20x needs? Then time to quality of
 #            configs/seed_r1.yaml (the blog's networks, Adam 2e-3, R1 on every 4th step, a long
 #            generator average: FD 11.4 after 14,000 steps on the CPU, where fast.yaml's DCGAN on an
-#            H200 flattens near 48) and of fast.yaml with the same R1 and Adam 2e-3: what does R1 cost per step, and is FD 12
-#            within 60 s? (Also the first captures of R1's double backward and of two alternating
-#            graphs: a failure is recorded in the JSON.)
+#            H200 flattens near 48) and of fast.yaml with the same R1, Adam 2e-3 and an average as
+#            long in steps: what does R1 cost per step, and is FD 12 within 60 s? (Also the first
+#            captures of R1's double backward and of two alternating graphs: a failure is recorded
+#            in the JSON.)
 #   graph    the CUDA graph (on by default where it can run) against the eager loop, compiled or
 #            not (launch/check_cuda_graph.py); then the throughput benchmark: (a)-(d), then the
 #            seed loop with channels_last, bf16, TF32 matrix products, eager, and fast.yaml with

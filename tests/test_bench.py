@@ -33,9 +33,9 @@ def test_every_variant_of_the_gpu_suite_is_a_valid_config():
     """A typo in launch/gpu_suite.sh would cost a session's scarce GPU time; the CPU finds it first."""
     script = (REPO / "launch" / "gpu_suite.sh").read_text()
     variables = dict(re.findall(r'local (\w+)="([^"]*)"', script))
-    specs = [re.sub(r"\$(\w+)", lambda name: variables[name[1]], spec)
+    specs = [re.sub(r"\$(\w+)", lambda variable: variables[variable[1]], spec)
              for spec in re.findall(r'--(?:ttq-)?custom "([^"]+)"', script)]
     assert len(specs) >= 10 and any(spec.startswith("seed_r1=") for spec in specs)
     for spec in specs:
-        name, config_path, overrides = bench.custom_variant(spec)
-        config.validate(config.load(str(REPO / config_path), overrides))
+        _, config_path, overrides = bench.custom_variant(spec)
+        config.load(str(REPO / config_path), overrides)  # raises ConfigError naming the bad key or value
