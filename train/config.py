@@ -44,7 +44,7 @@ class DataConfig:
 class ModelConfig:
     arch: str = "seed"  # seed | dcgan
     z_dim: int = 100
-    upsample: str = "fused"  # seed generator's upsample+conv: fused (same function as matrix products) | native
+    upsample: str = "fused"  # seed generator's upsample+conv: fused (the same function, fewer operations) | native
 
 
 @dataclass
