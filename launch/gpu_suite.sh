@@ -2,15 +2,15 @@
 # Every GPU measurement in docs/performance.md, in parts that measure nothing twice; `owed` (the
 # default) holds what is still owed and fits one device call (10 minutes at most; a session's device time is about 15 minutes,
 # machine start included, so plan on one call):
-#   owed     the two open targets: (a) the blog's loop, (b) the seed loop as a CUDA graph, and (b)
-#            with torch.compile inside the graph (with and without TF32): can fused kernels take the
-#            seed step from 2.09 ms to the 0.88 ms that 20x needs? Then time to quality of
-#            configs/seed_r1.yaml (the blog's networks, Adam 2e-3, R1 on every 4th step, a long
-#            generator average: FD 11.4 after 14,000 steps on the CPU, where fast.yaml's DCGAN on an
-#            H200 flattens near 48) and of fast.yaml with the same R1, Adam 2e-3 and an average as
-#            long in steps: what does R1 cost per step, and is FD 12 within 60 s? (Also the first
-#            captures of R1's double backward and of two alternating graphs: a failure is recorded
-#            in the JSON.)
+#   owed     the two open targets: (a) the blog's loop, (b) the seed loop as a CUDA graph (since
+#            its one-copy upsampling), and (b) with torch.compile inside the graph (with and
+#            without TF32): can fused kernels take the seed step from 2.09 ms to the 0.88 ms that
+#            20x needs? Then time to quality of configs/seed_r1.yaml (the blog's networks, Adam
+#            2e-3, R1 on every 4th step, a long generator average: FD 11.4 after 14,000 steps and
+#            9.7 after 20,000 on the CPU, where fast.yaml's DCGAN on an H200 flattens near 48) and
+#            of fast.yaml with the same R1, Adam 2e-3 and an average as long in steps: what does
+#            R1 cost per step, and is FD 12 within 60 s? (Also the first captures of R1's double
+#            backward and of two alternating graphs: a failure is recorded in the JSON.)
 #   graph    the CUDA graph (on by default where it can run) against the eager loop, compiled or
 #            not (launch/check_cuda_graph.py); then the throughput benchmark: (a)-(d), then the
 #            seed loop with channels_last, bf16, TF32 matrix products, eager, and fast.yaml with
@@ -43,13 +43,14 @@ owed() {
     --custom "seed_compile_tf32=$seed,train.compile=true,train.cuda_graph=true,train.tf32=true" \
     --out "$out/bench_owed.json" 2>&1 | tee "$out/bench_owed.log"
   # 20,000 steps each, about 50-70 s of training if R1 costs little; the evaluations add about 20 s.
-  # fast.yaml's average as long in steps as seed_r1's (50,000 images at batch 64: 781 steps at 512)
+  # Batch 128 with an average as long in steps (100,000 images): on the CPU FD 17.9 at step 4,000
+  # against 26.3 at batch 64; on a GPU a step of the blog's networks should cost far less than
+  # twice as much as at 64 (kernel-bound), so it may reach FD 12 sooner.
   timeout 250 "$python" -m train.bench --variants "" --ttq-seconds 105 \
     --ttq-custom "seed_r1=configs/seed_r1.yaml:eval.every=1000" \
-    --ttq-custom "fast_r1_lazy4_lr2e-3_ema400k=configs/fast.yaml:loss.r1_gamma=0.1,loss.r1_every=4,optim.g_lr=2e-3,optim.d_lr=2e-3,ema.half_life_images=400000,eval.every=2000" \
+    --ttq-custom "seed_r1_b128=configs/seed_r1.yaml:data.batch_size=128,ema.half_life_images=100000,eval.every=1000" \
     --runs-dir "$out/runs" --out "$out/bench_owed_quality.json" 2>&1 | tee "$out/bench_owed_quality.log"
-  keep_run seed_r1
-  keep_run fast_r1_lazy4_lr2e-3_ema400k
+  keep_runs owed_runs.tar seed_r1 seed_r1_b128
 }
 
 graph() {
@@ -66,12 +67,13 @@ graph() {
 }
 
 quality() {
+  # fast_r1: the blog-network recipe's lazy R1, Adam 2e-3 and an average as long in steps as
+  # seed_r1's (50,000 images at batch 64: 781 steps at 512) on fast.yaml's DCGAN at batch 512
   timeout 540 "$python" -m train.bench --variants "" --time-to-quality --ttq-seconds 90 \
     --ttq-custom "fast_ema100k=configs/fast.yaml:ema.half_life_images=100000,eval.every=2000" \
+    --ttq-custom "fast_r1=configs/fast.yaml:loss.r1_gamma=0.1,loss.r1_every=4,optim.g_lr=2e-3,optim.d_lr=2e-3,ema.half_life_images=400000,eval.every=2000" \
     --runs-dir "$out/runs" --out "$out/bench_quality.json" 2>&1 | tee "$out/bench_quality.log"
-  keep_run seed
-  keep_run fast
-  keep_run fast_ema100k
+  keep_runs quality_runs.tar seed fast fast_ema100k fast_r1
 }
 
 rest() {
@@ -104,11 +106,16 @@ rest() {
     --out "$out/bench_reduce_overhead.json" 2>&1 | tee "$out/bench_reduce_overhead.log"
 }
 
-keep_run() {  # a quality run's metrics and its last sample grid, beside the JSON
-  cp "$out/runs/$1/metrics.jsonl" "$out/$1_metrics.jsonl" 2>/dev/null
-  local last
-  last=$(find "$out/runs/$1/samples/" -name "*.png" 2>/dev/null | sort | tail -n 1)
-  [ -n "$last" ] && cp "$last" "$out/$1_samples.png"
+keep_runs() {  # ARCHIVE RUN...: each quality run's metrics and last sample grid, in one file (a device call returns 8)
+  local archive=$1 name last
+  shift
+  local files=()
+  for name in "$@"; do
+    [ -f "$out/runs/$name/metrics.jsonl" ] && files+=("$name/metrics.jsonl")
+    last=$(cd "$out/runs" && find "$name/samples/" -name "*.png" 2>/dev/null | sort | tail -n 1)
+    [ -n "$last" ] && files+=("$last")
+  done
+  [ ${#files[@]} -gt 0 ] && tar -cf "$out/$archive" -C "$out/runs" "${files[@]}"
 }
 
 for part in $parts; do
