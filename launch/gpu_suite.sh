@@ -8,15 +8,16 @@
 #            20x needs? Then time to quality of configs/seed_r1.yaml (the blog's networks, Adam
 #            2e-3, R1 on every 4th step, a long generator average: FD 11.4 after 14,000 steps and
 #            9.7 after 20,000 on the CPU, where fast.yaml's DCGAN on an H200 flattens near 48) and
-#            of fast.yaml with the same R1, Adam 2e-3 and an average as long in steps: what does
-#            R1 cost per step, and is FD 12 within 60 s? (Also the first captures of R1's double
-#            backward and of two alternating graphs: a failure is recorded in the JSON.)
+#            of the same at batch 128: what do R1 and the larger batch cost per step, and is FD 12
+#            within 60 s? (Also the first captures of R1's double backward and of two alternating
+#            graphs: a failure is recorded in the JSON.)
 #   graph    the CUDA graph (on by default where it can run) against the eager loop, compiled or
 #            not (launch/check_cuda_graph.py); then the throughput benchmark: (a)-(d), then the
 #            seed loop with channels_last, bf16, TF32 matrix products, eager, and fast.yaml with
 #            torch.compile inside the graph (the JSON keeps what a time limit cut short)
-#   quality  time to quality of configs/seed.yaml and configs/fast.yaml as they ship, and of
-#            fast.yaml with a generator average of half-life 100k images (its own BatchNorm statistics)
+#   quality  time to quality of configs/seed.yaml and configs/fast.yaml as they ship, of fast.yaml
+#            with a generator average of half-life 100k images (its own BatchNorm statistics), and
+#            of fast.yaml with seed_r1's lazy R1, Adam 2e-3 and long average
 #   rest     the host and device profile of the real loop (graphed), the kernel profile of an eager
 #            seed step, the BatchNorm/DDP hazard, the fp16 path (and its refusal of R1), torch.compile's
 #            reduce-overhead mode
