@@ -12,7 +12,8 @@
 #            within 60 s? (Also the first captures of R1's double backward and of two alternating
 #            graphs: a failure is recorded in the JSON.)
 #   graph    the CUDA graph (on by default where it can run) against the eager loop, compiled or
-#            not (launch/check_cuda_graph.py); then the throughput benchmark: (a)-(d), then the
+#            not, and bit for bit with train.deterministic (launch/check_cuda_graph.py; its three
+#            runs per config side by side); then the throughput benchmark: (a)-(d), then the
 #            seed loop with channels_last, bf16, TF32 matrix products, eager, and fast.yaml with
 #            torch.compile inside the graph (the JSON keeps what a time limit cut short)
 #   quality  time to quality of configs/seed.yaml and configs/fast.yaml as they ship, of fast.yaml

@@ -1,5 +1,6 @@
 """`python -m train.bench`: what it writes, on custom variants short enough for the CPU."""
 
+import importlib.util
 import json
 import re
 import subprocess
@@ -39,3 +40,14 @@ def test_every_variant_of_the_gpu_suite_is_a_valid_config():
     for spec in specs:
         _, config_path, overrides = bench.custom_variant(spec)
         config.load(str(REPO / config_path), overrides)  # raises ConfigError naming the bad key or value
+
+
+def test_every_config_of_the_cuda_graph_check_is_valid(monkeypatch):
+    """The same for launch/check_cuda_graph.py, which the suite's `graph` part runs first."""
+    spec = importlib.util.spec_from_file_location("check_cuda_graph", REPO / "launch" / "check_cuda_graph.py")
+    check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(check)
+    monkeypatch.chdir(REPO)
+    assert any("train.deterministic=true" in args for args in check.CONFIGS.values())
+    for args in check.CONFIGS.values():
+        config.parse_args([*args, *bench.QUIET, "train.cuda_graph=true"])  # the graph run's command line

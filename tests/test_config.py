@@ -33,6 +33,8 @@ def test_overrides_take_dotted_keys_and_convert_types():
     (["train.mixed_precision=fp8"], "allowed values: null, fp32, bf16, fp16"),
     (["train.steps"], "override 'train.steps' is not of the form key=value"),
     (["train.cuda_graph=true", "train.on_nonfinite=skip"], "train.cuda_graph=true needs train.on_nonfinite=stop or"),
+    (["model.arch=seed", "model.upsample=native", "train.deterministic=true"],
+     "train.deterministic=true needs model.upsample=fused"),
 ])
 def test_bad_values_name_the_key_and_the_fix(overrides, expected):
     with pytest.raises(ConfigError) as error:

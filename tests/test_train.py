@@ -58,6 +58,25 @@ def test_losses_stay_finite(tmp_path, precision, r1_gamma):
         assert not r1_gamma or 0 < line["d/r1_penalty"] < math.inf
 
 
+@pytest.mark.slow
+def test_deterministic_algorithms_change_nothing_on_the_cpu(tmp_path, eval_cache):
+    """train.deterministic is for GPUs, where cuDNN and atomics otherwise vary; on the CPU it must run the
+    same maths (also through R1's double backward and an evaluation) and read no uninitialised memory,
+    which the mode fills with NaN."""
+    args = TINY + ["model.arch=seed", "loss.r1_gamma=1", "loss.r1_every=2", "eval.num_samples=100",
+                   f"eval.cache_dir={eval_cache}"]
+    for name, deterministic in (("default", "false"), ("deterministic", "true")):
+        result = run_train(args + [f"run.dir={tmp_path / name}", f"train.deterministic={deterministic}"])
+        assert result.returncode == 0, result.stderr[-2000:]
+    default, deterministic = (final_weights(tmp_path / name) for name in ("default", "deterministic"))
+    for network in default:
+        assert all(torch.equal(default[network][key], deterministic[network][key]) for key in default[network])
+    untimed = TIMINGS + ("eval/seconds",)
+    logged = [[{k: v for k, v in line.items() if k not in untimed} for line in metrics(tmp_path / name)]
+              for name in ("default", "deterministic")]
+    assert "eval/fd" in logged[0][-1] and logged[0] == logged[1]
+
+
 def test_the_logged_r1_penalty_is_its_mean_over_the_steps_that_computed_it():
     window = TrainingWindow(torch.device("cpu"), r1_penalty=True)
     logits = torch.zeros(4)

@@ -73,6 +73,7 @@ class TrainConfig:
     channels_last: bool = False  # NHWC memory format for both networks and the batches
     cuda_graph: bool | None = None  # each step's updates as one replayed CUDA graph; null: wherever it can run
     tf32: bool = False  # float32 matrix products on TF32 tensor cores (CUDA), as cuDNN runs convolutions by default
+    deterministic: bool = False  # GPU runs repeatable bit for bit: deterministic cuDNN, cuBLAS and inductor kernels
     check_every: int = 10  # steps between the collective checks for signals and non-finite numbers
     on_nonfinite: str = "stop"  # stop | skip | rollback
     timeout_s: int = 600  # a collective waiting longer than this (a rank died) fails the run
@@ -231,6 +232,9 @@ def validate(cfg: Config) -> None:
     if cfg.loss.r1_gamma and cfg.train.compile:
         raise ConfigError("loss.r1_gamma > 0 needs train.compile=false: the R1 penalty backpropagates through D's "
                           "gradient, and torch.compile (AOTAutograd) has no double backward")
+    if cfg.train.deterministic and cfg.model.arch == "seed" and cfg.model.upsample == "native":
+        raise ConfigError("train.deterministic=true needs model.upsample=fused: the native bilinear upsampling's "
+                          "backward has no deterministic CUDA kernel (the fused form is the same function)")
     if cfg.train.cuda_graph and cfg.train.on_nonfinite == "skip":
         raise ConfigError("train.cuda_graph=true needs train.on_nonfinite=stop or rollback: skip decides on the host "
                           "inside every step, which a CUDA graph cannot")

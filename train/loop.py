@@ -9,6 +9,7 @@ nor all-reduced. The updates read the batch and the latents from fixed buffers, 
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from datetime import timedelta
@@ -165,6 +166,9 @@ def set_up(cfg: Config, resume_from: Path | None) -> tuple[Accelerator, Path]:
     # cuDNN's float32 convolutions use TF32 by default; this extends it to the matrix products (the
     # seed generator's fused upsampling, Linear layers).
     torch.backends.cuda.matmul.allow_tf32 = cfg.train.tf32
+    if cfg.train.deterministic:  # before the first kernel: cuBLAS is deterministic only with a fixed workspace
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)  # also cuDNN's algorithm choice and inductor's autotuning
     if cfg.train.cuda_graph and (cpu or not torch.cuda.is_available()):
         raise ConfigError("train.cuda_graph=true needs a CUDA GPU; set train.cuda_graph=false on this machine")
     accelerator = Accelerator(
