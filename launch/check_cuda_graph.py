@@ -1,13 +1,14 @@
 """GPU check: `train.cuda_graph=true` trains the same weights as the eager loop.
 
-For each config (seed fp32 with deterministic kernels and without, fast.yaml bf16 without and with
-the lazy R1 penalty, which alternates two graphs, and seed fp32 with torch.compile, whose graph
-replays the compiled kernels), three short runs of `python -m train` from the same seed, side by
-side: eager twice (how far apart the GPU's own non-determinism puts two eager runs) and once as a
-replayed CUDA graph (the first steps run eagerly, the rest replay the graph). Prints the largest
-weight difference of each pair; the graph run passes when it is bitwise equal to the eager one, or
-no further from it than ten times the eager runs' own spread. With `train.deterministic=true` both
-pairs must be bitwise equal. Throughput is the benchmark's (`train.bench --custom`).
+For each config (seed fp32; seed_r1.yaml, the recipe of `make train`, with deterministic kernels;
+fast.yaml bf16 without and with the lazy R1 penalty, which alternates two graphs; and seed fp32
+with torch.compile, whose graph replays the compiled kernels), three short runs of `python -m
+train` from the same seed, side by side: eager twice (how far apart the GPU's own non-determinism
+puts two eager runs) and once as a replayed CUDA graph (the first steps run eagerly, the rest
+replay the graph). Prints the largest weight difference of each pair; the graph run passes when it
+is bitwise equal to the eager one, or no further from it than ten times the eager runs' own spread.
+With `train.deterministic=true` both pairs must be bitwise equal. Throughput is the benchmark's
+(`train.bench --custom`).
 Usage: python launch/check_cuda_graph.py [steps]
 """
 
@@ -25,9 +26,11 @@ from train import manifest  # noqa: E402
 from train.bench import QUIET, run_checked  # noqa: E402
 
 SEED = ["--config", "configs/seed.yaml", "train.mixed_precision=fp32"]
-CONFIGS = {"seed fp32": SEED, "seed fp32 deterministic": [*SEED, "train.deterministic=true"],
+# With lazy R1 on every 3rd step, steps 3, 6, 9 warm the R1 step's graph up, 12 captures it, 15 and 18 replay it.
+CONFIGS = {"seed fp32": SEED,
+           "seed_r1 (make train's recipe), lazy R1 every 3rd step, deterministic": [
+               "--config", "configs/seed_r1.yaml", "loss.r1_every=3", "train.deterministic=true"],
            "fast (dcgan bf16)": ["--config", "configs/fast.yaml"],
-           # steps 3, 6, 9 warm the R1 step's graph up, 12 captures it, 15 and 18 replay it
            "fast with lazy R1 (two graphs, one with a double backward)": [
                "--config", "configs/fast.yaml", "loss.r1_gamma=1", "loss.r1_every=3"],
            "seed fp32 compiled": [*SEED, "train.compile=true"]}
@@ -52,11 +55,11 @@ def main() -> int:
     print(f"torch {torch.__version__}, {torch.cuda.get_device_name()}, {steps} steps per run")
     failed = False
     with tempfile.TemporaryDirectory() as root:
-        for name, args in CONFIGS.items():
+        for number, (name, args) in enumerate(CONFIGS.items()):
             # The three runs side by side: the GPU has room for them, and the host's cores for their compiles.
             with ThreadPoolExecutor(max_workers=3) as pool:
-                runs = [pool.submit(final_weights, args, steps, Path(root) / f"{name}-{run}", graph=run == "graph")
-                        for run in ("eager", "again", "graph")]
+                runs = [pool.submit(final_weights, args, steps, Path(root) / f"{number}-{kind}", graph=kind == "graph")
+                        for kind in ("eager", "again", "graph")]
             try:
                 eager, again, graph = (run.result() for run in runs)
             except RuntimeError as error:  # the next config is still checked
