@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 import re
 import shutil
 import subprocess
@@ -12,6 +13,7 @@ import torch
 from accelerate import Accelerator
 
 from conftest import REPO, TINY, final_weights, run_env, run_train
+from train import config, loop
 from train.tracking import TrainingWindow
 
 TIMINGS = ("images_per_second", "train_seconds")
@@ -75,6 +77,18 @@ def test_deterministic_algorithms_change_nothing_on_the_cpu(tmp_path, eval_cache
     logged = [[{k: v for k, v in line.items() if k not in untimed} for line in metrics(tmp_path / name)]
               for name in ("default", "deterministic")]
     assert "eval/fd" in logged[0][-1] and logged[0] == logged[1]
+
+
+def test_deterministic_mode_is_on_before_the_first_kernel(monkeypatch, tmp_path):
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    cfg = config.load("configs/smoke.yaml", TINY + [f"run.dir={tmp_path}", "train.deterministic=true"])
+    try:
+        loop.set_up(cfg, resume_from=None)
+        assert torch.are_deterministic_algorithms_enabled()
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"  # what cuBLAS needs to be deterministic
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert not tmp_path.joinpath("config.yaml").exists()  # set_up writes nothing
 
 
 def test_the_logged_r1_penalty_is_its_mean_over_the_steps_that_computed_it():
