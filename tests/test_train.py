@@ -12,7 +12,7 @@ import pytest
 import torch
 from accelerate import Accelerator
 
-from conftest import REPO, TINY, final_weights, run_env, run_train
+from conftest import REPO, TINY, all_state, assert_bitwise_equal, final_weights, run_env, run_train
 from train import config, loop
 from train.tracking import TrainingWindow
 
@@ -70,9 +70,7 @@ def test_deterministic_algorithms_change_nothing_on_the_cpu(tmp_path, eval_cache
     for name, deterministic in (("default", "false"), ("deterministic", "true")):
         result = run_train(args + [f"run.dir={tmp_path / name}", f"train.deterministic={deterministic}"])
         assert result.returncode == 0, result.stderr[-2000:]
-    default, deterministic = (final_weights(tmp_path / name) for name in ("default", "deterministic"))
-    for network in default:
-        assert all(torch.equal(default[network][key], deterministic[network][key]) for key in default[network])
+    assert_bitwise_equal(all_state(tmp_path / "default"), all_state(tmp_path / "deterministic"))
     untimed = TIMINGS + ("eval/seconds",)
     logged = [[{k: v for k, v in line.items() if k not in untimed} for line in metrics(tmp_path / name)]
               for name in ("default", "deterministic")]
