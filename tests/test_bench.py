@@ -30,6 +30,37 @@ def test_bench_times_custom_variants_and_records_one_that_cannot_run(tmp_path):
     assert "tiny" in result.stdout and "images/s" in result.stdout
 
 
+@pytest.mark.slow
+def test_time_to_quality_reads_each_runs_evaluations_and_records_one_that_fails(tmp_path, eval_cache):
+    """A quality run cut by the time limit stops cleanly; one that cannot run is `failed` with its error, not
+    'not reached' (on a GPU, a capture that fails must not read as a slow recipe)."""
+    out, runs = tmp_path / "bench.json", tmp_path / "runs"
+    cut = "cut=configs/smoke.yaml:train.steps=100000,data.batch_size=8,eval.every=10,eval.num_samples=100"
+    result = subprocess.run([sys.executable, "-m", "train.bench", "--variants", "", "--ttq-seconds", "30",
+                             "--ttq-custom", "refused=configs/smoke.yaml:train.cuda_graph=true", "--ttq-custom", cut,
+                             "--runs-dir", str(runs), "--eval-cache-dir", str(eval_cache), "--out", str(out)],
+                            cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1, result.stderr[-2000:]
+    report = json.loads(out.read_text())["time_to_quality"]
+    assert "exit code 2" in report["refused"]["failed"] and "needs a CUDA GPU" in report["refused"]["failed"]
+    assert report["refused"]["seconds_to_10x_floor"] == "not reached" and "refused FAILED" in result.stdout
+
+    cut = report["cut"]
+    assert "failed" not in cut, cut["failed"]  # stopped by the limit's SIGTERM: a checkpoint, exit 75
+    assert (runs / "cut" / "checkpoints" / "latest").is_file()
+    logged = [json.loads(line) for line in (runs / "cut" / "metrics.jsonl").read_text().splitlines()]
+    evaluations = [{key: line[key] for key in ("step", "train_seconds", "eval/fd")} for line in logged
+                   if "eval/fd" in line]
+    assert len(evaluations) >= 2 and cut["evaluations"] == evaluations and cut["final"] == evaluations[-1]
+    assert cut["floor_fd"] == report["training_set_floor"]["fd"]
+    # Floors chosen from the run's own numbers: 3x lies just above its best FD, 10x just below it.
+    fds = [line["eval/fd"] for line in evaluations]
+    best = min(fds)
+    assert bench.milestones(evaluations, best / 3 * (1 + 1e-9))["seconds_to_3x_floor"] == \
+        evaluations[fds.index(best)]["train_seconds"]
+    assert bench.milestones(evaluations, best / 10 * (1 - 1e-9))["seconds_to_10x_floor"] == "not reached"
+
+
 def test_every_variant_of_the_gpu_suite_is_a_valid_config():
     """A typo in launch/gpu_suite.sh would cost a session's scarce GPU time; the CPU finds it first."""
     script = (REPO / "launch" / "gpu_suite.sh").read_text()

@@ -32,9 +32,11 @@ import torch
 from torch import nn
 
 from train import models
-from train.config import REPO_ROOT, SHIPPED_MNIST
+from train.config import REPO_ROOT, SHIPPED_MNIST, EvalConfig
+from train.faults import EXIT_PREEMPTED
 from train.metrics import Evaluator
 
+STOP_GRACE_S = 60  # a quality run stopped by its time limit gets this long to checkpoint and exit
 QUIET = ["logging.wandb=disabled", "eval.num_samples=0", "checkpoint.every=0", "logging.samples_every=0",
          "resume=none"]
 
@@ -119,22 +121,45 @@ def project_loop(config: str, steps: int, warmup: int, overrides: list[str], pro
 
 
 def time_to_quality(config: str, overrides: list[str], limit_seconds: float, eval_every: int, floor_fd: float,
-                    run_dir: Path) -> dict:
-    """Training seconds until FD < 10x and < 3x the floor, training for at most `limit_seconds` of wall time."""
+                    run_dir: Path, eval_cache_dir: Path) -> dict:
+    """Training seconds until FD < 10x and < 3x the floor, training for at most `limit_seconds` of wall time.
+
+    The run may finish, or stop on the limit's SIGTERM (it checkpoints and exits with EXIT_PREEMPTED);
+    anything else (a refused config, a crash, no exit within STOP_GRACE_S of the signal) is
+    recorded as `failed` with the end of its stderr, beside whatever it evaluated before.
+    """
     args = ["--config", config, f"eval.every={eval_every}", f"logging.every={eval_every}", f"run.dir={run_dir}",
-            "logging.wandb=disabled", "checkpoint.every=0", "resume=none", *overrides]
-    process = subprocess.Popen([sys.executable, "-m", "train", *args], cwd=REPO_ROOT,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        process.wait(timeout=limit_seconds)
-    except subprocess.TimeoutExpired:
-        process.send_signal(signal.SIGTERM)  # checkpoints and exits: the log is complete
-        process.wait()
+            f"eval.cache_dir={eval_cache_dir}", "logging.wandb=disabled", "checkpoint.every=0", "resume=none",
+            *overrides]
+    with tempfile.TemporaryFile(mode="w+") as stderr:  # a file, not a pipe: a chatty run never blocks on it
+        process = subprocess.Popen([sys.executable, "-m", "train", *args], cwd=REPO_ROOT,
+                                   stdout=subprocess.DEVNULL, stderr=stderr, text=True)
+        stopped = False
+        try:
+            process.wait(timeout=limit_seconds)
+        except subprocess.TimeoutExpired:
+            process.send_signal(signal.SIGTERM)  # checkpoints and exits: the log is complete
+            stopped = True
+            try:
+                process.wait(timeout=STOP_GRACE_S)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        stderr.seek(0)
+        error = stderr.read()[-2000:]
     log = run_dir / "metrics.jsonl"
     lines = [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []
-    evaluations = [line for line in lines if "eval/fd" in line]
-    result = {"floor_fd": floor_fd, "evaluations": [{k: line[k] for k in ("step", "train_seconds", "eval/fd")}
-                                                   for line in evaluations]}
+    evaluations = [{key: line[key] for key in ("step", "train_seconds", "eval/fd")}
+                   for line in lines if "eval/fd" in line]
+    result = {"floor_fd": floor_fd, "evaluations": evaluations, **milestones(evaluations, floor_fd)}
+    if process.returncode != 0 and not (stopped and process.returncode == EXIT_PREEMPTED):
+        result["failed"] = f"exit code {process.returncode}" + (" after SIGTERM" if stopped else "") + f":\n{error}"
+    return result
+
+
+def milestones(evaluations: list[dict], floor_fd: float) -> dict:
+    """The training seconds of the first evaluation below 10x and below 3x the floor, and the last evaluation."""
+    result = {}
     for factor in (10, 3):
         reached = next((line for line in evaluations if line["eval/fd"] < factor * floor_fd), None)
         result[f"seconds_to_{factor}x_floor"] = reached["train_seconds"] if reached else "not reached"
@@ -173,6 +198,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ttq-custom", action="append", default=[], metavar="NAME=CONFIG[:key=value,...]",
                         help="also time a quality run of CONFIG with these overrides, evaluated every 250 steps")
     parser.add_argument("--runs-dir", help="keep the quality runs here (default: a temporary folder)")
+    parser.add_argument("--eval-cache-dir", default=EvalConfig.cache_dir,
+                        help="cached features of the MNIST test set, for the floor and the quality runs")
     parser.add_argument("--out", default="bench.json")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -223,14 +250,20 @@ def main(argv: list[str] | None = None) -> int:
     recipes = [*(shipped if args.time_to_quality else []),
                *((name, config, overrides, 250) for name, config, overrides in map(custom_variant, args.ttq_custom))]
     if recipes:
-        evaluator = Evaluator(SHIPPED_MNIST, REPO_ROOT / ".cache" / "eval", device)
+        cache_dir = REPO_ROOT / args.eval_cache_dir  # the runs' own eval.cache_dir, from the same folder
+        evaluator = Evaluator(SHIPPED_MNIST, cache_dir, device)
         floors = evaluator.training_set_floor(10000)
         floor = floors["fd"]
         report["time_to_quality"] = {"training_set_floor": floors}
         runs = Path(args.runs_dir or tempfile.mkdtemp(prefix="bench_runs_"))
         for name, config, overrides, every in recipes:
-            measured = time_to_quality(config, overrides, args.ttq_seconds, every, floor, runs / Path(name).stem)
+            measured = time_to_quality(config, overrides, args.ttq_seconds, every, floor, runs / Path(name).stem,
+                                       cache_dir)
             report["time_to_quality"][name] = measured
+            out.write_text(json.dumps(report, indent=1))
+            if "failed" in measured:
+                failed.append(name)
+                print(f"{name} FAILED: {measured['failed'][-500:]}", flush=True)
             print(f"{name}: FD < 10x floor after {measured['seconds_to_10x_floor']} s, "
                   f"< 3x floor after {measured['seconds_to_3x_floor']} s (floor {floor:.3f})", flush=True)
     out.write_text(json.dumps(report, indent=1))
