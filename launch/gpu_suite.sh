@@ -10,7 +10,7 @@
 #            9.7 after 20,000 on the CPU, where fast.yaml's DCGAN on an H200 flattens near 48) and
 #            of the same at batch 128: what do R1 and the larger batch cost per step, and is FD 12
 #            within 60 s? (Also the first captures of R1's double backward and of two alternating
-#            graphs: a failure is recorded in the JSON.)
+#            graphs: a failure is recorded in the JSON, and seed_r1 then runs eagerly in the time left.)
 #   graph    the CUDA graph (on by default where it can run) against the eager loop, compiled or
 #            not, and bit for bit with train.deterministic (launch/check_cuda_graph.py; its three
 #            runs per config side by side); then the throughput benchmark: (a)-(d), then the
@@ -52,7 +52,19 @@ owed() {
     --ttq-custom "seed_r1=configs/seed_r1.yaml:eval.every=1000" \
     --ttq-custom "seed_r1_b128=configs/seed_r1.yaml:data.batch_size=128,ema.half_life_images=100000,eval.every=1000" \
     --runs-dir "$out/runs" --out "$out/bench_owed_quality.json" 2>&1 | tee "$out/bench_owed_quality.log"
-  keep_runs owed_runs.tar seed_r1 seed_r1_b128
+  # A capture that fails fails fast: then the same recipe eagerly, in what is left of the call's 10 minutes.
+  local left=$((560 - SECONDS))
+  if failed_in "$out/bench_owed_quality.json" seed_r1 && [ "$left" -ge 60 ]; then
+    timeout "$left" "$python" -m train.bench --variants "" --ttq-seconds $((left - 30)) \
+      --ttq-custom "seed_r1_eager=configs/seed_r1.yaml:eval.every=1000,train.cuda_graph=false" \
+      --runs-dir "$out/runs" --out "$out/bench_owed_eager.json" 2>&1 | tee "$out/bench_owed_eager.log"
+  fi
+  keep_runs owed_runs.tar seed_r1 seed_r1_b128 seed_r1_eager
+}
+
+failed_in() {  # JSON NAME: did the quality run NAME of this benchmark JSON fail?
+  "$python" -c 'import json, sys; runs = json.load(open(sys.argv[1])).get("time_to_quality", {})
+sys.exit(0 if "failed" in runs.get(sys.argv[2], {}) else 1)' "$1" "$2" 2>/dev/null
 }
 
 graph() {

@@ -92,7 +92,7 @@ def blog_loop(device: torch.device, steps: int, warmup: int) -> dict:
 
 
 def run_checked(command: list[str], timeout: float | None = None) -> None:
-    """Run `command` in the repository; RuntimeError (with the end of its stderr) if it fails or outlasts `timeout` s."""
+    """Run `command` in the repository; RuntimeError (with the end of its stderr) if it fails or outlasts `timeout`."""
     try:
         result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired as expired:
@@ -246,7 +246,8 @@ def main(argv: list[str] | None = None) -> int:
             report["scaling"][count] = measured
             print(f"{count} processes: {measured['images_per_second']:.0f} images/s in total, "
                   f"{measured['per_process_images_per_second']:.0f} per process", flush=True)
-    shipped = [("configs/seed.yaml", "configs/seed.yaml", [], 500), ("configs/fast.yaml", "configs/fast.yaml", [], 1000)]
+    shipped = [("configs/seed.yaml", "configs/seed.yaml", [], 500),
+               ("configs/fast.yaml", "configs/fast.yaml", [], 1000)]
     recipes = [*(shipped if args.time_to_quality else []),
                *((name, config, overrides, 250) for name, config, overrides in map(custom_variant, args.ttq_custom))]
     if recipes:
@@ -264,8 +265,9 @@ def main(argv: list[str] | None = None) -> int:
             if "failed" in measured:
                 failed.append(name)
                 print(f"{name} FAILED: {measured['failed'][-500:]}", flush=True)
-            print(f"{name}: FD < 10x floor after {measured['seconds_to_10x_floor']} s, "
-                  f"< 3x floor after {measured['seconds_to_3x_floor']} s (floor {floor:.3f})", flush=True)
+            after = [measured[f"seconds_to_{factor}x_floor"] for factor in (10, 3)]
+            after = [value if value == "not reached" else f"after {value:.1f} s" for value in after]
+            print(f"{name}: FD < 10x floor {after[0]}, < 3x floor {after[1]} (floor {floor:.3f})", flush=True)
     out.write_text(json.dumps(report, indent=1))
     print(f"wrote {args.out}" + (f"; failed: {', '.join(failed)}" if failed else ""))
     return 1 if failed else 0
