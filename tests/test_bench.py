@@ -31,6 +31,26 @@ def test_bench_times_custom_variants_and_records_one_that_cannot_run(tmp_path):
 
 
 @pytest.mark.slow
+def test_bench_times_the_blogs_loop_against_the_project_and_the_scaling_table(tmp_path):
+    """(a) and (b) of the benchmark and its table under `accelerate launch`, for a few steps on the CPU."""
+    out = tmp_path / "bench.json"
+    result = subprocess.run([sys.executable, "-m", "train.bench", "--variants", "blog,project", "--steps", "4",
+                             "--warmup", "2", "--processes", "1,2", "--out", str(out)],
+                            cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert report["hardware"]["device"].startswith("CPU")
+    blog, project = report["throughput"]["blog"], report["throughput"]["project"]
+    assert blog["global_batch"] == project["global_batch"] == 64
+    assert blog["images_per_second"] == pytest.approx(blog["steps_per_second"] * 64)
+    assert project["ratio_to_blog"] == pytest.approx(project["images_per_second"] / blog["images_per_second"])
+    one, two = report["scaling"]["1"], report["scaling"]["2"]
+    assert one["global_batch"] == 64 and two["global_batch"] == 128  # the two ranks formed one group
+    assert two["per_process_images_per_second"] == pytest.approx(two["images_per_second"] / 2)
+    assert "vs blog" in result.stdout and "2 processes:" in result.stdout
+
+
+@pytest.mark.slow
 def test_time_to_quality_reads_each_runs_evaluations_and_records_one_that_fails(tmp_path, eval_cache):
     """A quality run cut by the time limit stops cleanly; one that cannot run is `failed` with its error, not
     'not reached' (on a GPU, a capture that fails must not read as a slow recipe)."""

@@ -34,6 +34,7 @@ from torch import nn
 from train import models
 from train.config import REPO_ROOT, SHIPPED_MNIST, EvalConfig
 from train.faults import EXIT_PREEMPTED
+from train.launch import free_port
 from train.metrics import Evaluator
 
 STOP_GRACE_S = 60  # a quality run stopped by its time limit gets this long to checkpoint and exit
@@ -110,7 +111,8 @@ def project_loop(config: str, steps: int, warmup: int, overrides: list[str], pro
         command = [sys.executable, "-m", "train", *args]
         if processes:
             command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
-                       str(processes), "--num_machines", "1", "--dynamo_backend", "no", "-m", "train", *args]
+                       str(processes), "--num_machines", "1", "--main_process_port", str(free_port()),
+                       "--dynamo_backend", "no", "-m", "train", *args]  # not 29500: another job may hold it
         run_checked(command, timeout)
         lines = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()][1:]
     timed_steps = sum(warmup for _ in lines)
@@ -240,10 +242,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.processes:
         report["scaling"] = {}
         for count in (int(n) for n in args.processes.split(",")):
-            measured = project_loop("configs/seed.yaml", steps, args.warmup, ["train.mixed_precision=fp32"],
-                                    processes=count if count > 1 else 0)  # one process: plain python -m train
+            try:  # one process: plain python -m train
+                measured = project_loop("configs/seed.yaml", steps, args.warmup, ["train.mixed_precision=fp32"],
+                                        processes=count if count > 1 else 0, timeout=args.variant_timeout)
+            except RuntimeError as error:  # e.g. more processes than this machine has GPUs
+                report["scaling"][count] = {"failed": str(error)[-2000:]}
+                failed.append(f"{count} processes")
+                print(f"{count} processes FAILED: {str(error)[-500:]}", flush=True)
+                continue
             measured["per_process_images_per_second"] = measured["images_per_second"] / count
             report["scaling"][count] = measured
+            out.write_text(json.dumps(report, indent=1))
             print(f"{count} processes: {measured['images_per_second']:.0f} images/s in total, "
                   f"{measured['per_process_images_per_second']:.0f} per process", flush=True)
     shipped = [("configs/seed.yaml", "configs/seed.yaml", [], 500),
