@@ -2,9 +2,11 @@
 
 import json
 import pickle
+import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -103,7 +105,7 @@ def test_auto_resume_falls_back_to_the_newest_valid_checkpoint(finished_run, tmp
 def bad_checkpoint(kind, finished_run, tmp_path):
     """(a path to resume from, the message expected) for each kind of bad checkpoint."""
     run_dir = copy_run(finished_run, tmp_path)
-    folder = run_dir / "checkpoints" / "step_00000004"
+    folder = run_dir / "checkpoints" / "step_00000006"  # the newest: an older one is refused for that alone
     if kind == "not a checkpoint":
         return run_dir / "samples", "is not a checkpoint: it has no manifest.json"
     if kind == "manifest mismatch":
@@ -149,6 +151,23 @@ def test_resume_from_a_path_continues_that_checkpoint_exactly(finished_run, tmp_
     logged = [json.loads(line)["step"] for line in (resumed / "metrics.jsonl").read_text().splitlines()]
     assert logged == [6]  # steps 5 and 6 only (logging.every=3): not trained again from step 0
     assert_bitwise_equal(all_state(resumed), all_state(finished_run))  # what that run reached at step 6
+
+
+def test_resuming_an_older_checkpoint_into_its_own_run_dir_is_refused_before_anything_changes(finished_run, tmp_path):
+    """It would train steps 3-6 again over the valid step_00000006 and drop their metric lines first."""
+    run_dir = copy_run(finished_run, tmp_path)
+    before = snapshot_files(run_dir)
+    older = run_dir / "checkpoints" / "step_00000002"
+    again = TINY + [f"resume={older}", "checkpoint.every=2", "checkpoint.keep_last=0"]
+    result = run_train(again + [f"run.dir={run_dir}"])
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert f"resume={older} is at step 2, but run.dir '{run_dir}' already holds step_00000006 (step 6)" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert snapshot_files(run_dir) == before
+    suggested = re.search(r"\(run\.dir=(\S+)\)", result.stderr)[1]  # the way out the message offers
+    result = run_train(again + [f"run.dir={suggested}"])
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert_bitwise_equal(all_state(Path(suggested)), all_state(finished_run))
 
 
 def test_export_and_sample_give_the_same_images_from_every_form(finished_run, tmp_path):

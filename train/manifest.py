@@ -132,6 +132,20 @@ def resolve(path: Path, report=print) -> Path:
                           f"(with {CHECKPOINTS}/)")
 
 
+def _refuse_going_back(path: Path, run_dir: Path) -> None:
+    """Resuming into `run_dir` from a checkpoint older than its newest valid one would train those steps again,
+    cut their lines from the metrics log and then stop at the first checkpoint that exists: refuse it here."""
+    newest = newest_valid(run_dir, report=lambda _: None)
+    if newest is None:
+        return
+    step, newest_step = (read_state(folder)["progress"]["step"] for folder in (path, newest))
+    if newest_step > step:
+        raise ConfigError(f"resume={path} is at step {step}, but run.dir {str(run_dir)!r} already holds "
+                          f"{newest.name} (step {newest_step}), which would be trained over: continue the older "
+                          f"checkpoint in a new run directory (run.dir={run_dir}_from_step{step}), or resume=auto "
+                          "to continue from the newest")
+
+
 def resume_point(resume: str, run_dir: Path, report) -> Path | None:
     """The checkpoint a run continues from, per `resume`: auto, none, or a path; None starts afresh."""
     run_dir = Path(run_dir)
@@ -142,6 +156,7 @@ def resume_point(resume: str, run_dir: Path, report) -> Path | None:
         return None
     if resume != "auto":
         verify(Path(resume))
+        _refuse_going_back(Path(resume), run_dir)
         return Path(resume)
     complete = complete_checkpoints(run_dir)
     if not complete:
