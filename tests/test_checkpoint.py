@@ -113,6 +113,14 @@ def bad_checkpoint(kind, finished_run, tmp_path):
         written["sha256"]["generator.safetensors"] = "0" * 64
         (folder / "manifest.json").write_text(json.dumps(written))
         return folder, "generator.safetensors is damaged: its SHA-256 does not match manifest.json"
+    if kind == "manifest not json":
+        (folder / "manifest.json").write_text('{"format_version": 1, "sha256": {"generator.safe')  # cut short
+        return folder, "manifest.json is damaged: not a checkpoint manifest"
+    if kind == "file outside the folder":  # a hand-edited manifest must not make the loader read elsewhere
+        written = json.loads((folder / "manifest.json").read_text())
+        written["sha256"]["../step_00000004/generator.safetensors"] = written["sha256"].pop("generator.safetensors")
+        (folder / "manifest.json").write_text(json.dumps(written))
+        return folder, "names '../step_00000004/generator.safetensors', which is not a file of the checkpoint"
     if kind == "newer format":
         written = json.loads((folder / "manifest.json").read_text())
         written["format_version"] = manifest.FORMAT_VERSION + 1
@@ -122,7 +130,8 @@ def bad_checkpoint(kind, finished_run, tmp_path):
     return folder, "generator.safetensors does not fit this model.arch/model.z_dim"
 
 
-@pytest.mark.parametrize("kind", ["not a checkpoint", "manifest mismatch", "newer format", "other architecture"])
+@pytest.mark.parametrize("kind", ["not a checkpoint", "manifest mismatch", "manifest not json", "file outside the folder",
+                                  "newer format", "other architecture"])
 def test_a_bad_checkpoint_is_named_and_nothing_is_overwritten(finished_run, tmp_path, kind):
     path, message = bad_checkpoint(kind, finished_run, tmp_path)
     run_dir = tmp_path / "run"
