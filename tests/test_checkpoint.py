@@ -130,8 +130,8 @@ def bad_checkpoint(kind, finished_run, tmp_path):
     return folder, "generator.safetensors does not fit this model.arch/model.z_dim"
 
 
-@pytest.mark.parametrize("kind", ["not a checkpoint", "manifest mismatch", "manifest not json", "file outside the folder",
-                                  "newer format", "other architecture"])
+@pytest.mark.parametrize("kind", ["not a checkpoint", "manifest mismatch", "manifest not json",
+                                  "file outside the folder", "newer format", "other architecture"])
 def test_a_bad_checkpoint_is_named_and_nothing_is_overwritten(finished_run, tmp_path, kind):
     path, message = bad_checkpoint(kind, finished_run, tmp_path)
     run_dir = tmp_path / "run"
@@ -179,10 +179,15 @@ def test_resuming_an_older_checkpoint_into_its_own_run_dir_is_refused_before_any
     assert_bitwise_equal(all_state(Path(suggested)), all_state(finished_run))
 
 
+def tool(name: str, *args) -> subprocess.CompletedProcess:
+    """`python -m train.NAME ARGS`: export, sample or evaluate."""
+    return subprocess.run([sys.executable, "-m", f"train.{name}", *map(str, args)], cwd=REPO, env=run_env(),
+                          capture_output=True, text=True)
+
+
 def test_export_and_sample_give_the_same_images_from_every_form(finished_run, tmp_path):
     exported = tmp_path / "exported"
-    result = subprocess.run([sys.executable, "-m", "train.export", "--checkpoint", str(finished_run),
-                             "--out", str(exported)], cwd=REPO, env=run_env(), capture_output=True, text=True)
+    result = tool("export", "--checkpoint", finished_run, "--out", exported)
     assert result.returncode == 0, result.stderr
     assert sorted(p.name for p in exported.iterdir()) == ["generator.json", "generator.safetensors"]
     description = json.loads((exported / "generator.json").read_text())
@@ -194,9 +199,7 @@ def test_export_and_sample_give_the_same_images_from_every_form(finished_run, tm
     arrays = []
     for source in (exported, finished_run, finished_run / "checkpoints" / "step_00000006"):
         out = tmp_path / f"{len(arrays)}.npy"
-        result = subprocess.run([sys.executable, "-m", "train.sample", "--checkpoint", str(source), "--num", "12",
-                                 "--seed", "3", "--out", str(out), "--device", "cpu"],
-                                cwd=REPO, env=run_env(), capture_output=True, text=True)
+        result = tool("sample", "--checkpoint", source, "--num", 12, "--seed", 3, "--out", out, "--device", "cpu")
         assert result.returncode == 0, result.stderr
         arrays.append(np.load(out))
     assert arrays[0].shape == (12, 28, 28) and arrays[0].dtype == np.uint8
@@ -205,22 +208,36 @@ def test_export_and_sample_give_the_same_images_from_every_form(finished_run, tm
         direct = generator.eval()(torch.randn(12, 100, generator=torch.Generator().manual_seed(3)))
     assert np.array_equal(arrays[0], direct.mul(255).add(0.5).clamp(0, 255).to(torch.uint8).squeeze(1).numpy())
     png = tmp_path / "grid.png"
-    result = subprocess.run([sys.executable, "-m", "train.sample", "--checkpoint", str(exported), "--num", "16",
-                             "--out", str(png)], cwd=REPO, env=run_env(), capture_output=True, text=True)
+    result = tool("sample", "--checkpoint", exported, "--num", 16, "--out", png)
     assert result.returncode == 0 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_sample_names_a_path_that_is_no_checkpoint(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "train.sample", "--checkpoint", str(tmp_path), "--out",
-                             str(tmp_path / "x.png")], cwd=REPO, env=run_env(), capture_output=True, text=True)
-    assert result.returncode == 2
-    assert "is neither a checkpoint folder (with manifest.json) nor a run directory" in result.stderr
+@pytest.mark.parametrize("name", ["sample", "evaluate", "export"])
+def test_each_tool_names_a_path_that_is_no_checkpoint_before_any_work(tmp_path, name):
+    wrong, out = tmp_path / "wrong", tmp_path / "out"
+    wrong.mkdir()
+    extra = {"sample": ["--out", out / "x.png"], "evaluate": ["--cache-dir", out, "--device", "cpu"],
+             "export": ["--out", out]}[name]
+    result = tool(name, "--checkpoint", wrong, *extra)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert f"error: {wrong} is neither a checkpoint folder (with manifest.json) nor a run directory" in result.stderr
+    assert not out.exists()  # no samples, no test-set features extracted, no export folder
+
+
+def test_an_export_is_never_overwritten(finished_run, tmp_path):
+    """Its checkpoint may be gone since (checkpoint.keep_last); a second export goes elsewhere."""
+    exported = tmp_path / "exported"
+    older = finished_run / "checkpoints" / "step_00000004"
+    assert tool("export", "--checkpoint", older, "--out", exported).returncode == 0
+    before = snapshot_files(exported)
+    result = tool("export", "--checkpoint", finished_run, "--out", exported)
+    assert result.returncode == 2 and f"error: {exported} already holds an exported generator" in result.stderr
+    assert snapshot_files(exported) == before and json.loads((exported / "generator.json").read_text())["step"] == 4
 
 
 def test_evaluate_prints_the_metrics_of_a_checkpoint_as_json(finished_run, eval_cache):
-    result = subprocess.run([sys.executable, "-m", "train.evaluate", "--checkpoint", str(finished_run), "--num", "200",
-                             "--floor", "--cache-dir", str(eval_cache), "--device", "cpu"],
-                            cwd=REPO, env=run_env(), capture_output=True, text=True)
+    result = tool("evaluate", "--checkpoint", finished_run, "--num", 200, "--floor", "--cache-dir", eval_cache,
+                  "--device", "cpu")
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["num_samples"] == 200

@@ -223,19 +223,28 @@ def _restore_rng(path: Path, rank: int, noise: torch.Generator) -> None:
 
 
 def export_generator(path: Path, out: Path, use_ema: bool = True) -> Path:
-    """Write `generator.safetensors` + `generator.json` (architecture and arguments) into `out`."""
+    """Write `generator.safetensors` + `generator.json` (architecture and arguments) into `out`.
+
+    An export already in `out` is never overwritten (its checkpoint may since have been deleted by
+    `checkpoint.keep_last`). The description is written last: without it the folder is no export.
+    """
+    out = Path(out)
+    if (out / EXPORTED_WEIGHTS).exists() or (out / EXPORTED_DESCRIPTION).exists():
+        raise CheckpointError(f"{out} already holds an exported generator; it is never overwritten: "
+                              "export into another --out, or move that one away first")
     source = resolve(path)
     state = read_state(source)
     name = _generator_file(source, use_ema)
-    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(source / name, out / EXPORTED_WEIGHTS)
-    fsync(out / EXPORTED_WEIGHTS)
+    staging = out / f".{EXPORTED_WEIGHTS}.incomplete"
+    shutil.copyfile(source / name, staging)
+    fsync(staging)
+    os.replace(staging, out / EXPORTED_WEIGHTS)
     model = state["config"]["model"]
-    write_json(out / EXPORTED_DESCRIPTION, {
+    write_atomically(out / EXPORTED_DESCRIPTION, json.dumps({
         "arch": model["arch"], "z_dim": model["z_dim"], "weights": name.removesuffix(".safetensors"),
         "step": state["progress"]["step"], "source": str(source), "sha256": sha256(out / EXPORTED_WEIGHTS),
-    })
+    }, indent=1))
     return out
 
 

@@ -33,14 +33,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.checkpoint is None and not args.floor:
         parser.error("give --checkpoint, --floor, or both")
+    try:  # before the test set's features: a wrong path costs no work
+        generator = load(args.checkpoint, args.device, use_ema=not args.no_ema) if args.checkpoint else None
+    except CheckpointError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     evaluator = Evaluator(SHIPPED_MNIST, Path(args.cache_dir), args.device)
     report = {"num_samples": args.num, "seed": args.seed}
-    if args.checkpoint is not None:
-        try:
-            generator = load(args.checkpoint, args.device, use_ema=not args.no_ema)
-        except CheckpointError as error:
-            print(f"error: {error}", file=sys.stderr)
-            return 2
+    if generator is not None:
         report["checkpoint"] = args.checkpoint
         report["metrics"] = evaluator.score(to_uint8(generate(generator, args.num, args.seed)))
     if args.floor:
