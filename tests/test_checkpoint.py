@@ -151,6 +151,20 @@ def test_resume_none_refuses_a_used_run_dir(finished_run, tmp_path):
     assert snapshot_files(run_dir) == before
 
 
+def test_a_channels_last_run_resumes_exactly_with_fused_adam(tmp_path):
+    """Checkpoints hold contiguous tensors; fused Adam pairs a channels_last weight's elements with its
+    moments' by storage order, so restored moments must take the weight's layout (else: a silently
+    different run, 0.03 apart in Adam's first moment after 3 more steps)."""
+    run = TINY + ["model.arch=seed", "train.channels_last=true", "optim.fused=true"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert run_train(run + [f"run.dir={straight}"]).returncode == 0
+    for steps in (3, 6):
+        result = run_train(run + [f"run.dir={resumed}", f"train.steps={steps}"])
+        assert result.returncode == 0, result.stderr[-2000:]
+    assert "resumed from" in result.stdout + result.stderr
+    assert_bitwise_equal(all_state(resumed), all_state(straight))
+
+
 def test_resume_from_a_path_continues_that_checkpoint_exactly(finished_run, tmp_path):
     resumed = tmp_path / "resumed"
     source = finished_run / "checkpoints" / "step_00000004"

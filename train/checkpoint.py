@@ -184,6 +184,7 @@ def restore(path: Path, snapshot: Snapshot, rank: int, world_size: int) -> bool:
                 group["capturable"] = live["capturable"]
             groups.append(group)
         optimizer.load_state_dict({"state": per_parameter, "param_groups": groups})
+        _match_parameter_strides(optimizer)
     if snapshot.scaler is not None and state["scaler"] is not None:
         snapshot.scaler.load_state_dict(state["scaler"])
     progress = dict(state["progress"])
@@ -193,6 +194,18 @@ def restore(path: Path, snapshot: Snapshot, rank: int, world_size: int) -> bool:
         return False
     _restore_rng(path, rank, snapshot.noise)
     return True
+
+
+def _match_parameter_strides(optimizer: torch.optim.Optimizer) -> None:
+    """Give each moment its parameter's memory layout (channels_last weights): saved tensors are contiguous, and
+    fused Adam pairs elements by storage order, checking dtype and device but not strides, so a contiguous
+    moment of a channels_last weight would silently scramble every update after a resume."""
+    for group in optimizer.param_groups:
+        for parameter in group["params"]:
+            state = optimizer.state.get(parameter, {})
+            for key, value in state.items():
+                if torch.is_tensor(value) and value.shape == parameter.shape and value.stride() != parameter.stride():
+                    state[key] = torch.empty_like(parameter, dtype=value.dtype).copy_(value)
 
 
 def _load_network(path: Path, name: str, network: nn.Module) -> None:
