@@ -260,3 +260,20 @@ def test_evaluate_prints_the_metrics_of_a_checkpoint_as_json(finished_run, eval_
     assert set(report["degraded_training_images"]) == {"noise_0.05", "noise_0.1", "shifted_1px", "blurred_3x3"}
     assert report["metrics"]["fd"] > report["training_set_floor"]["fd"] > 0
     assert 0 <= report["metrics"]["precision"] <= 1
+
+
+@pytest.mark.parametrize("use_ema", [True, False])
+def test_the_evaluation_logged_in_training_is_what_evaluate_gives_for_the_checkpoint(tmp_path, eval_cache, use_ema):
+    """Anyone can reproduce a logged number from the checkpoint it came from, for either generator."""
+    run_dir = tmp_path / "run"
+    result = run_train(TINY + [f"run.dir={run_dir}", "eval.num_samples=150", "eval.seed=7",
+                               f"eval.use_ema={str(use_ema).lower()}", f"eval.cache_dir={eval_cache}"])
+    assert result.returncode == 0, result.stderr[-2000:]
+    logged = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+    result = tool("evaluate", "--checkpoint", run_dir, "--num", 150, "--seed", 7, "--cache-dir", eval_cache,
+                  "--device", "cpu", *([] if use_ema else ["--no-ema"]))
+    assert result.returncode == 0, result.stderr[-2000:]
+    offline = json.loads(result.stdout)["metrics"]
+    assert {f"eval/{key}": value for key, value in offline.items()} == \
+        {key: value for key, value in logged.items() if key.startswith("eval/") and key != "eval/seconds"}
+
