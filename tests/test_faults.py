@@ -27,7 +27,8 @@ def test_nan_on_one_rank_stops_every_rank_at_that_step(tiny_mnist, tmp_path):
     result = run_with_fault("nan", 8, 1, tiny_run(tiny_mnist, tmp_path, "train.check_every=3"), processes=2)
     assert result.returncode != 0
     assert "non-finite discriminator loss or gradient at step 8 on rank 1 (loss nan)" in result.stderr
-    assert "stopping (train.on_nonfinite=stop)" in result.stderr
+    kept = tmp_path / "checkpoints" / "step_00000005"
+    assert f"stopping (train.on_nonfinite=stop): {kept} is intact and resumable" in result.stderr
     assert f"exitcode  : {EXIT_NONFINITE}" in result.stderr  # torchrun's summary of the ranks' exits
     assert [p.name for p in manifest.complete_checkpoints(tmp_path)] == ["step_00000005"]
     manifest.verify(tmp_path / "checkpoints" / "step_00000005")
@@ -49,6 +50,14 @@ def test_rollback_returns_to_the_last_checkpoint_with_fresh_noise(tiny_mnist, tm
     assert "rolled back to step_00000005 (train.on_nonfinite=rollback, seed offset 1)" in result.stderr
     state = json.loads((tmp_path / "checkpoints" / "step_00000016" / "state.json").read_text())
     assert state["progress"]["seed_offset"] == 1 and state["progress"]["step"] == 16
+
+
+def test_rollback_without_a_checkpoint_stops_as_stop_does_and_says_there_is_none(tiny_mnist, tmp_path):
+    result = run_with_fault("nan", 3, 0, tiny_run(tiny_mnist, tmp_path, "train.on_nonfinite=rollback"))
+    assert result.returncode == EXIT_NONFINITE, result.stderr[-3000:]  # not 2: that says nothing was written
+    assert ("non-finite discriminator loss or gradient at step 3 on rank 0 (loss nan); stopping (train.on_nonfinite="
+            "rollback): no valid checkpoint to resume from yet (checkpoint.every=5)") in result.stderr
+    assert "Traceback" not in result.stderr and not manifest.complete_checkpoints(tmp_path)
 
 
 def test_a_dead_rank_ends_the_launch(tiny_mnist, tmp_path):
