@@ -176,21 +176,25 @@ def test_resume_from_a_path_continues_that_checkpoint_exactly(finished_run, tmp_
     assert_bitwise_equal(all_state(resumed), all_state(finished_run))  # what that run reached at step 6
 
 
-def test_resuming_an_older_checkpoint_into_its_own_run_dir_is_refused_before_anything_changes(finished_run, tmp_path):
-    """It would train steps 3-6 again over the valid step_00000006 and drop their metric lines first."""
-    run_dir = copy_run(finished_run, tmp_path)
-    before = snapshot_files(run_dir)
-    older = run_dir / "checkpoints" / "step_00000002"
-    again = TINY + [f"resume={older}", "checkpoint.every=2", "checkpoint.keep_last=0"]
-    result = run_train(again + [f"run.dir={run_dir}"])
-    assert result.returncode == 2, result.stderr[-2000:]
-    assert f"resume={older} is at step 2, but run.dir '{run_dir}' already holds step_00000006 (step 6)" in result.stderr
-    assert "Traceback" not in result.stderr
-    assert snapshot_files(run_dir) == before
-    suggested = re.search(r"\(run\.dir=(\S+)\)", result.stderr)[1]  # the way out the message offers
-    result = run_train(again + [f"run.dir={suggested}"])
+def test_resume_from_a_path_behind_its_run_dir_continues_the_run_dir_as_a_requeued_job_must(finished_run, tmp_path):
+    """A Slurm job with resume=PATH in GAN_ARGS is requeued with the same arguments: it must continue from
+    the checkpoint it wrote, not train steps 3-6 again over step_00000006 (and cut their metric lines)."""
+    requeued, auto = copy_run(finished_run, tmp_path), shutil.copytree(finished_run, tmp_path / "auto")
+    older = requeued / "checkpoints" / "step_00000002"
+    logged = (requeued / "metrics.jsonl").read_text()
+    run = TINY + ["checkpoint.every=2", "checkpoint.keep_last=0", "train.steps=8"]
+    result = run_train(run + [f"run.dir={requeued}", f"resume={older}"])
     assert result.returncode == 0, result.stderr[-2000:]
-    assert_bitwise_equal(all_state(Path(suggested)), all_state(finished_run))
+    output = result.stdout + result.stderr
+    assert (f"already holds step_00000006 (step 6), further along than resume={older} (step 2): continuing from it"
+            in output and f"resumed from {requeued / 'checkpoints' / 'step_00000006'} at step 6" in output)
+    assert (requeued / "metrics.jsonl").read_text().startswith(logged)  # steps 1-6 as they were
+    assert run_train(run + [f"run.dir={auto}"]).returncode == 0
+    assert_bitwise_equal(all_state(requeued), all_state(auto))
+    # The way back to step 2 the message offers: a new run directory, which retrains exactly.
+    branch = Path(re.search(r"\(e\.g\. run\.dir=(\S+)\)", output)[1])
+    assert run_train(TINY + [f"run.dir={branch}", f"resume={older}", "checkpoint.every=2"]).returncode == 0
+    assert_bitwise_equal(all_state(branch), all_state(finished_run))
 
 
 def tool(name: str, *args) -> subprocess.CompletedProcess:

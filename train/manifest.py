@@ -132,18 +132,13 @@ def resolve(path: Path, report=print) -> Path:
                           f"(with {CHECKPOINTS}/)")
 
 
-def _refuse_going_back(path: Path, run_dir: Path) -> None:
-    """Resuming into `run_dir` from a checkpoint older than its newest valid one would train those steps again,
-    cut their lines from the metrics log and then stop at the first checkpoint that exists: refuse it here."""
+def _further_along(path: Path, run_dir: Path) -> tuple[Path, int, int] | None:
+    """run.dir's newest valid checkpoint, with both steps, where it is further along than `path`."""
     newest = newest_valid(run_dir, report=lambda _: None)
     if newest is None:
-        return
+        return None
     step, newest_step = (read_state(folder)["progress"]["step"] for folder in (path, newest))
-    if newest_step > step:
-        raise ConfigError(f"resume={path} is at step {step}, but run.dir {str(run_dir)!r} already holds "
-                          f"{newest.name} (step {newest_step}), which would be trained over: continue the older "
-                          f"checkpoint in a new run directory (run.dir={run_dir}_from_step{step}), or resume=auto "
-                          "to continue from the newest")
+    return (newest, step, newest_step) if newest_step > step else None
 
 
 def resume_point(resume: str, run_dir: Path, report) -> Path | None:
@@ -156,8 +151,14 @@ def resume_point(resume: str, run_dir: Path, report) -> Path | None:
         return None
     if resume != "auto":
         verify(Path(resume))
-        _refuse_going_back(Path(resume), run_dir)
-        return Path(resume)
+        further = _further_along(Path(resume), run_dir)
+        if further is None:
+            return Path(resume)
+        newest, step, newest_step = further  # a requeued job continues; nothing is trained over
+        report(f"run.dir {str(run_dir)!r} already holds {newest.name} (step {newest_step}), further along than "
+               f"resume={resume} (step {step}): continuing from it, as a requeued job must. To start again from "
+               f"step {step}, use a new run directory (e.g. run.dir={run_dir}_from_step{step})")
+        return newest
     complete = complete_checkpoints(run_dir)
     if not complete:
         return None
