@@ -142,7 +142,8 @@ def _further_along(path: Path, run_dir: Path) -> tuple[Path, int, int] | None:
 
 
 def resume_point(resume: str, run_dir: Path, report) -> Path | None:
-    """The checkpoint a run continues from, per `resume`: auto, none, or a path; None starts afresh."""
+    """The checkpoint a run continues from, per `resume`: auto, none, or a path (unless run.dir's newest valid
+    checkpoint is further along: a requeued job continues from its own); None starts afresh."""
     run_dir = Path(run_dir)
     if resume == "none":
         if run_dir.exists() and any(run_dir.iterdir()):
