@@ -105,7 +105,7 @@ def test_auto_resume_falls_back_to_the_newest_valid_checkpoint(finished_run, tmp
 def bad_checkpoint(kind, finished_run, tmp_path):
     """(a path to resume from, the message expected) for each kind of bad checkpoint."""
     run_dir = copy_run(finished_run, tmp_path)
-    folder = run_dir / "checkpoints" / "step_00000006"  # the newest: an older one is refused for that alone
+    folder = run_dir / "checkpoints" / "step_00000006"  # the newest: an older one would give way to it
     if kind == "not a checkpoint":
         return run_dir / "samples", "is not a checkpoint: it has no manifest.json"
     if kind == "manifest mismatch":

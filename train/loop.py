@@ -128,12 +128,12 @@ def train(cfg: Config, resume_from: Path | None) -> int:
         if checkpoint_due or step % cfg.train.check_every == 0:
             nonfinite, preempted = faults.check()
             if nonfinite is not None:
-                if cfg.train.on_nonfinite == "rollback" and rollback(accelerator, run_dir, snapshot, batches,
-                                                                     cfg.run.seed, nonfinite, log):
+                last = manifest.newest_valid(run_dir, accelerator.print)
+                if cfg.train.on_nonfinite == "rollback" and last is not None:
+                    rollback(accelerator, last, snapshot, batches, cfg.run.seed, nonfinite, log)
                     update.reset()  # the restored optimizer states are new tensors
                     bar.n = progress.step
                     continue
-                last = manifest.newest_valid(run_dir, report=lambda _: None)
                 kept = (f"{last} is intact and resumable" if last else
                         f"no valid checkpoint to resume from yet (checkpoint.every={cfg.checkpoint.every})")
                 log.message(f"error: {nonfinite}; stopping (train.on_nonfinite={cfg.train.on_nonfinite}): {kept}")
@@ -332,18 +332,14 @@ def resume(accelerator, path: Path, snapshot: Snapshot, batches: ShardedBatches,
     accelerator.print(f"resumed from {path} at step {snapshot.progress.step}")
 
 
-def rollback(accelerator, run_dir: Path, snapshot: Snapshot, batches: ShardedBatches, seed: int, event, log) -> bool:
-    """Go back to the newest valid checkpoint and redo the steps with fresh noise; False if there is none."""
-    path = manifest.newest_valid(run_dir, accelerator.print)
-    if path is None:
-        return False
+def rollback(accelerator, path: Path, snapshot: Snapshot, batches: ShardedBatches, seed: int, event, log) -> None:
+    """Go back to the checkpoint `path` (the newest valid one) and redo the steps with fresh noise."""
     offset = snapshot.progress.seed_offset + 1
     checkpoint.restore(path, snapshot, accelerator.process_index, accelerator.num_processes)
     snapshot.progress.seed_offset = offset
     batches.seek(snapshot.progress.data)
     reseed_noise(snapshot, seed, accelerator.process_index, salt=f"rollback{offset}")
     log.message(f"{event}; rolled back to {path.name} (train.on_nonfinite=rollback, seed offset {offset})")
-    return True
 
 
 def reseed_noise(snapshot: Snapshot, seed: int, rank: int, salt: str = "") -> None:

@@ -132,15 +132,6 @@ def resolve(path: Path, report=print) -> Path:
                           f"(with {CHECKPOINTS}/)")
 
 
-def _further_along(path: Path, run_dir: Path) -> tuple[Path, int, int] | None:
-    """run.dir's newest valid checkpoint, with both steps, where it is further along than `path`."""
-    newest = newest_valid(run_dir, report=lambda _: None)
-    if newest is None:
-        return None
-    step, newest_step = (read_state(folder)["progress"]["step"] for folder in (path, newest))
-    return (newest, step, newest_step) if newest_step > step else None
-
-
 def resume_point(resume: str, run_dir: Path, report) -> Path | None:
     """The checkpoint a run continues from, per `resume`: auto, none, or a path (unless run.dir's newest valid
     checkpoint is further along: a requeued job continues from its own); None starts afresh."""
@@ -151,11 +142,14 @@ def resume_point(resume: str, run_dir: Path, report) -> Path | None:
                               "or resume=auto to continue the run in it")
         return None
     if resume != "auto":
-        verify(Path(resume))
-        further = _further_along(Path(resume), run_dir)
-        if further is None:
-            return Path(resume)
-        newest, step, newest_step = further  # a requeued job continues; nothing is trained over
+        path = Path(resume)
+        verify(path)
+        newest = newest_valid(run_dir, report=lambda _: None)
+        step = read_state(path)["progress"]["step"]
+        newest_step = read_state(newest)["progress"]["step"] if newest is not None else step
+        if newest_step <= step:
+            return path
+        # A requeued job continues from the checkpoint it wrote; going back would train over it.
         report(f"run.dir {str(run_dir)!r} already holds {newest.name} (step {newest_step}), further along than "
                f"resume={resume} (step {step}): continuing from it, as a requeued job must. To start again from "
                f"step {step}, use a new run directory (e.g. run.dir={run_dir}_from_step{step})")
