@@ -143,13 +143,17 @@ def test_corrupt_data_file_stops_before_the_run_dir_is_made(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def test_rerunning_a_finished_run_leaves_its_checkpoints_alone(seeded_runs, tmp_path):
+@pytest.mark.parametrize("steps", [6, 3])
+def test_rerunning_a_finished_run_changes_nothing_and_says_so(seeded_runs, tmp_path, steps):
     run_dir = shutil.copytree(seeded_runs["a"], tmp_path / "run")
-    before = {p: p.read_bytes() for p in (run_dir / "checkpoints").rglob("*") if p.is_file()}
-    result = run_train(TINY + [f"run.dir={run_dir}"])  # resume=auto: already at train.steps
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    # resume=auto at or past train.steps, as a requeued job or `make train` twice; another learning rate
+    # must not replace the config.yaml that describes the checkpoints.
+    result = run_train(TINY + [f"run.dir={run_dir}", f"train.steps={steps}", "optim.g_lr=5e-4"])
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "resumed from" in result.stdout + result.stderr
-    assert {p: p.read_bytes() for p in (run_dir / "checkpoints").rglob("*") if p.is_file()} == before
+    assert (f"nothing to train: {run_dir / 'checkpoints' / 'step_00000006'} is at step 6 and "
+            f"train.steps={steps}; to train on, raise train.steps") in result.stdout
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
 
 
 def test_profile_writes_a_trace_and_an_operator_table(tmp_path):

@@ -10,14 +10,20 @@ import sys
 from pathlib import Path
 
 from train.config import RunError, parse_args
-from train.manifest import resume_point
+from train.manifest import read_state, resume_point
 
 
 def main(argv: list[str] | None = None) -> int:
     try:
         cfg = parse_args(argv)
         first_rank = os.environ.get("RANK", "0") == "0"  # set by `accelerate launch`; no process group yet
-        resume_from = resume_point(cfg.resume, Path(cfg.run.dir), report=print if first_rank else lambda _: None)
+        report = print if first_rank else lambda _: None
+        resume_from = resume_point(cfg.resume, Path(cfg.run.dir), report)
+        if resume_from is not None and (step := read_state(resume_from)["progress"]["step"]) >= cfg.train.steps:
+            # A finished run started again (a requeued job, `make train` twice): leave its files as they are.
+            report(f"nothing to train: {resume_from} is at step {step} and train.steps={cfg.train.steps}; "
+                   "to train on, raise train.steps")
+            return 0
         from train.loop import train  # loaded only for a run that can start
 
         return train(cfg, resume_from)
