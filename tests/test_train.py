@@ -5,8 +5,11 @@ import math
 import os
 import re
 import shutil
+import signal
+import socket
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -181,6 +184,33 @@ def test_rerunning_a_finished_run_changes_nothing_and_says_so(seeded_runs, tmp_p
     assert (f"nothing to train: {run_dir / 'checkpoints' / 'step_00000006'} is at step 6 and "
             f"train.steps={steps}; to train on, raise train.steps") in result.stdout
     assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
+
+
+@pytest.mark.slow
+def test_a_second_run_in_a_busy_run_dir_is_refused_and_a_killed_runs_lock_is_not_stale(tmp_path):
+    run_dir = tmp_path / "run"
+    run = TINY + [f"run.dir={run_dir}", "checkpoint.every=5"]
+    with open(tmp_path / "first.log", "w") as log:
+        first = subprocess.Popen([sys.executable, "-m", "train", *run, "train.steps=1000000"], cwd=REPO,
+                                 env=run_env(), stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while not (run_dir / "checkpoints" / "latest").exists():
+            assert first.poll() is None and time.monotonic() < deadline, (tmp_path / "first.log").read_text()
+            time.sleep(0.2)
+        second = run_train(run + ["train.steps=20"])
+        assert second.returncode == 2, second.stderr[-2000:]
+        assert (f"error: run.dir '{run_dir}' is in use by another run (pid {first.pid} on {socket.gethostname()}, "
+                "since ") in second.stderr
+        assert first.poll() is None  # the first run trains on
+    finally:
+        first.send_signal(signal.SIGKILL)  # as the OOM killer or a failed node would: no cleanup
+        first.wait()
+    assert (run_dir / ".lock").exists()
+    step = int((run_dir / "checkpoints" / "latest").read_text().strip().removeprefix("step_"))
+    third = run_train(run + [f"train.steps={step + 5}"])
+    assert third.returncode == 0, third.stderr[-2000:]
+    assert f"at step {step}" in third.stdout + third.stderr and not (run_dir / ".lock").exists()
 
 
 def test_profile_writes_a_trace_and_an_operator_table(tmp_path):

@@ -1,15 +1,17 @@
 """`python -m train [--config FILE] [key=value ...]`: one training run (exit codes in the README).
 
-The configuration and the checkpoint to resume from are read and checked before torch and the
-training code are imported, so a mistake in either is reported at once instead of after the
-seconds they take to load.
+The configuration, run.dir's lock and the checkpoint to resume from are read and checked before
+torch and the training code are imported, so a mistake in any is reported at once instead of
+after the seconds they take to load.
 """
 
 import os
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 
-from train.config import RunError, parse_args
+from train import run_lock
+from train.config import Config, RunError, parse_args
 from train.manifest import read_state, resume_point
 
 
@@ -18,18 +20,24 @@ def main(argv: list[str] | None = None) -> int:
         cfg = parse_args(argv)
         first_rank = os.environ.get("RANK", "0") == "0"  # set by `accelerate launch`; no process group yet
         report = print if first_rank else lambda _: None
-        resume_from = resume_point(cfg.resume, Path(cfg.run.dir), report)
-        if resume_from is not None and (step := read_state(resume_from)["progress"]["step"]) >= cfg.train.steps:
-            # A finished run started again (a requeued job, `make train` twice): leave its files as they are.
-            report(f"nothing to train: {resume_from} is at step {step} and train.steps={cfg.train.steps}; "
-                   "to train on, raise train.steps")
-            return 0
-        from train.loop import train  # loaded only for a run that can start
-
-        return train(cfg, resume_from)
+        with run_lock.exclusive(Path(cfg.run.dir), report) if first_rank else nullcontext():
+            return start(cfg, report)
     except RunError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+
+
+def start(cfg: Config, report) -> int:
+    """Train from the resume point, unless its checkpoint already reached train.steps."""
+    resume_from = resume_point(cfg.resume, Path(cfg.run.dir), report)
+    if resume_from is not None and (step := read_state(resume_from)["progress"]["step"]) >= cfg.train.steps:
+        # A finished run started again (a requeued job, `make train` twice): leave its files as they are.
+        report(f"nothing to train: {resume_from} is at step {step} and train.steps={cfg.train.steps}; "
+               "to train on, raise train.steps")
+        return 0
+    from train.loop import train  # loaded only for a run that can start
+
+    return train(cfg, resume_from)
 
 
 if __name__ == "__main__":

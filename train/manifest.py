@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 
 from train.config import ConfigError, RunError
+from train.run_lock import LOCK_FILE
 
 FORMAT_VERSION = 1
 CHECKPOINTS = "checkpoints"
@@ -137,7 +138,7 @@ def resume_point(resume: str, run_dir: Path, report) -> Path | None:
     checkpoint is further along: a requeued job continues from its own); None starts afresh."""
     run_dir = Path(run_dir)
     if resume == "none":
-        if run_dir.exists() and any(run_dir.iterdir()):
+        if run_dir.exists() and any(p.name != LOCK_FILE for p in run_dir.iterdir()):
             raise ConfigError(f"run.dir {str(run_dir)!r} is not empty and resume=none; choose another run.dir, "
                               "or resume=auto to continue the run in it")
         return None

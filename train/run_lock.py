@@ -1,0 +1,69 @@
+"""One run at a time in a run.dir: a lock that the first rank holds from before the resume point is chosen
+until it exits.
+
+Two runs in one run.dir (a batch job submitted twice, `make train` in two terminals) would resume
+from the same checkpoint, mix their lines in metrics.jsonl, clear it on a fresh start, and fail
+at the first checkpoint the other had written. The lock is a POSIX record lock (fcntl), which the
+kernel, or the NFS server, drops when its process dies: a killed run leaves no stale lock. Without
+torch, like manifest.py, so that a busy run.dir is reported at once.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import socket
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from train.config import RunError
+
+LOCK_FILE = ".lock"
+
+
+@contextmanager
+def exclusive(run_dir: Path, report) -> Iterator[None]:
+    """Hold run_dir's lock; a run.dir made here is removed again if nothing else was written into it."""
+    made = not run_dir.exists()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / LOCK_FILE
+    try:
+        descriptor = _lock(path, report)
+        try:
+            yield
+        finally:
+            if descriptor is not None:
+                path.unlink(missing_ok=True)  # while held: a run that opened it meanwhile finds it gone and retries
+                os.close(descriptor)
+    finally:
+        if made and not any(run_dir.iterdir()):
+            run_dir.rmdir()
+
+
+def _lock(path: Path, report) -> int | None:
+    """The descriptor of the locked file, naming its holder; None where the filesystem has no locks."""
+    while True:
+        descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.lockf(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as error:
+            os.close(descriptor)
+            if error.errno in (errno.EACCES, errno.EAGAIN):
+                holder = path.read_text().strip() if path.exists() else ""
+                raise RunError(f"run.dir {str(path.parent)!r} is in use by another run ({holder or 'starting'}); "
+                               "wait for it to end, or choose another run.dir") from None
+            report(f"warning: cannot lock {path} ({error.strerror}, e.g. Lustre mounted without flock): "
+                   "a second run started in this run.dir would not be stopped")
+            return None
+        try:
+            if os.path.samestat(os.stat(path), os.fstat(descriptor)):
+                break
+        except FileNotFoundError:
+            pass
+        os.close(descriptor)  # the run that held it removed it after we opened it: lock the new file
+    os.ftruncate(descriptor, 0)
+    os.write(descriptor, f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%F %T %Z')}".encode())
+    return descriptor
