@@ -165,6 +165,22 @@ def test_a_channels_last_run_resumes_exactly_with_fused_adam(tmp_path):
     assert_bitwise_equal(all_state(resumed), all_state(straight))
 
 
+def test_a_log_line_left_half_written_is_drawn_around_and_dropped_on_resume(finished_run, tmp_path):
+    """A run killed in the middle of a metrics line (or on a full disk) must not make every resume fail."""
+    run_dir = copy_run(finished_run, tmp_path)
+    with open(run_dir / "metrics.jsonl", "a") as log:
+        log.write('{"step": 7, "loss/d": 0.4')
+    drawn = subprocess.run([sys.executable, "-m", "train.plots", "--run", str(run_dir)], cwd=REPO,
+                           capture_output=True, text=True)
+    assert drawn.returncode == 0 and "1 unreadable line(s) left out of the curves" in drawn.stderr, drawn.stderr
+    assert (run_dir / "curves.png").stat().st_size > 10_000
+    result = run_train(TINY + [f"run.dir={run_dir}", "train.steps=8"])
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"dropped 1 unreadable line(s) of {run_dir / 'metrics.jsonl'}" in result.stdout + result.stderr
+    logged = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert logged == [3, 6, 8]
+
+
 def test_resume_from_a_path_continues_that_checkpoint_exactly(finished_run, tmp_path):
     resumed = tmp_path / "resumed"
     source = finished_run / "checkpoints" / "step_00000004"

@@ -36,6 +36,7 @@ from train.config import REPO_ROOT, SHIPPED_MNIST, EvalConfig
 from train.faults import EXIT_PREEMPTED
 from train.launch import free_port
 from train.metrics import Evaluator
+from train.plots import read_metrics
 
 STOP_GRACE_S = 60  # a quality run stopped by its time limit gets this long to checkpoint and exit
 QUIET = ["logging.wandb=disabled", "eval.num_samples=0", "checkpoint.every=0", "logging.samples_every=0",
@@ -114,7 +115,7 @@ def project_loop(config: str, steps: int, warmup: int, overrides: list[str], pro
                        str(processes), "--num_machines", "1", "--main_process_port", str(free_port()),
                        "--dynamo_backend", "no", "-m", "train", *args]  # not 29500: another job may hold it
         run_checked(command, timeout)
-        lines = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()][1:]
+        lines = read_metrics(Path(run_dir) / "metrics.jsonl")[0][1:]
     timed_steps = sum(warmup for _ in lines)
     global_batch = lines[0]["global_batch"]
     seconds = sum(warmup * global_batch / line["images_per_second"] for line in lines)
@@ -150,7 +151,7 @@ def time_to_quality(config: str, overrides: list[str], limit_seconds: float, eva
         stderr.seek(0)
         error = stderr.read()[-2000:]
     log = run_dir / "metrics.jsonl"
-    lines = [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []
+    lines = read_metrics(log)[0] if log.is_file() else []  # a killed run may leave its last line half-written
     evaluations = [{key: line[key] for key in ("step", "train_seconds", "eval/fd")}
                    for line in lines if "eval/fd" in line]
     result = {"floor_fd": floor_fd, "evaluations": evaluations, **milestones(evaluations, floor_fd)}

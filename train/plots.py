@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 PANELS = (
@@ -18,13 +19,30 @@ PANELS = (
 )
 
 
+def read_metrics(path: Path) -> tuple[list[dict], int]:
+    """The lines of a metrics.jsonl, and how many could not be read (a run killed while writing one)."""
+    lines, unreadable = [], 0
+    for text in Path(path).read_text().splitlines():
+        try:
+            line = json.loads(text)
+        except ValueError:
+            line = None
+        if isinstance(line, dict) and "step" in line:
+            lines.append(line)
+        else:
+            unreadable += 1
+    return lines, unreadable
+
+
 def plot_curves(metrics_file: Path, out: Path) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    lines = [json.loads(line) for line in Path(metrics_file).read_text().splitlines()]
+    lines, unreadable = read_metrics(metrics_file)
+    if unreadable:
+        print(f"{metrics_file}: {unreadable} unreadable line(s) left out of the curves", file=sys.stderr)
     figure, axes = plt.subplots(1, len(PANELS), figsize=(5 * len(PANELS), 3.6))
     for axis, (title, keys) in zip(axes, PANELS):
         for key in keys:

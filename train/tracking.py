@@ -21,7 +21,8 @@ from torchvision.utils import make_grid, save_image
 from train.checkpoint import Progress
 from train.config import Config, ConfigError, to_dict
 from train.data import to_uint8
-from train.plots import plot_curves
+from train.manifest import write_atomically
+from train.plots import plot_curves, read_metrics
 
 METRICS_FILE = "metrics.jsonl"
 CURVES_FILE = "curves.png"
@@ -93,7 +94,7 @@ class RunLog:
         self.draw_curves = cfg.logging.curves
         if accelerator.is_main_process:
             (run_dir / SAMPLES_DIR).mkdir(exist_ok=True)
-            _drop_lines_after(run_dir / METRICS_FILE, progress.step)
+            _drop_lines_after(run_dir / METRICS_FILE, progress.step, accelerator.print)
         if self.use_wandb:
             progress.wandb_run_id = progress.wandb_run_id or secrets.token_hex(4)  # kept in checkpoints
             accelerator.init_trackers(
@@ -140,11 +141,14 @@ class RunLog:
         self.accelerator.end_training()
 
 
-def _drop_lines_after(path: Path, step: int) -> None:
-    """Forget metric lines a previous attempt wrote after the checkpoint this run resumes from."""
+def _drop_lines_after(path: Path, step: int, report) -> None:
+    """Forget metric lines a previous attempt wrote after the checkpoint this run resumes from, and any it
+    left half-written (killed in the middle of a line, a full disk); the file is replaced atomically."""
     if not path.is_file():
         return
-    lines = path.read_text().splitlines(keepends=True)
-    kept = [line for line in lines if json.loads(line)["step"] <= step]
-    if len(kept) != len(lines):
-        path.write_text("".join(kept))
+    lines, unreadable = read_metrics(path)
+    kept = [line for line in lines if line["step"] <= step]
+    if unreadable:
+        report(f"dropped {unreadable} unreadable line(s) of {path}, left by a run that was killed while writing it")
+    if unreadable or len(kept) != len(lines):
+        write_atomically(path, "".join(json.dumps(line) + "\n" for line in kept))  # as RunLog.metrics wrote them
