@@ -7,7 +7,6 @@ makes that a failure.
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import time
@@ -20,6 +19,7 @@ from conftest import REPO, final_weights, latest_checkpoint, run_env
 from slurm_cluster import LocalSlurm, missing_programs
 from train import manifest
 from train.distributed import weights_digest
+from train.plots import read_metrics
 
 pytestmark = [pytest.mark.slow, pytest.mark.slurm]
 # The smoke config shortened through GAN_ARGS, as a user would: 80 steps, checkpoints at 40 and 80,
@@ -80,8 +80,7 @@ class Job:
 
     def metrics(self) -> list[dict]:
         path = self.run_dir / "metrics.jsonl"
-        lines = path.read_text().splitlines() if path.exists() else []
-        return [json.loads(line) for line in lines if line.strip()]
+        return read_metrics(path)[0] if path.exists() else []  # polled while the job appends to it
 
     def logged_steps(self) -> list[int]:
         return [line["step"] for line in self.metrics()]
