@@ -35,6 +35,7 @@ from train import models
 from train.config import REPO_ROOT, SHIPPED_MNIST, EvalConfig
 from train.faults import EXIT_PREEMPTED
 from train.launch import free_port
+from train.manifest import write_atomically
 from train.metrics import Evaluator
 from train.plots import read_metrics
 
@@ -234,7 +235,8 @@ def main(argv: list[str] | None = None) -> int:
         if blog and "images_per_second" in measured:
             measured["ratio_to_blog"] = measured["images_per_second"] / blog
         report["throughput"][name] = measured
-        out.write_text(json.dumps(report, indent=1))  # what was measured survives a time limit
+        # What was measured survives a time limit, which may also fall in the middle of this write.
+        write_atomically(out, json.dumps(report, indent=1))
         if "failed" in measured:
             print(f"{name:8s} FAILED: {measured['failed'][-500:]}", flush=True)
         else:
@@ -253,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             measured["per_process_images_per_second"] = measured["images_per_second"] / count
             report["scaling"][count] = measured
-            out.write_text(json.dumps(report, indent=1))
+            write_atomically(out, json.dumps(report, indent=1))
             print(f"{count} processes: {measured['images_per_second']:.0f} images/s in total, "
                   f"{measured['per_process_images_per_second']:.0f} per process", flush=True)
     shipped = [("configs/seed.yaml", "configs/seed.yaml", [], 500),
@@ -271,14 +273,14 @@ def main(argv: list[str] | None = None) -> int:
             measured = time_to_quality(config, overrides, args.ttq_seconds, every, floor, runs / Path(name).stem,
                                        cache_dir)
             report["time_to_quality"][name] = measured
-            out.write_text(json.dumps(report, indent=1))
+            write_atomically(out, json.dumps(report, indent=1))
             if "failed" in measured:
                 failed.append(name)
                 print(f"{name} FAILED: {measured['failed'][-500:]}", flush=True)
             after = [measured[f"seconds_to_{factor}x_floor"] for factor in (10, 3)]
             after = [value if value == "not reached" else f"after {value:.1f} s" for value in after]
             print(f"{name}: FD < 10x floor {after[0]}, < 3x floor {after[1]} (floor {floor:.3f})", flush=True)
-    out.write_text(json.dumps(report, indent=1))
+    write_atomically(out, json.dumps(report, indent=1))
     print(f"wrote {args.out}" + (f"; failed: {', '.join(failed)}" if failed else ""))
     return 1 if failed else 0
 
