@@ -52,9 +52,13 @@ def _lock(path: Path, report) -> int | None:
         except OSError as error:
             os.close(descriptor)
             if error.errno in (errno.EACCES, errno.EAGAIN):
-                holder = path.read_text().strip() if path.exists() else ""
+                try:
+                    holder = path.read_text().strip()
+                except FileNotFoundError:  # it has just ended
+                    holder = ""
                 raise RunError(f"run.dir {str(path.parent)!r} is in use by another run ({holder or 'starting'}); "
-                               "wait for it to end, or choose another run.dir") from None
+                               "wait for it to end, or choose another run.dir. Should that run be gone (an NFS "
+                               f"server can keep a failed node's lock), delete {path}") from None
             report(f"warning: cannot lock {path} ({error.strerror}, e.g. Lustre mounted without flock): "
                    "a second run started in this run.dir would not be stopped")
             return None
