@@ -258,6 +258,12 @@ def test_each_tool_names_a_path_that_is_no_checkpoint_before_any_work(tmp_path, 
     assert not out.exists()  # no samples, no test-set features extracted, no export folder
 
 
+def test_evaluate_refuses_too_few_samples_before_any_work(finished_run, tmp_path):
+    result = tool("evaluate", "--checkpoint", finished_run, "--num", 5, "--cache-dir", tmp_path / "cache")
+    assert result.returncode == 2 and "error: --num must be at least 100" in result.stderr, result.stderr[-2000:]
+    assert not (tmp_path / "cache").exists()
+
+
 def test_an_export_is_never_overwritten(finished_run, tmp_path):
     """Its checkpoint may be gone since (checkpoint.keep_last); a second export goes elsewhere."""
     exported = tmp_path / "exported"

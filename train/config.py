@@ -15,6 +15,7 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SHIPPED_MNIST = REPO_ROOT / "data" / "mnist"  # also the real set of the quality metrics
+MIN_EVAL_SAMPLES = 100  # fewer make the Fréchet distance and the neighbourhood metrics noise
 
 
 class RunError(ValueError):
@@ -166,7 +167,8 @@ RULES = {
     "ema.rampup": _NOT_NEGATIVE,
     "ema.statistics_images": _GREATER_THAN_ZERO,
     "eval.every": _NOT_NEGATIVE,
-    "eval.num_samples": (lambda v: v == 0 or v >= 100, "0 (no evaluation) or at least 100"),
+    "eval.num_samples": (lambda v: v == 0 or v >= MIN_EVAL_SAMPLES,
+                         f"0 (no evaluation) or at least {MIN_EVAL_SAMPLES}"),
     "eval.seed": _NOT_NEGATIVE,
     "profile.steps": _NOT_NEGATIVE,
     "profile.after": _GREATER_THAN_ZERO,

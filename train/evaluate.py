@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from train.config import SHIPPED_MNIST
+from train.config import MIN_EVAL_SAMPLES, SHIPPED_MNIST, EvalConfig
 from train.data import to_uint8
 from train.manifest import CheckpointError
 from train.metrics import Evaluator
@@ -28,11 +28,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-ema", action="store_true", help="score the trained generator, not its EMA")
     parser.add_argument("--floor", action="store_true",
                         help="also score real training images: as they are (the floor) and slightly degraded")
-    parser.add_argument("--cache-dir", default=".cache/eval")
+    parser.add_argument("--cache-dir", default=EvalConfig.cache_dir)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
     if args.checkpoint is None and not args.floor:
         parser.error("give --checkpoint, --floor, or both")
+    if args.num < MIN_EVAL_SAMPLES:
+        parser.error(f"--num must be at least {MIN_EVAL_SAMPLES}")
     try:  # before the test set's features: a wrong path costs no work
         generator = load(args.checkpoint, args.device, use_ema=not args.no_ema) if args.checkpoint else None
     except CheckpointError as error:
