@@ -102,6 +102,34 @@ def test_auto_resume_falls_back_to_the_newest_valid_checkpoint(finished_run, tmp
     assert "kept the damaged step_00000006 as damaged_step_00000006" in output
 
 
+def test_auto_resume_with_every_checkpoint_damaged_stops_and_changes_nothing(finished_run, tmp_path):
+    """Starting afresh would train over (and keep_last would delete) checkpoints a person may still repair."""
+    run_dir = copy_run(finished_run, tmp_path)
+    for folder in manifest.complete_checkpoints(run_dir):
+        (folder / "generator.safetensors").write_bytes(b"damaged")
+    before = snapshot_files(run_dir)
+    result = run_train(TINY + [f"run.dir={run_dir}", "train.steps=8"])
+    assert result.returncode == 2, result.stderr[-2000:]
+    output = result.stdout + result.stderr
+    assert all(f"skipping checkpoint step_0000000{step}" in output for step in (2, 4, 6))
+    assert f"error: no checkpoint in {run_dir / 'checkpoints'} is valid (see above); nothing was changed" in output
+    assert snapshot_files(run_dir) == before
+
+
+def test_saving_a_step_that_has_a_valid_checkpoint_is_refused_and_keeps_it(finished_run, tmp_path):
+    """The guard behind "nothing good is overwritten", for a run that reaches a step twice."""
+    from accelerate import Accelerator
+    from train.checkpoint import Progress, Snapshot, save
+    run_dir = copy_run(finished_run, tmp_path)
+    generator, discriminator = models.build("dcgan", 100)
+    snapshot = Snapshot(networks={"generator": generator, "discriminator": discriminator}, optimizers={},
+                        noise=torch.Generator(), progress=Progress(step=6), config={})
+    before = snapshot_files(run_dir)
+    with pytest.raises(manifest.CheckpointError, match="step_00000006 already exists; it is never overwritten"):
+        save(Accelerator(cpu=True), run_dir, snapshot)
+    assert snapshot_files(run_dir) == before
+
+
 def bad_checkpoint(kind, finished_run, tmp_path):
     """(a path to resume from, the message expected) for each kind of bad checkpoint."""
     run_dir = copy_run(finished_run, tmp_path)
