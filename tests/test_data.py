@@ -54,7 +54,16 @@ def test_corrupt_file_fails_its_checksum(tmp_path, mnist_dir):
         read_idx_images(folder, "train")
 
 
-def test_bad_magic_and_truncation_are_reported(tmp_path):
+def test_bad_magic_truncation_and_a_cut_gzip_file_are_reported(tmp_path, mnist_dir):
+    """A user's own folder has no SHA256SUMS, so the format itself must catch what is wrong."""
+    whole = (mnist_dir / "train-images-idx3-ubyte.gz").read_bytes()
+    (tmp_path / "train-images-idx3-ubyte.gz").write_bytes(whole[:len(whole) // 2])
+    with pytest.raises(DataError, match="train-images-idx3-ubyte.gz is not a readable gzip file"):
+        read_idx_images(tmp_path, "train")
+    (tmp_path / "train-images-idx3-ubyte.gz").unlink()
+    (tmp_path / "train-images-idx3-ubyte").write_bytes(b"\x00\x00")
+    with pytest.raises(DataError, match="is too short to be an IDX file"):
+        read_idx_images(tmp_path, "train")
     (tmp_path / "train-images-idx3-ubyte").write_bytes(b"\x00\x00\x08\x04" + bytes(100))
     with pytest.raises(DataError, match="magic number 2052, expected 2051"):
         read_idx_images(tmp_path, "train")

@@ -58,7 +58,11 @@ def _read_idx(folder: Path, name: str) -> torch.Tensor:
     raw = path.read_bytes()
     _verify_checksum(path, raw)
     if raw[:2] == b"\x1f\x8b":
-        raw = gzip.decompress(raw)
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError) as error:  # BadGzipFile, or a file cut short
+            raise DataError(f"{path} is not a readable gzip file ({error}); replace it with a complete copy, "
+                            "or add a SHA256SUMS file beside it to have every file checked") from None
     return torch.from_numpy(parse_idx(raw, path))
 
 
