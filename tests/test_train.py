@@ -157,12 +157,18 @@ def test_smoke_config_writes_a_complete_run(tmp_path, eval_cache):
     (["data.path=/nonexistent/mnist"], "data.path '/nonexistent/mnist' is not a folder"),
 ])
 def test_bad_input_stops_with_a_message_and_leaves_no_run_dir(tmp_path, overrides, message):
-    run_dir = tmp_path / "run"
-    result = run_train(TINY + [f"run.dir={run_dir}", *overrides])
+    result = run_train(TINY + [f"run.dir={tmp_path / 'runs' / 'run'}", *overrides])
     assert result.returncode == 2
     assert message in result.stderr
     assert "Traceback" not in result.stderr
-    assert not run_dir.exists()
+    assert not list(tmp_path.iterdir())  # neither the run.dir nor the folder made for it
+
+
+def test_a_run_dir_that_cannot_be_written_is_named(tmp_path):
+    (tmp_path / "file").write_text("")
+    result = run_train(TINY + [f"run.dir={tmp_path / 'file' / 'run'}"])
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert f"error: cannot write into run.dir '{tmp_path / 'file' / 'run'}' (Not a directory)" in result.stderr
 
 
 def test_corrupt_data_file_stops_before_the_run_dir_is_made(tmp_path):

@@ -26,21 +26,30 @@ LOCK_FILE = ".lock"
 
 @contextmanager
 def exclusive(run_dir: Path, report) -> Iterator[None]:
-    """Hold run_dir's lock; a run.dir made here is removed again if nothing else was written into it."""
-    made = not run_dir.exists()
-    run_dir.mkdir(parents=True, exist_ok=True)
+    """Hold run_dir's lock; folders made here are removed again if nothing else was written into them."""
+    made = [folder for folder in (run_dir, *run_dir.parents) if not folder.exists()]  # the deepest first
     path = run_dir / LOCK_FILE
     try:
+        run_dir.mkdir(parents=True, exist_ok=True)
         descriptor = _lock(path, report)
-        try:
-            yield
-        finally:
-            if descriptor is not None:
-                path.unlink(missing_ok=True)  # while held: a run that opened it meanwhile finds it gone and retries
-                os.close(descriptor)
+    except OSError as error:
+        _remove_empty(made)
+        raise RunError(f"cannot write into run.dir {str(run_dir)!r} ({error.strerror}); "
+                       "choose a run.dir where you may write") from None
+    try:
+        yield
     finally:
-        if made and not any(run_dir.iterdir()):
-            run_dir.rmdir()
+        if descriptor is not None:
+            path.unlink(missing_ok=True)  # while held: a run that opened it meanwhile finds it gone and retries
+            os.close(descriptor)
+        _remove_empty(made)
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    for folder in folders:
+        if not folder.is_dir() or any(folder.iterdir()):
+            return
+        folder.rmdir()
 
 
 def _lock(path: Path, report) -> int | None:
