@@ -27,13 +27,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+import safetensors.torch
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from train.data import DataPosition
-from train.manifest import (LATEST, STATE, CheckpointError, checkpoint_name, checkpoints_dir, complete_checkpoints,
-                            fsync, read_state, resolve, sha256, verify, write_atomically, write_json, write_manifest)
+from train.manifest import (LATEST, STATE, CheckpointError, CheckpointWriteError, checkpoint_name, checkpoints_dir,
+                            complete_checkpoints, fsync, newest_valid, read_state, resolve, sha256, verify,
+                            write_atomically, write_json, write_manifest)
 
 EXPORTED_WEIGHTS = "generator.safetensors"
 EXPORTED_DESCRIPTION = "generator.json"
@@ -78,6 +80,31 @@ def save(accelerator, run_dir: Path, snapshot: Snapshot, keep_last: int = 0) -> 
         staging.mkdir(parents=True)
     accelerator.wait_for_everyone()
 
+    try:
+        _write_parts(accelerator, staging, snapshot)
+        if accelerator.is_main_process:
+            write_manifest(staging)
+            fsync(staging)
+            os.rename(staging, final)
+            fsync(folder)
+    except OSError as error:  # the run cannot go on; the space the partial folder took is given back
+        shutil.rmtree(staging, ignore_errors=True)
+        newest = newest_valid(run_dir, report=lambda _: None)
+        raise CheckpointWriteError(
+            f"writing checkpoint {final.name} failed ({error}); its partial folder is removed. "
+            + (f"The newest intact checkpoint is {newest}: " if newest else "There is no checkpoint yet: ")
+            + "make room (or raise the quota) and start the same command again") from error
+    if accelerator.is_main_process:
+        write_atomically(folder / LATEST, final.name + "\n")
+        if keep_last:
+            for old in complete_checkpoints(run_dir)[:-keep_last]:
+                shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def _write_parts(accelerator, staging: Path, snapshot: Snapshot) -> None:
+    """Every rank its RNG states, the main process the shared state; then all wait for each other."""
     rank = accelerator.process_index
     rng_tensors, rng_json = _rng_state(snapshot.noise)
     _write_tensors(staging / f"rank_{rank}.safetensors", rng_tensors)
@@ -96,18 +123,6 @@ def save(accelerator, run_dir: Path, snapshot: Snapshot, keep_last: int = 0) -> 
             **snapshot.extra_json,
         })
     accelerator.wait_for_everyone()
-
-    if accelerator.is_main_process:
-        write_manifest(staging)
-        fsync(staging)
-        os.rename(staging, final)
-        fsync(folder)
-        write_atomically(folder / LATEST, final.name + "\n")
-        if keep_last:
-            for old in complete_checkpoints(run_dir)[:-keep_last]:
-                shutil.rmtree(old)
-    accelerator.wait_for_everyone()
-    return final
 
 
 def _set_aside_damaged(final: Path, report) -> None:
@@ -150,7 +165,8 @@ def _optimizer_state(optimizers: dict[str, torch.optim.Optimizer]) -> tuple[dict
 
 
 def _write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    save_file({key: value.detach().cpu().contiguous() for key, value in tensors.items()}, path)
+    """Serialised in memory and written by Python, so that a full disk is an OSError like any other write's."""
+    path.write_bytes(safetensors.torch.save({key: value.detach().cpu().contiguous() for key, value in tensors.items()}))
     fsync(path)
 
 

@@ -26,6 +26,13 @@ class CheckpointError(RunError):
     """A checkpoint that cannot be used; the message names the file and what is wrong."""
 
 
+EXIT_CHECKPOINT_WRITE = 74  # EX_IOERR: a checkpoint could not be written; the earlier ones are intact
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint that could not be written (a full disk, a quota); its partial folder is gone."""
+
+
 def checkpoint_name(step: int) -> str:
     return f"step_{step:08d}"
 
