@@ -128,13 +128,13 @@ def train(cfg: Config, resume_from: Path | None) -> int:
         if checkpoint_due or step % cfg.train.check_every == 0:
             nonfinite, preempted = faults.check()
             if nonfinite is not None:
-                last = manifest.newest_valid(run_dir, accelerator.print)
-                if cfg.train.on_nonfinite == "rollback" and last is not None:
-                    rollback(accelerator, last, snapshot, batches, cfg.run.seed, nonfinite, log)
+                newest = manifest.newest_valid(run_dir, accelerator.print)
+                if cfg.train.on_nonfinite == "rollback" and newest is not None:
+                    rollback(accelerator, newest, snapshot, batches, cfg.run.seed, nonfinite, log)
                     update.reset()  # the restored optimizer states are new tensors
                     bar.n = progress.step
                     continue
-                kept = (f"{last} is intact and resumable" if last else
+                kept = (f"{newest} is intact and resumable" if newest else
                         f"no valid checkpoint to resume from yet (checkpoint.every={cfg.checkpoint.every})")
                 log.message(f"error: {nonfinite}; stopping (train.on_nonfinite={cfg.train.on_nonfinite}): {kept}")
                 log.close()
