@@ -224,6 +224,10 @@ def main(argv: list[str] | None = None) -> int:
     for name, config, overrides in custom:
         variants[name] = (lambda c=config, o=overrides: timed(c, o))
     out = Path(args.out)
+
+    def write_report() -> None:  # after each measurement, so that a time limit (even inside the write) keeps them
+        write_atomically(out, json.dumps(report, indent=1))
+
     failed = []
     for name in [*filter(None, args.variants.split(",")), *(name for name, _, _ in custom)]:
         try:
@@ -235,8 +239,7 @@ def main(argv: list[str] | None = None) -> int:
         if blog and "images_per_second" in measured:
             measured["ratio_to_blog"] = measured["images_per_second"] / blog
         report["throughput"][name] = measured
-        # What was measured survives a time limit, which may also fall in the middle of this write.
-        write_atomically(out, json.dumps(report, indent=1))
+        write_report()
         if "failed" in measured:
             print(f"{name:8s} FAILED: {measured['failed'][-500:]}", flush=True)
         else:
@@ -255,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             measured["per_process_images_per_second"] = measured["images_per_second"] / count
             report["scaling"][count] = measured
-            write_atomically(out, json.dumps(report, indent=1))
+            write_report()
             print(f"{count} processes: {measured['images_per_second']:.0f} images/s in total, "
                   f"{measured['per_process_images_per_second']:.0f} per process", flush=True)
     shipped = [("configs/seed.yaml", "configs/seed.yaml", [], 500),
@@ -273,14 +276,14 @@ def main(argv: list[str] | None = None) -> int:
             measured = time_to_quality(config, overrides, args.ttq_seconds, every, floor, runs / Path(name).stem,
                                        cache_dir)
             report["time_to_quality"][name] = measured
-            write_atomically(out, json.dumps(report, indent=1))
+            write_report()
             if "failed" in measured:
                 failed.append(name)
                 print(f"{name} FAILED: {measured['failed'][-500:]}", flush=True)
             after = [measured[f"seconds_to_{factor}x_floor"] for factor in (10, 3)]
             after = [value if value == "not reached" else f"after {value:.1f} s" for value in after]
             print(f"{name}: FD < 10x floor {after[0]}, < 3x floor {after[1]} (floor {floor:.3f})", flush=True)
-    write_atomically(out, json.dumps(report, indent=1))
+    write_report()
     print(f"wrote {args.out}" + (f"; failed: {', '.join(failed)}" if failed else ""))
     return 1 if failed else 0
 
