@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -43,6 +44,11 @@ def accelerate_launch(num_processes: int, args: list[str], env: dict | None = No
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(num_processes),
                "--num_machines", "1", "--main_process_port", str(free_port()), "--mixed_precision", "no", "--dynamo_backend", "no", *args]
     return subprocess.run(command, cwd=REPO, env=env or run_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def logged_metrics(run_dir: Path) -> list[dict]:
+    """The lines of a finished run's metrics.jsonl; each must parse (a torn line here is a failure)."""
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def latest_checkpoint(run_dir: Path) -> Path:

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, run_env
+from conftest import REPO, logged_metrics, run_env
 from train import bench, config
 
 
@@ -68,7 +68,7 @@ def test_time_to_quality_reads_each_runs_evaluations_and_records_one_that_fails(
     cut = report["cut"]
     assert "failed" not in cut, cut["failed"]  # stopped by the limit's SIGTERM: a checkpoint, exit 75
     assert (runs / "cut" / "checkpoints" / "latest").is_file()
-    logged = [json.loads(line) for line in (runs / "cut" / "metrics.jsonl").read_text().splitlines()]
+    logged = logged_metrics(runs / "cut")
     evaluations = [{key: line[key] for key in ("step", "train_seconds", "eval/fd")} for line in logged
                    if "eval/fd" in line]
     assert len(evaluations) >= 2 and cut["evaluations"] == evaluations and cut["final"] == evaluations[-1]

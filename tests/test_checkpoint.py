@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, TINY, all_state, assert_bitwise_equal, run_env, run_train
+from conftest import REPO, TINY, all_state, assert_bitwise_equal, logged_metrics, run_env, run_train
 from train import manifest, models
 
 
@@ -225,7 +225,7 @@ def test_a_log_line_left_half_written_is_drawn_around_and_dropped_on_resume(fini
     result = run_train(TINY + [f"run.dir={run_dir}", "train.steps=8"])
     assert result.returncode == 0, result.stderr[-2000:]
     assert f"dropped 1 unreadable line(s) of {run_dir / 'metrics.jsonl'}" in result.stdout + result.stderr
-    logged = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    logged = [line["step"] for line in logged_metrics(run_dir)]
     assert logged == [3, 6, 8]
 
 
@@ -235,7 +235,7 @@ def test_resume_from_a_path_continues_that_checkpoint_exactly(finished_run, tmp_
     result = run_train(TINY + [f"run.dir={resumed}", f"resume={source}", "train.steps=6"])
     assert result.returncode == 0, result.stderr[-2000:]
     assert f"resumed from {source} at step 4" in result.stdout + result.stderr
-    logged = [json.loads(line)["step"] for line in (resumed / "metrics.jsonl").read_text().splitlines()]
+    logged = [line["step"] for line in logged_metrics(resumed)]
     assert logged == [6]  # steps 5 and 6 only (logging.every=3): not trained again from step 0
     assert_bitwise_equal(all_state(resumed), all_state(finished_run))  # what that run reached at step 6
 
@@ -343,7 +343,7 @@ def test_the_evaluation_logged_in_training_is_what_evaluate_gives_for_the_checkp
     result = run_train(TINY + [f"run.dir={run_dir}", "eval.num_samples=150", "eval.seed=7",
                                f"eval.use_ema={str(use_ema).lower()}", f"eval.cache_dir={eval_cache}"])
     assert result.returncode == 0, result.stderr[-2000:]
-    logged = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+    logged = logged_metrics(run_dir)[-1]
     result = tool("evaluate", "--checkpoint", run_dir, "--num", 150, "--seed", 7, "--cache-dir", eval_cache,
                   "--device", "cpu", *([] if use_ema else ["--no-ema"]))
     assert result.returncode == 0, result.stderr[-2000:]

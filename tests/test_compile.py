@@ -1,16 +1,10 @@
 """`train.compile=true` end to end on the CPU: what inductor compiles trains, saves and resumes as the eager loop."""
 
-import json
-
 import pytest
 
-from conftest import TINY, all_state, assert_bitwise_equal, run_env, run_train
+from conftest import TINY, all_state, assert_bitwise_equal, logged_metrics, run_env, run_train
 
 pytestmark = pytest.mark.slow
-
-
-def metrics(run_dir):
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 # Inductor's fused kernels sum in another order than eager's: float32 rounding, before any update.
@@ -25,7 +19,7 @@ def test_compiled_networks_compute_the_eager_losses_save_plain_checkpoints_and_r
     assert run_train(run + [f"run.dir={eager}"]).returncode == 0
     result = run_train(run + [f"run.dir={compiled}", "train.compile=true"], env=env)
     assert result.returncode == 0, result.stderr[-2000:]
-    first_eager, first_compiled = metrics(eager)[0], metrics(compiled)[0]
+    first_eager, first_compiled = logged_metrics(eager)[0], logged_metrics(compiled)[0]
     for key in ("loss/d", "loss/g", "d/real", "d/fake"):
         assert first_compiled[key] == pytest.approx(first_eager[key], rel=COMPILED_LOSS_RTOL), key
     # What is saved are the plain networks, as an eager run saves them (sample and export read them).

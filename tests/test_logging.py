@@ -1,14 +1,13 @@
 """What a run records: W&B (offline, read back from W&B's own file) and the local JSONL/PNG copy agree."""
 
 import importlib.util
-import json
 import subprocess
 import sys
 
 import pytest
 import yaml
 
-from conftest import REPO, TINY, run_env, run_train
+from conftest import REPO, TINY, logged_metrics, run_env, run_train
 
 pytest.importorskip("wandb")
 from wandb_records import offline_run  # noqa: E402  (needs wandb)
@@ -29,7 +28,7 @@ def wandb_run(tmp_path_factory, eval_cache):
 def test_wandb_history_holds_the_metrics_of_the_jsonl_log_at_their_steps(wandb_run):
     run_dir, _ = wandb_run
     recorded = offline_run(run_dir)
-    local = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    local = logged_metrics(run_dir)
     assert sorted(recorded["history"]) == [line["step"] for line in local] == [3, 6]
     for line in local:
         row = recorded["history"][line["step"]]
@@ -88,7 +87,7 @@ def test_every_evaluation_is_logged_with_the_training_time_it_took(tmp_path, eva
     result = run_train(TINY + [f"run.dir={tmp_path / 'run'}", "logging.every=4", "eval.num_samples=200",
                                "eval.every=3", f"eval.cache_dir={eval_cache}"])
     assert result.returncode == 0, result.stderr[-2000:]
-    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    lines = logged_metrics(tmp_path / "run")
     assert [line["step"] for line in lines] == [3, 4, 6]
     assert ["eval/fd" in line for line in lines] == [True, False, True]
     assert all({"train_seconds", "loss/d", "images_per_second"} <= set(line) for line in lines)

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from conftest import all_state, assert_bitwise_equal, run_train, run_with_fault, run_env
+from conftest import all_state, assert_bitwise_equal, logged_metrics, run_env, run_train, run_with_fault
 from train.faults import EXIT_PREEMPTED
 
 pytestmark = pytest.mark.slow
@@ -65,7 +65,7 @@ def test_one_process_resumes_bitwise_after_each_preemption_and_keeps_one_wandb_r
     assert_resumed_from(second, tmp_path, 7)
     assert_resumed_from(finish(tiny_mnist, tmp_path, 1, "logging.wandb=offline"), tmp_path, 17)
     assert_bitwise_equal(all_state(tmp_path), uninterrupted[1])
-    steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    steps = [line["step"] for line in logged_metrics(tmp_path)]
     assert steps == sorted(set(steps)) and steps[-1] == STEPS  # no duplicated or lost lines
     # Three starts, one W&B run: the id saved in the checkpoints is the one every start logged to.
     run_files = sorted(tmp_path.glob("wandb/offline-run-*/run-*.wandb"))

@@ -12,15 +12,11 @@ import pytest
 import torch
 from accelerate import Accelerator
 
-from conftest import REPO, TINY, all_state, assert_bitwise_equal, final_weights, run_env, run_train
+from conftest import REPO, TINY, all_state, assert_bitwise_equal, final_weights, logged_metrics, run_env, run_train
 from train import config, loop
 from train.tracking import TrainingWindow
 
 TIMINGS = ("images_per_second", "train_seconds")
-
-
-def metrics(run_dir):
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +36,7 @@ def test_same_seed_gives_bitwise_identical_weights_and_another_seed_does_not(see
         assert a[network].keys() == b[network].keys()
         assert all(torch.equal(a[network][key], b[network][key]) for key in a[network])
     assert not all(torch.equal(a["generator"][k], other["generator"][k]) for k in a["generator"])
-    timeless = [[{k: v for k, v in line.items() if k not in TIMINGS} for line in metrics(seeded_runs[name])]
+    timeless = [[{k: v for k, v in line.items() if k not in TIMINGS} for line in logged_metrics(seeded_runs[name])]
                 for name in ("a", "b")]
     assert timeless[0] == timeless[1]
 
@@ -50,7 +46,7 @@ def test_losses_stay_finite(tmp_path, precision, r1_gamma):
     result = run_train(TINY + [f"run.dir={tmp_path}", f"train.mixed_precision={precision}", "model.arch=seed",
                                f"loss.r1_gamma={r1_gamma}"])
     assert result.returncode == 0, result.stderr[-2000:]
-    lines = metrics(tmp_path)
+    lines = logged_metrics(tmp_path)
     assert [line["step"] for line in lines] == [3, 6]
     for line in lines:
         assert all(math.isfinite(line[key]) for key in ("loss/d", "loss/g", "d/real", "d/fake"))
@@ -72,7 +68,7 @@ def test_deterministic_algorithms_change_nothing_on_the_cpu(tmp_path, eval_cache
         assert result.returncode == 0, result.stderr[-2000:]
     assert_bitwise_equal(all_state(tmp_path / "default"), all_state(tmp_path / "deterministic"))
     untimed = TIMINGS + ("eval/seconds",)
-    logged = [[{k: v for k, v in line.items() if k not in untimed} for line in metrics(tmp_path / name)]
+    logged = [[{k: v for k, v in line.items() if k not in untimed} for line in logged_metrics(tmp_path / name)]
               for name in ("default", "deterministic")]
     assert "eval/fd" in logged[0][-1] and logged[0] == logged[1]
 
@@ -107,7 +103,7 @@ def test_the_logged_r1_penalty_is_its_mean_over_the_steps_that_computed_it():
 def test_smoke_config_writes_a_complete_run(tmp_path, eval_cache):
     result = run_train(["--config", "configs/smoke.yaml", f"run.dir={tmp_path}", f"eval.cache_dir={eval_cache}"])
     assert result.returncode == 0, result.stderr[-2000:]
-    assert [line["step"] for line in metrics(tmp_path)] == list(range(25, 201, 25))
+    assert [line["step"] for line in logged_metrics(tmp_path)] == list(range(25, 201, 25))
     assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step_00000200"
     assert sorted(p.name for p in (tmp_path / "checkpoints").glob("step_*")) == ["step_00000100", "step_00000200"]
     assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == ["step_00000100.png", "step_00000200.png"]
