@@ -12,7 +12,7 @@ from pathlib import Path
 
 from train import run_lock
 from train.config import Config, RunError, parse_args
-from train.manifest import EXIT_CHECKPOINT_WRITE, CheckpointWriteError, read_state, resume_point
+from train.manifest import EXIT_WRITE_FAILED, RunWriteError, read_state, resume_point
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,9 +25,9 @@ def main(argv: list[str] | None = None) -> int:
     except RunError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    except CheckpointWriteError as error:
+    except RunWriteError as error:  # a full disk or quota: the checkpoints written so far are intact
         print(f"error: {error}", file=sys.stderr)
-        return EXIT_CHECKPOINT_WRITE
+        return EXIT_WRITE_FAILED
 
 
 def start(cfg: Config, report) -> int:

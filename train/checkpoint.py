@@ -33,9 +33,9 @@ from safetensors.torch import load_file
 from torch import nn
 
 from train.data import DataPosition
-from train.manifest import (LATEST, STATE, CheckpointError, CheckpointWriteError, checkpoint_name, checkpoints_dir,
-                            complete_checkpoints, fsync, newest_valid, read_state, resolve, sha256, verify,
-                            write_atomically, write_json, write_manifest)
+from train.manifest import (LATEST, STATE, CheckpointError, checkpoint_name, checkpoints_dir, complete_checkpoints,
+                            fsync, read_state, resolve, sha256, stop_on_write_failure, verify, write_atomically,
+                            write_json, write_manifest)
 
 EXPORTED_WEIGHTS = "generator.safetensors"
 EXPORTED_DESCRIPTION = "generator.json"
@@ -80,20 +80,13 @@ def save(accelerator, run_dir: Path, snapshot: Snapshot, keep_last: int = 0) -> 
         staging.mkdir(parents=True)
     accelerator.wait_for_everyone()
 
-    try:
+    with stop_on_write_failure(f"writing checkpoint {final.name}", run_dir, partial_folder=staging):
         _write_parts(accelerator, staging, snapshot)
         if accelerator.is_main_process:
             write_manifest(staging)
             fsync(staging)
             os.rename(staging, final)
             fsync(folder)
-    except OSError as error:  # the run cannot go on; the space the partial folder took is given back
-        shutil.rmtree(staging, ignore_errors=True)
-        newest = newest_valid(run_dir, report=lambda _: None)
-        raise CheckpointWriteError(
-            f"writing checkpoint {final.name} failed ({error}); its partial folder is removed. "
-            + (f"The newest intact checkpoint is {newest}: " if newest else "There is no checkpoint yet: ")
-            + "make room (or raise the quota) and start the same command again") from error
     if accelerator.is_main_process:
         write_atomically(folder / LATEST, final.name + "\n")
         if keep_last:

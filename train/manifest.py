@@ -10,6 +10,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 from train.config import ConfigError, RunError
@@ -26,11 +28,29 @@ class CheckpointError(RunError):
     """A checkpoint that cannot be used; the message names the file and what is wrong."""
 
 
-EXIT_CHECKPOINT_WRITE = 74  # EX_IOERR: a checkpoint could not be written; the earlier ones are intact
+EXIT_WRITE_FAILED = 74  # EX_IOERR: a file of the run could not be written; the checkpoints already written are intact
 
 
-class CheckpointWriteError(OSError):
-    """A checkpoint that could not be written (a full disk, a quota); its partial folder is gone."""
+class RunWriteError(OSError):
+    """A file of the run could not be written (a full disk, a quota): the run stops, and says where it can resume."""
+
+
+@contextmanager
+def stop_on_write_failure(what: str, run_dir: Path, partial_folder: Path | None = None):
+    """Turn a failed write (`what`: "writing <file>") into a RunWriteError that names the newest intact
+    checkpoint; `partial_folder`, which the failed write leaves incomplete, is removed to give the space back."""
+    try:
+        yield
+    except RunWriteError:
+        raise
+    except OSError as error:
+        if partial_folder is not None:
+            shutil.rmtree(partial_folder, ignore_errors=True)
+        newest = newest_valid(run_dir, report=lambda _: None)
+        raise RunWriteError(
+            f"{what} failed ({error}){'; its partial folder is removed' if partial_folder else ''}. "
+            + (f"The newest intact checkpoint is {newest}: " if newest else "There is no checkpoint yet: ")
+            + "make room (or raise the quota) and start the same command again") from error
 
 
 def checkpoint_name(step: int) -> str:
@@ -62,11 +82,16 @@ def write_json(path: Path, value: dict) -> None:
     fsync(path)
 
 
-def write_atomically(path: Path, text: str) -> None:
+def write_atomically(path: Path, content: str | bytes) -> None:
+    """Replace `path` with `content` whole or not at all; a failed write takes its staging file with it."""
     staging = path.with_name(f".{path.name}.incomplete")
-    staging.write_text(text)
-    fsync(staging)
-    os.replace(staging, path)
+    try:
+        staging.write_bytes(content.encode() if isinstance(content, str) else content)
+        fsync(staging)
+        os.replace(staging, path)
+    except OSError:
+        staging.unlink(missing_ok=True)
+        raise
     fsync(path.parent)
 
 

@@ -7,9 +7,12 @@
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import sys
 from pathlib import Path
+
+from train.manifest import write_atomically
 
 PANELS = (
     ("losses", ("loss/d", "loss/g")),
@@ -54,8 +57,10 @@ def plot_curves(metrics_file: Path, out: Path) -> Path:
         if axis.lines:
             axis.legend(fontsize="small")
     figure.tight_layout()
-    figure.savefig(out, dpi=100)
+    encoded = io.BytesIO()
+    figure.savefig(encoded, format="png", dpi=100)
     plt.close(figure)
+    write_atomically(out, encoded.getvalue())  # a run's earlier curves are replaced only by complete ones
     return out
 
 

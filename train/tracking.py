@@ -7,6 +7,7 @@ Only the main process writes; every method is safe to call on every rank.
 from __future__ import annotations
 
 import importlib.util
+import io
 import json
 import secrets
 import sys
@@ -21,7 +22,7 @@ from torchvision.utils import make_grid, save_image
 from train.checkpoint import Progress
 from train.config import Config, ConfigError, to_dict
 from train.data import to_uint8
-from train.manifest import write_atomically
+from train.manifest import stop_on_write_failure, write_atomically
 from train.plots import plot_curves, read_metrics
 
 METRICS_FILE = "metrics.jsonl"
@@ -94,7 +95,8 @@ class RunLog:
         self.draw_curves = cfg.logging.curves
         if accelerator.is_main_process:
             (run_dir / SAMPLES_DIR).mkdir(exist_ok=True)
-            _drop_lines_after(run_dir / METRICS_FILE, progress.step, accelerator.print)
+            with stop_on_write_failure(f"rewriting {run_dir / METRICS_FILE}", run_dir):
+                _drop_lines_after(run_dir / METRICS_FILE, progress.step, accelerator.print)
         if self.use_wandb:
             progress.wandb_run_id = progress.wandb_run_id or secrets.token_hex(4)  # kept in checkpoints
             accelerator.init_trackers(
@@ -112,7 +114,9 @@ class RunLog:
     def metrics(self, step: int, values: dict[str, float]) -> None:
         if not self.accelerator.is_main_process:
             return
-        with open(self.run_dir / METRICS_FILE, "a") as file:
+        path = self.run_dir / METRICS_FILE
+        # A line cut short by a full disk is dropped when the run resumes (_drop_lines_after).
+        with stop_on_write_failure(f"appending to {path}", self.run_dir), open(path, "a") as file:
             file.write(json.dumps({"step": step, **values}) + "\n")
         if self.use_wandb:
             self.accelerator.log(values, step=step)
@@ -125,7 +129,10 @@ class RunLog:
         gap = torch.ones(3, grids[0].shape[1], 8)
         picture = torch.cat([part for grid in grids for part in (grid, gap)][:-1], dim=2)
         path = self.run_dir / SAMPLES_DIR / f"step_{step:08d}.png"
-        save_image(picture, path)
+        encoded = io.BytesIO()
+        save_image(picture, encoded, format="png")
+        with stop_on_write_failure(f"writing {path}", self.run_dir):
+            write_atomically(path, encoded.getvalue())
         if self.use_wandb:
             pixels = to_uint8(picture).permute(1, 2, 0).numpy()
             self.accelerator.get_tracker("wandb").log_images({"samples": [pixels]}, step=step)
@@ -135,9 +142,14 @@ class RunLog:
         """Draw the curves of the whole run so far (main process, `logging.curves`), flush W&B and end
         the process group. Every rank calls this on the same exit, so ending the group cannot hang; a
         process that exits with a gloo group alive can abort in its threads' teardown (SIGABRT after
-        a finished run: pytorch/pytorch#190489)."""
+        a finished run: pytorch/pytorch#190489). Curves that cannot be written are only reported: they are
+        drawn again from metrics.jsonl by `python -m train.plots`."""
         if self.draw_curves and self.accelerator.is_main_process and (self.run_dir / METRICS_FILE).is_file():
-            plot_curves(self.run_dir / METRICS_FILE, self.run_dir / CURVES_FILE)
+            try:
+                plot_curves(self.run_dir / METRICS_FILE, self.run_dir / CURVES_FILE)
+            except OSError as error:
+                self.message(f"warning: drawing {self.run_dir / CURVES_FILE} failed ({error}); "
+                             f"`python -m train.plots --run {self.run_dir}` draws it once there is room")
         self.accelerator.end_training()
 
 
