@@ -78,3 +78,20 @@ def test_a_sample_grid_that_cannot_be_written_stops_the_run_and_leaves_no_partia
             in limited.stderr)
     assert list((run_dir / "samples").iterdir()) == []  # neither the grid nor its staging file
 
+
+@pytest.mark.parametrize("name", ["export", "sample"])
+def test_a_tool_whose_output_does_not_fit_leaves_nothing_and_succeeds_when_run_again(six_steps, tmp_path, name):
+    """The exported generator (3 MB) or 2,000 samples (1.5 MB) over a 1 MB limit: a partial export would make the
+    retry be refused as an overwrite, a partial .npy would look like samples."""
+    out = tmp_path / "out"
+    args = {"export": ["--out", out], "sample": ["--num", "2000", "--device", "cpu", "--out", out / "samples.npy"]}
+    command = [f"train.{name}", "--checkpoint", six_steps, *args[name]]
+    limited = run_with_file_size_limit(command, 1_000_000)
+    assert limited.returncode == manifest.EXIT_WRITE_FAILED, limited.stderr[-2000:]
+    assert "failed ([Errno 27] File too large" in limited.stderr and "Traceback" not in limited.stderr
+    assert list(out.iterdir()) == []
+    again = subprocess.run([sys.executable, "-m", *map(str, command)], cwd=REPO, env=run_env(), capture_output=True,
+                           text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert sorted(p.name for p in out.iterdir()) == (["generator.json", "generator.safetensors"] if name == "export"
+                                                     else ["samples.npy"])

@@ -9,7 +9,7 @@ import argparse
 import sys
 
 from train.checkpoint import export_generator
-from train.manifest import CheckpointError
+from train.manifest import EXIT_WRITE_FAILED, CheckpointError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,6 +23,10 @@ def main(argv: list[str] | None = None) -> int:
     except CheckpointError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except OSError as error:
+        print(f"error: exporting into {args.out} failed ({error}); nothing of it is left there: make room and "
+              "run the same command again", file=sys.stderr)
+        return EXIT_WRITE_FAILED
     print(f"exported the generator to {out}")
     return 0
 

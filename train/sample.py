@@ -5,6 +5,7 @@ the PNG is. The checkpoint may be a checkpoint folder, a run directory or an exp
 """
 
 import argparse
+import io
 import sys
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from torchvision.utils import make_grid, save_image
 from train import models
 from train.checkpoint import load_generator
 from train.data import to_uint8
-from train.manifest import CheckpointError
+from train.manifest import EXIT_WRITE_FAILED, CheckpointError, write_atomically
 
 
 def load(path: str, device: str, use_ema: bool = True) -> torch.nn.Module:
@@ -51,11 +52,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     images = generate(generator, args.num, args.seed)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    encoded = io.BytesIO()
     if out.suffix == ".png":
-        save_image(make_grid(images, nrow=int(np.ceil(np.sqrt(args.num))), padding=2, pad_value=1.0), out)
+        save_image(make_grid(images, nrow=int(np.ceil(np.sqrt(args.num))), padding=2, pad_value=1.0), encoded,
+                   format="png")
     else:
-        np.save(out, to_uint8(images).squeeze(1).numpy())
+        np.save(encoded, to_uint8(images).squeeze(1).numpy())
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_atomically(out, encoded.getvalue())  # whole or not at all: a file already there stays until then
+    except OSError as error:
+        print(f"error: writing {out} failed ({error}); make room and run the same command again", file=sys.stderr)
+        return EXIT_WRITE_FAILED
     print(f"wrote {args.num} samples to {out}")
     return 0
 
