@@ -3,6 +3,7 @@ with EFBIG after writing what fits, as one past a quota fails with EDQUOT): the 
 and a message naming what failed and the checkpoint to resume from; nothing written before is damaged,
 and the same command resumes once there is room."""
 
+import json
 import resource
 import subprocess
 import sys
@@ -95,3 +96,14 @@ def test_a_tool_whose_output_does_not_fit_leaves_nothing_and_succeeds_when_run_a
     assert again.returncode == 0, again.stderr[-2000:]
     assert sorted(p.name for p in out.iterdir()) == (["generator.json", "generator.safetensors"] if name == "export"
                                                      else ["samples.npy"])
+
+
+def test_test_set_features_that_cannot_be_cached_are_only_reported(six_steps, tmp_path):
+    """The cache (5 MB) is a saving, not a result: over a 1 MB limit the evaluation still gives its numbers."""
+    cache = tmp_path / "cache"
+    limited = run_with_file_size_limit(["train.evaluate", "--checkpoint", six_steps, "--num", 100, "--device", "cpu",
+                                        "--cache-dir", cache], 1_000_000)
+    assert limited.returncode == 0, limited.stderr[-2000:]
+    assert "could not cache the test-set features" in limited.stderr and "[Errno 27] File too large" in limited.stderr
+    assert json.loads(limited.stdout)["metrics"]["fd"] > 0
+    assert list(cache.iterdir()) == []  # no half-written cache for the next run to trip over

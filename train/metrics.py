@@ -23,9 +23,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import safetensors.torch
 import scipy.linalg
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor
 
 from train import classifier
@@ -176,9 +177,14 @@ class Evaluator:
             cached = load_file(path, device=device)
             return Features(cached["features"], cached["probabilities"])
         real = extract(self.network, images)
-        cache_dir.mkdir(parents=True, exist_ok=True)
         staging = path.with_name(f".{path.name}.{os.getpid()}.incomplete")
-        save_file({"features": real.features.cpu().contiguous(),
-                   "probabilities": real.probabilities.cpu().contiguous()}, staging)
-        os.replace(staging, path)  # atomic: concurrent runs never read a half-written cache
+        try:  # written by Python, so that a full disk or a read-only cache is an OSError
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            staging.write_bytes(safetensors.torch.save({"features": real.features.cpu().contiguous(),
+                                                        "probabilities": real.probabilities.cpu().contiguous()}))
+            os.replace(staging, path)  # atomic: concurrent runs never read a half-written cache
+        except OSError as error:  # only a cache: the evaluation goes on, extracting the features again next time
+            staging.unlink(missing_ok=True)
+            warnings.warn(f"could not cache the test-set features in {path} ({error}); a writable "
+                          "eval.cache_dir (train.evaluate's --cache-dir) saves the seconds they take", stacklevel=2)
         return real
