@@ -5,6 +5,7 @@ and the same command resumes once there is room."""
 
 import json
 import resource
+import shutil
 import subprocess
 import sys
 
@@ -29,13 +30,19 @@ def files_in(folder):
     return {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
 
 
-@pytest.fixture
-def six_steps(tmp_path):
+@pytest.fixture(scope="module")
+def finished_six_steps(tmp_path_factory):
     """A run logged at every step, with checkpoints at steps 2, 4 and 6."""
-    run_dir = tmp_path / "run"
+    run_dir = tmp_path_factory.mktemp("six_steps") / "run"
     result = run_train(EVERY_STEP_LOGGED + [f"run.dir={run_dir}"])
     assert result.returncode == 0, result.stderr[-2000:]
     return run_dir
+
+
+@pytest.fixture
+def six_steps(finished_six_steps, tmp_path):
+    """A copy of that run, for a test to train on or write beside."""
+    return shutil.copytree(finished_six_steps, tmp_path / "run")
 
 
 def test_a_checkpoint_that_cannot_be_written_stops_the_run_and_keeps_the_earlier_ones(six_steps):
