@@ -114,3 +114,16 @@ def test_test_set_features_that_cannot_be_cached_are_only_reported(six_steps, tm
     assert "could not cache the test-set features" in limited.stderr and "[Errno 27] File too large" in limited.stderr
     assert json.loads(limited.stdout)["metrics"]["fd"] > 0
     assert list(cache.iterdir()) == []  # no half-written cache for the next run to trip over
+
+
+def test_a_profile_that_cannot_be_written_is_reported_and_the_training_goes_on(tmp_path):
+    """The profile's trace (500 kB) does not fit under 300 kB (kineto only logs that); the run trains on to
+    its final checkpoint, which does not fit either."""
+    run_dir = tmp_path / "run"
+    limited = run_with_file_size_limit(["train", *TINY, f"run.dir={run_dir}", "profile.steps=2", "profile.after=2"],
+                                       300_000)
+    assert f"warning: writing the profile into {run_dir / 'profile'} failed" in limited.stderr, limited.stderr[-2000:]
+    assert "profile of 2 steps written" not in limited.stdout
+    assert list((run_dir / "profile").iterdir()) == []  # no partial trace
+    assert limited.returncode == manifest.EXIT_WRITE_FAILED
+    assert "error: writing checkpoint step_00000006 failed" in limited.stderr  # after the profile's steps 3 and 4

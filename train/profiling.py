@@ -11,6 +11,7 @@ device time.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import torch
@@ -42,8 +43,22 @@ class StepProfiler:
             self.profiler = None
 
     def _write(self, finished: profile) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        finished.export_chrome_trace(str(self.folder / "trace.json"))
+        """A profile that cannot be written (a full disk) is reported, and the training goes on without it."""
+        trace = self.folder / "trace.json"
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            trace.unlink(missing_ok=True)  # a resumed run's profile replaces the earlier attempt's
+            finished.export_chrome_trace(str(trace))  # written by kineto, which only logs a failure
+            if not trace.is_file():
+                raise OSError(f"kineto could not write {trace}")
+            self._write_tables(finished)
+        except OSError as error:
+            for partial in (trace.with_name("trace.json.tmp"), trace, self.folder / "ops.txt"):
+                partial.unlink(missing_ok=True)
+            print(f"warning: writing the profile into {self.folder} failed ({error}); training goes on without it",
+                  file=sys.stderr, flush=True)
+
+    def _write_tables(self, finished: profile) -> None:
         averages = finished.key_averages()
         top_level, operators, kernels = operator_counts(finished.events())
         counts = (f"per step: {top_level / self.steps:.1f} top-level host operators "
