@@ -99,3 +99,18 @@ def test_asking_for_wandb_without_it_is_refused_before_any_work(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real_find_spec(name, *a))
     with pytest.raises(config.ConfigError, match="logging.wandb=offline needs the wandb package: `pip install wandb`"):
         tracking.check_available(config.load(None, ["logging.wandb=offline"]))
+
+
+def test_online_logging_without_a_login_is_refused_with_the_fix_and_leaves_no_run_dir(tmp_path):
+    """A compute node or a laptop where nobody ran `wandb login`: W&B's own refusal, before any file is written.
+    (No key anywhere, so W&B stops before it would reach for the network.)"""
+    run_dir = tmp_path / "run"
+    env = {name: value for name, value in run_env(HOME=str(tmp_path / "home")).items()
+           if not name.startswith("WANDB_") or name == "WANDB_SILENT"}
+    result = subprocess.run([sys.executable, "-m", "train", *TINY, f"run.dir={run_dir}", "logging.wandb=online"],
+                            cwd=REPO, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "error: W&B refused logging.wandb=online (No API key configured" in result.stderr
+    assert "log in with `wandb login`" in result.stderr and "or use logging.wandb=offline" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not run_dir.exists()

@@ -65,9 +65,10 @@ def train(cfg: Config, resume_from: Path | None) -> int:
         resume(accelerator, resume_from, snapshot, batches, cfg.run.seed)
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
+    log = tracking.RunLog(accelerator, cfg, run_dir, progress)
+    if accelerator.is_main_process:
         with manifest.stop_on_write_failure(f"writing {run_dir / 'config.yaml'}", run_dir):
             manifest.write_atomically(run_dir / "config.yaml", config.to_yaml(cfg))
-    log = tracking.RunLog(accelerator, cfg, run_dir, progress)
     faults = FaultMonitor(cfg.train.on_nonfinite, accelerator.device, check_gradients=accelerator.scaler is None,
                           check_every=cfg.train.check_every)
     window = tracking.TrainingWindow(accelerator.device, r1_penalty=cfg.loss.r1_gamma > 0)

@@ -88,23 +88,19 @@ def check_available(cfg: Config) -> None:
 
 class RunLog:
     def __init__(self, accelerator: Accelerator, cfg: Config, run_dir: Path, progress: Progress):
-        """Open the run's logs; a resumed run continues them from `progress.step`, without duplicates."""
+        """Open the run's logs; a resumed run continues them from `progress.step`, without duplicates.
+        W&B comes first: a login it refuses stops the run before the logs are touched."""
         self.accelerator = accelerator
         self.run_dir = run_dir
         self.use_wandb = cfg.logging.wandb != "disabled"
         self.draw_curves = cfg.logging.curves
+        if self.use_wandb:
+            progress.wandb_run_id = progress.wandb_run_id or secrets.token_hex(4)  # kept in checkpoints
+            _start_wandb(accelerator, cfg, run_dir, progress.wandb_run_id)
         if accelerator.is_main_process:
             (run_dir / SAMPLES_DIR).mkdir(exist_ok=True)
             with stop_on_write_failure(f"rewriting {run_dir / METRICS_FILE}", run_dir):
                 _drop_lines_after(run_dir / METRICS_FILE, progress.step, accelerator.print)
-        if self.use_wandb:
-            progress.wandb_run_id = progress.wandb_run_id or secrets.token_hex(4)  # kept in checkpoints
-            accelerator.init_trackers(
-                cfg.logging.project,
-                config=to_dict(cfg),
-                init_kwargs={"wandb": {"mode": cfg.logging.wandb, "dir": str(run_dir), "name": run_dir.name,
-                                       "id": progress.wandb_run_id, "resume": "allow"}},
-            )
 
     def message(self, text: str) -> None:
         """A line for the person watching (main process, stderr, flushed)."""
@@ -151,6 +147,23 @@ class RunLog:
                 self.message(f"warning: drawing {self.run_dir / CURVES_FILE} failed ({error}); "
                              f"`python -m train.plots --run {self.run_dir}` draws it once there is room")
         self.accelerator.end_training()
+
+
+def _start_wandb(accelerator: Accelerator, cfg: Config, run_dir: Path, run_id: str) -> None:
+    import wandb  # installed: check_available said so
+
+    try:
+        accelerator.init_trackers(
+            cfg.logging.project,
+            config=to_dict(cfg),
+            init_kwargs={"wandb": {"mode": cfg.logging.wandb, "dir": str(run_dir), "name": run_dir.name,
+                                   "id": run_id, "resume": "allow"}},
+        )
+    except wandb.errors.UsageError as error:  # above all: logging.wandb=online on a machine without a login
+        raise ConfigError(
+            f"W&B refused logging.wandb={cfg.logging.wandb} ({error}): log in with `wandb login` (or set "
+            "WANDB_API_KEY) on this machine, or use logging.wandb=offline and `wandb sync` the run later "
+            "(GAN_WANDB=offline in the sbatch templates)") from None
 
 
 def _drop_lines_after(path: Path, step: int, report) -> None:
