@@ -1,6 +1,7 @@
 """What a run records: W&B (offline, read back from W&B's own file) and the local JSONL/PNG copy agree."""
 
 import importlib.util
+import socket
 import subprocess
 import sys
 
@@ -101,16 +102,36 @@ def test_asking_for_wandb_without_it_is_refused_before_any_work(monkeypatch):
         tracking.check_available(config.load(None, ["logging.wandb=offline"]))
 
 
+def train_online(run_dir, home, **wandb_env) -> subprocess.CompletedProcess:
+    """`python -m train ... logging.wandb=online` with no W&B settings but `wandb_env`, and no terminal to prompt on."""
+    env = {name: value for name, value in run_env(HOME=str(home), **wandb_env).items()
+           if not name.startswith("WANDB_") or name == "WANDB_SILENT" or name in wandb_env}
+    return subprocess.run([sys.executable, "-m", "train", *TINY, f"run.dir={run_dir}", "logging.wandb=online"],
+                          cwd=REPO, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300)
+
+
 def test_online_logging_without_a_login_is_refused_with_the_fix_and_leaves_no_run_dir(tmp_path):
     """A compute node or a laptop where nobody ran `wandb login`: W&B's own refusal, before any file is written.
     (No key anywhere, so W&B stops before it would reach for the network.)"""
     run_dir = tmp_path / "run"
-    env = {name: value for name, value in run_env(HOME=str(tmp_path / "home")).items()
-           if not name.startswith("WANDB_") or name == "WANDB_SILENT"}
-    result = subprocess.run([sys.executable, "-m", "train", *TINY, f"run.dir={run_dir}", "logging.wandb=online"],
-                            cwd=REPO, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300)
+    result = train_online(run_dir, tmp_path / "home")
     assert result.returncode == 2, result.stderr[-2000:]
     assert "error: W&B refused logging.wandb=online (No API key configured" in result.stderr
     assert "log in with `wandb login`" in result.stderr and "or use logging.wandb=offline" in result.stderr
     assert "Traceback" not in result.stderr
     assert not run_dir.exists()
+
+
+def test_online_logging_that_cannot_reach_the_server_is_refused_with_the_fix(tmp_path):
+    """A compute node without internet: here a W&B server address on a local port that is bound but never listens
+    (every connection refused), and W&B's wait for it cut to 10 s."""
+    run_dir = tmp_path / "run"
+    with socket.socket() as closed_port:
+        closed_port.bind(("127.0.0.1", 0))
+        result = train_online(run_dir, tmp_path / "home", WANDB_API_KEY=FAKE_KEY, WANDB_INIT_TIMEOUT="10",
+                              WANDB_BASE_URL=f"http://127.0.0.1:{closed_port.getsockname()[1]}")
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "error: W&B refused logging.wandb=online (" in result.stderr
+    assert f"its server cannot be reached from here (its log of the attempt is in {run_dir / 'wandb'})" in result.stderr
+    assert "use logging.wandb=offline and `wandb sync` the run later" in result.stderr
+    assert sorted(p.name for p in run_dir.iterdir()) == ["wandb"]  # W&B's own log; no config, no metrics

@@ -159,11 +159,13 @@ def _start_wandb(accelerator: Accelerator, cfg: Config, run_dir: Path, run_id: s
             init_kwargs={"wandb": {"mode": cfg.logging.wandb, "dir": str(run_dir), "name": run_dir.name,
                                    "id": run_id, "resume": "allow"}},
         )
-    except wandb.errors.UsageError as error:  # above all: logging.wandb=online on a machine without a login
-        raise ConfigError(
-            f"W&B refused logging.wandb={cfg.logging.wandb} ({error}): log in with `wandb login` (or set "
-            "WANDB_API_KEY) on this machine, or use logging.wandb=offline and `wandb sync` the run later "
-            "(GAN_WANDB=offline in the sbatch templates)") from None
+    except (wandb.errors.UsageError, wandb.errors.CommError) as error:  # logging.wandb=online: no login, no server
+        fix = ("log in with `wandb login` (or set WANDB_API_KEY) on this machine, or"
+               if isinstance(error, wandb.errors.UsageError) else
+               f"its server cannot be reached from here (its log of the attempt is in {run_dir / 'wandb'}):")
+        raise ConfigError(f"W&B refused logging.wandb={cfg.logging.wandb} ({str(error).splitlines()[0]}): {fix} use "
+                          "logging.wandb=offline and `wandb sync` the run later (GAN_WANDB=offline in the sbatch "
+                          "templates)") from None
 
 
 def _drop_lines_after(path: Path, step: int, report) -> None:
