@@ -124,11 +124,11 @@ def test_online_logging_without_a_login_is_refused_with_the_fix_and_leaves_no_ru
 
 def test_online_logging_that_cannot_reach_the_server_is_refused_with_the_fix(tmp_path):
     """A compute node without internet: here a W&B server address on a local port that is bound but never listens
-    (every connection refused), and W&B's wait for it cut to 10 s."""
+    (every connection refused), and W&B's wait for it cut to 3 s."""
     run_dir = tmp_path / "run"
     with socket.socket() as closed_port:
         closed_port.bind(("127.0.0.1", 0))
-        result = train_online(run_dir, tmp_path / "home", WANDB_API_KEY=FAKE_KEY, WANDB_INIT_TIMEOUT="10",
+        result = train_online(run_dir, tmp_path / "home", WANDB_API_KEY=FAKE_KEY, WANDB_INIT_TIMEOUT="3",
                               WANDB_BASE_URL=f"http://127.0.0.1:{closed_port.getsockname()[1]}")
     assert result.returncode == 2, result.stderr[-2000:]
     assert "error: W&B refused logging.wandb=online (" in result.stderr
