@@ -242,7 +242,7 @@ def test_resume_from_a_path_behind_its_run_dir_continues_the_run_dir_as_a_requeu
 
 
 def tool(name: str, *args) -> subprocess.CompletedProcess:
-    """`python -m train.NAME ARGS`: export, sample or evaluate."""
+    """`python -m train.NAME ARGS`: export, sample, evaluate or plots."""
     return subprocess.run([sys.executable, "-m", f"train.{name}", *map(str, args)], cwd=REPO, env=run_env(),
                           capture_output=True, text=True)
 
@@ -284,6 +284,24 @@ def test_each_tool_names_a_path_that_is_no_checkpoint_before_any_work(tmp_path, 
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
     assert f"error: {wrong} is neither a checkpoint folder (with manifest.json) nor a run directory" in result.stderr
     assert not out.exists()  # no samples, no test-set features extracted, no export folder
+
+
+@pytest.mark.parametrize("name, device, message", [  # both tools share --device's check: one case each
+    ("sample", "cuda:99", "cuda:99 is not on this machine, which sees"),
+    ("evaluate", "gpu", "'gpu' is not a device name (cpu, cuda, cuda:1, ...)")])
+def test_each_tool_refuses_a_device_this_machine_lacks_before_any_work(finished_run, tmp_path, name, device, message):
+    out = tmp_path / "out"
+    extra = {"sample": ["--out", out / "x.png"], "evaluate": ["--cache-dir", out]}[name]
+    result = tool(name, "--checkpoint", finished_run, "--device", device, *extra)
+    assert result.returncode == 2 and f"error: argument --device: {message}" in result.stderr, result.stderr[-2000:]
+    assert not out.exists()
+
+
+def test_plots_names_a_run_dir_without_metrics(tmp_path):
+    result = tool("plots", "--run", tmp_path)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert f"error: --run {tmp_path} holds no metrics.jsonl: point it at the run.dir of a run" in result.stderr
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_evaluate_refuses_too_few_samples_before_any_work(finished_run, tmp_path):

@@ -17,7 +17,7 @@ from train.config import MIN_EVAL_SAMPLES, SHIPPED_MNIST, EvalConfig
 from train.data import to_uint8
 from train.manifest import CheckpointError
 from train.metrics import Evaluator
-from train.sample import generate, load
+from train.sample import available_device, generate, load
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--floor", action="store_true",
                         help="also score real training images: as they are (the floor) and slightly degraded")
     parser.add_argument("--cache-dir", default=EvalConfig.cache_dir)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", type=available_device, default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
     if args.checkpoint is None and not args.floor:
         parser.error("give --checkpoint, --floor, or both")

@@ -68,6 +68,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m train.plots", description=__doc__.splitlines()[0])
     parser.add_argument("--run", required=True, help="a run directory holding metrics.jsonl")
     args = parser.parse_args(argv)
+    if not (Path(args.run) / "metrics.jsonl").is_file():
+        parser.error(f"--run {args.run} holds no metrics.jsonl: point it at the run.dir of a run")
     print(plot_curves(Path(args.run) / "metrics.jsonl", Path(args.run) / "curves.png"))
 
 

@@ -19,6 +19,18 @@ from train.data import to_uint8
 from train.manifest import EXIT_WRITE_FAILED, CheckpointError, write_atomically
 
 
+def available_device(name: str) -> str:
+    """`--device`'s type: a device this machine has, refused by argparse before any work."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"{name!r} is not a device name (cpu, cuda, cuda:1, ...)") from None
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{name} is not on this machine, which sees {torch.cuda.device_count()} "
+                                         "CUDA GPU(s); use --device cpu")
+    return name
+
+
 def load(path: str, device: str, use_ema: bool = True) -> torch.nn.Module:
     """The generator at `path` (checkpoint, run directory or exported folder), in eval mode."""
     return load_generator(path, lambda arch, z_dim: models.build(arch, z_dim)[0], device, use_ema=use_ema)
@@ -38,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", required=True, help="a .png (grid) or .npy (uint8 [N, 28, 28]) file")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", type=available_device, default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--no-ema", action="store_true", help="sample the trained generator, not its EMA")
     args = parser.parse_args(argv)
     out = Path(args.out)
