@@ -102,3 +102,17 @@ def test_every_config_of_the_cuda_graph_check_is_valid(monkeypatch):
     assert any("train.deterministic=true" in args for args in check.CONFIGS.values())
     for args in check.CONFIGS.values():
         config.parse_args([*args, *bench.QUIET, "train.cuda_graph=true"])  # the graph run's command line
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--variants", "blog,fastset"], "--variants: no variant fastset; choose from blog, project, fastest, dcgan"),
+    (["--processes", "1,0"], "--processes 1,0: give process counts of 1 or more"),
+    (["--ttq-custom", "r1=configs/seed-r1.yaml"], "--custom/--ttq-custom r1=configs/seed-r1.yaml: give NAME=CONFIG"),
+])
+def test_bench_refuses_a_mistaken_command_line_before_its_first_measurement(tmp_path, args, message):
+    """A typo used to surface minutes in (a KeyError after the variants before it, or a failed run)."""
+    out = tmp_path / "bench.json"
+    result = subprocess.run([sys.executable, "-m", "train.bench", *args, "--out", str(out)], cwd=REPO, env=run_env(),
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and f"error: {message}" in result.stderr, result.stderr[-2000:]
+    assert not out.exists()

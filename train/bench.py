@@ -39,6 +39,7 @@ from train.manifest import write_atomically
 from train.metrics import Evaluator
 from train.plots import read_metrics
 
+BUILT_IN_VARIANTS = ("blog", "project", "fastest", "dcgan")  # (a)-(d)
 STOP_GRACE_S = 60  # a quality run stopped by its time limit gets this long to checkpoint and exit
 QUIET = ["logging.wandb=disabled", "eval.num_samples=0", "checkpoint.every=0", "logging.samples_every=0",
          "resume=none"]
@@ -179,6 +180,22 @@ def custom_variant(spec: str) -> tuple[str, str, list[str]]:
     return name, config, overrides.split(",") if overrides else []
 
 
+def check_arguments(parser: argparse.ArgumentParser, args, custom: list[tuple[str, str, list[str]]]) -> None:
+    """Mistakes on the command line stop the bench before its first measurement, which can take minutes."""
+    if args.steps < 1 or args.warmup < 1:
+        parser.error("--steps and --warmup must be at least 1")
+    unknown = sorted(set(filter(None, args.variants.split(","))) - set(BUILT_IN_VARIANTS))
+    if unknown:
+        parser.error(f"--variants: no variant {', '.join(unknown)}; choose from {', '.join(BUILT_IN_VARIANTS)}, "
+                     "or time another config with --custom")
+    for name, config, _ in custom:
+        if not name or not (REPO_ROOT / config).is_file():
+            parser.error(f"--custom/--ttq-custom {name}={config}: give NAME=CONFIG[:key=value,...] with a config "
+                         "file that exists")
+    if args.processes and not all(count.isdigit() and int(count) >= 1 for count in args.processes.split(",")):
+        parser.error(f"--processes {args.processes}: give process counts of 1 or more, e.g. 1,2")
+
+
 def hardware() -> dict:
     info = {"torch": torch.__version__, "python": platform.python_version(), "cpu_count": os.cpu_count()}
     if torch.cuda.is_available():
@@ -192,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m train.bench", description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=300, help="timed steps per variant")
     parser.add_argument("--warmup", type=int, default=50, help="untimed steps first (also the log window)")
-    parser.add_argument("--variants", default="blog,project,fastest,dcgan", help="which of (a)-(d) to time")
+    parser.add_argument("--variants", default=",".join(BUILT_IN_VARIANTS), help="which of (a)-(d) to time")
     parser.add_argument("--custom", action="append", default=[], metavar="NAME=CONFIG[:key=value,...]",
                         help="also time `python -m train` on CONFIG with these overrides (repeatable)")
     parser.add_argument("--variant-timeout", type=float, help="seconds after which a variant counts as failed")
@@ -206,6 +223,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="cached features of the MNIST test set, for the floor and the quality runs")
     parser.add_argument("--out", default="bench.json")
     args = parser.parse_args(argv)
+    custom, ttq_custom = ([custom_variant(spec) for spec in specs] for specs in (args.custom, args.ttq_custom))
+    check_arguments(parser, args, custom + ttq_custom)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     report = {"hardware": hardware(), "command": " ".join(["python -m train.bench", *(argv or sys.argv[1:])]),
               "throughput": {}}
@@ -220,7 +239,6 @@ def main(argv: list[str] | None = None) -> int:
         "fastest": lambda: timed("configs/fast.yaml", []),
         "dcgan": lambda: timed("configs/dcgan.yaml", []),
     }
-    custom = [custom_variant(spec) for spec in args.custom]
     for name, config, overrides in custom:
         variants[name] = (lambda c=config, o=overrides: timed(c, o))
     out = Path(args.out)
@@ -264,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     shipped = [("configs/seed.yaml", "configs/seed.yaml", [], 500),
                ("configs/fast.yaml", "configs/fast.yaml", [], 1000)]
     recipes = [*(shipped if args.time_to_quality else []),
-               *((name, config, overrides, 250) for name, config, overrides in map(custom_variant, args.ttq_custom))]
+               *((name, config, overrides, 250) for name, config, overrides in ttq_custom)]
     if recipes:
         cache_dir = REPO_ROOT / args.eval_cache_dir  # the runs' own eval.cache_dir, from the same folder
         evaluator = Evaluator(SHIPPED_MNIST, cache_dir, device)
