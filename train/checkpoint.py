@@ -258,18 +258,15 @@ def export_generator(path: Path, out: Path, use_ema: bool = True) -> Path:
     state = read_state(source)
     name = _generator_file(source, use_ema)
     out.mkdir(parents=True, exist_ok=True)
-    staging = out / f".{EXPORTED_WEIGHTS}.incomplete"
     try:
-        shutil.copyfile(source / name, staging)
-        fsync(staging)
-        os.replace(staging, out / EXPORTED_WEIGHTS)
+        write_atomically(out / EXPORTED_WEIGHTS, (source / name).read_bytes())
         model = state["config"]["model"]
         write_atomically(out / EXPORTED_DESCRIPTION, json.dumps({
             "arch": model["arch"], "z_dim": model["z_dim"], "weights": name.removesuffix(".safetensors"),
             "step": state["progress"]["step"], "source": str(source), "sha256": sha256(out / EXPORTED_WEIGHTS),
         }, indent=1))
     except OSError:  # a full disk: take back what this call wrote, or the retry would be refused as an overwrite
-        for written in (staging, out / EXPORTED_WEIGHTS, out / EXPORTED_DESCRIPTION):
+        for written in (out / EXPORTED_WEIGHTS, out / EXPORTED_DESCRIPTION):
             written.unlink(missing_ok=True)
         raise
     return out
