@@ -51,6 +51,11 @@ def logged_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+def snapshot_files(folder: Path) -> dict[Path, bytes]:
+    """Every file under `folder` with its bytes: compared before and after, it shows that nothing changed."""
+    return {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
 def latest_checkpoint(run_dir: Path) -> Path:
     """The checkpoint folder the run's `latest` pointer names, as written on disk."""
     return run_dir / "checkpoints" / (run_dir / "checkpoints" / "latest").read_text().strip()

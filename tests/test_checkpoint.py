@@ -13,7 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, TINY, all_state, assert_bitwise_equal, logged_metrics, run_env, run_train
+from conftest import (REPO, TINY, all_state, assert_bitwise_equal, logged_metrics, run_env, run_train,
+                      snapshot_files)
 from train import manifest, models
 
 
@@ -28,10 +29,6 @@ def finished_run(tmp_path_factory):
 
 def copy_run(finished_run, tmp_path):
     return shutil.copytree(finished_run, tmp_path / "run")
-
-
-def snapshot_files(folder):
-    return {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
 
 
 def test_a_checkpoint_is_safetensors_and_json_named_in_its_manifest(finished_run):

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, TINY, logged_metrics, run_env, run_train
+from conftest import REPO, TINY, logged_metrics, run_env, run_train, snapshot_files
 from train import manifest
 
 EVERY_STEP_LOGGED = TINY + ["logging.every=1", "checkpoint.every=2", "checkpoint.keep_last=0"]
@@ -24,10 +24,6 @@ def run_with_file_size_limit(module_and_args: list, limit_bytes: int) -> subproc
 
     return subprocess.run([sys.executable, "-m", *map(str, module_and_args)], cwd=REPO, env=run_env(),
                           capture_output=True, text=True, timeout=300, preexec_fn=limit_file_size)
-
-
-def files_in(folder):
-    return {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
 
 
 @pytest.fixture(scope="module")
@@ -47,13 +43,13 @@ def six_steps(finished_six_steps, tmp_path):
 
 def test_a_checkpoint_that_cannot_be_written_stops_the_run_and_keeps_the_earlier_ones(six_steps):
     """The logs and the sample grid (200 kB) fit under 400 kB, the weights do not."""
-    before = files_in(six_steps / "checkpoints")
+    before = snapshot_files(six_steps / "checkpoints")
     run = EVERY_STEP_LOGGED + [f"run.dir={six_steps}", "train.steps=8"]
     limited = run_with_file_size_limit(["train", *run], 400_000)
     assert limited.returncode == manifest.EXIT_WRITE_FAILED, limited.stderr[-2000:]
     assert ("error: writing checkpoint step_00000008 failed ([Errno 27] File too large); its partial folder is "
             f"removed. The newest intact checkpoint is {six_steps / 'checkpoints' / 'step_00000006'}") in limited.stderr
-    assert files_in(six_steps / "checkpoints") == before  # no partial folder, nothing overwritten
+    assert snapshot_files(six_steps / "checkpoints") == before  # no partial folder, nothing overwritten
     result = run_train(run)  # the same command, with room again
     assert result.returncode == 0, result.stderr[-2000:]
     assert f"resumed from {six_steps / 'checkpoints' / 'step_00000006'} at step 6" in result.stdout + result.stderr
@@ -62,13 +58,13 @@ def test_a_checkpoint_that_cannot_be_written_stops_the_run_and_keeps_the_earlier
 def test_a_metrics_line_that_cannot_be_appended_stops_the_run_and_is_dropped_on_resume(six_steps):
     """The limit lets the run rewrite config.yaml and write part of step 7's line: the torn line a full disk leaves."""
     metrics = six_steps / "metrics.jsonl"
-    before = files_in(six_steps / "checkpoints")
+    before = snapshot_files(six_steps / "checkpoints")
     run = EVERY_STEP_LOGGED + [f"run.dir={six_steps}", "train.steps=10"]
     limited = run_with_file_size_limit(["train", *run], metrics.stat().st_size + 100)
     assert limited.returncode == manifest.EXIT_WRITE_FAILED, limited.stderr[-2000:]
     assert (f"error: appending to {metrics} failed ([Errno 27] File too large). The newest intact checkpoint is "
             f"{six_steps / 'checkpoints' / 'step_00000006'}: make room") in limited.stderr
-    assert files_in(six_steps / "checkpoints") == before
+    assert snapshot_files(six_steps / "checkpoints") == before
     assert not metrics.read_text().endswith("\n")  # step 7's line, cut short
     result = run_train(run)
     assert result.returncode == 0, result.stderr[-2000:]
