@@ -1,5 +1,7 @@
 """Every config mistake stops the run before any work, naming the key and what is allowed."""
 
+from pathlib import Path
+
 import pytest
 
 from train.config import ConfigError, available_configs, load
@@ -35,6 +37,16 @@ def test_overrides_take_dotted_keys_and_convert_types():
     (["train.cuda_graph=true", "train.on_nonfinite=skip"], "train.cuda_graph=true needs train.on_nonfinite=stop or"),
     (["model.arch=seed", "model.upsample=native", "train.deterministic=true"],
      "train.deterministic=true needs model.upsample=fused"),
+    (["optim.g_lr=inf"], "config key 'optim.g_lr' is inf; it must be a finite number"),
+    (["loss.r1_gamma=nan"], "config key 'loss.r1_gamma' is nan; it must be a finite number"),
+    (["run.seed=99999999999999999999999"], "config key 'run.seed' is 99999999999999999999999; it must fit in 64 bits"),
+    (["train.steps=100000000000000000000000"], "config key 'train.steps' is 100000000000000000000000; it must fit"),
+    (["train.timeout_s=99999999999"], "config key 'train.timeout_s' is 99999999999; it must be greater than 0 and "
+                                      "at most a year"),
+    ([f"run.dir=runs/{'a' * 300}"], "config key 'run.dir' has a path component of 300 bytes (aaaaaaaaaaaaaaaaaaaa...)"
+                                    "; file systems allow at most 255"),
+    (["eval.cache_dir=${nonexistent.key}"],
+     "config key 'eval.cache_dir': Interpolation key 'nonexistent.key' not found"),
 ])
 def test_bad_values_name_the_key_and_the_fix(overrides, expected):
     with pytest.raises(ConfigError) as error:
@@ -52,3 +64,24 @@ def test_unknown_key_in_a_yaml_file_is_named(tmp_path):
 def test_missing_config_file_lists_the_shipped_ones():
     with pytest.raises(ConfigError, match="configs/nope.yaml.*does not exist.*configs/smoke.yaml"):
         load("configs/nope.yaml", [])
+
+
+@pytest.mark.parametrize("content, expected", [
+    (bytes(range(128, 256)), "is not UTF-8 text, so not a YAML config"),
+    (b"train:\n  steps: [1\n", "is not plain YAML: while parsing a flow sequence"),
+    (b"train: !!python/object/apply:os.system [touch pwned]\n", "is not plain YAML: could not determine a constructor "
+                                                                "for the tag 'tag:yaml.org,2002:python/object/apply"),
+    (b"- train\n- steps\n", "holds a YAML list, not a mapping of sections"),
+])
+def test_a_config_file_that_is_not_a_yaml_mapping_is_named(tmp_path, content, expected):
+    path = tmp_path / "bad.yaml"
+    path.write_bytes(content)
+    with pytest.raises(ConfigError) as error:
+        load(str(path), [])
+    assert expected in str(error.value)
+    assert not (tmp_path / "pwned").exists() and not Path("pwned").exists()
+
+
+def test_a_config_folder_is_named_as_a_folder():
+    with pytest.raises(ConfigError, match="config file 'configs' is a folder; pick one of .*configs/smoke.yaml"):
+        load("configs", [])

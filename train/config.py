@@ -7,9 +7,11 @@ caught here, before any data is read or any directory is written.
 from __future__ import annotations
 
 import argparse
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
@@ -157,7 +159,7 @@ RULES = {
     "optim.beta2": _IN_UNIT_INTERVAL,
     "train.steps": _GREATER_THAN_ZERO,
     "train.check_every": _GREATER_THAN_ZERO,
-    "train.timeout_s": _GREATER_THAN_ZERO,
+    "train.timeout_s": (lambda v: 0 < v <= 365 * 24 * 3600, "greater than 0 and at most a year (31536000)"),
     "checkpoint.keep_last": _NOT_NEGATIVE,
     "checkpoint.every": _NOT_NEGATIVE,
     "logging.every": _GREATER_THAN_ZERO,
@@ -174,25 +176,43 @@ RULES = {
     "profile.after": _GREATER_THAN_ZERO,
 }
 
+PATHS = ("run.dir", "data.path", "eval.cache_dir")
+NAME_MAX = 255  # bytes in one file or folder name, on Linux's file systems
+
 
 def load(config_path: str | None, overrides: list[str]) -> Config:
     """Merge defaults, the YAML file and `key=value` overrides into a validated Config."""
     merged = OmegaConf.structured(Config)
     try:
         if config_path is not None:
-            path = Path(config_path)
-            if not path.is_file():
-                raise ConfigError(f"config file {config_path!r} does not exist; pick one of {available_configs()}")
-            merged = OmegaConf.merge(merged, _sections_kept(OmegaConf.load(path), merged))
+            merged = OmegaConf.merge(merged, _sections_kept(_read_yaml(Path(config_path)), merged))
         for item in overrides:
             if "=" not in item:
                 raise ConfigError(f"override {item!r} is not of the form key=value (e.g. train.steps=200)")
         merged = OmegaConf.merge(merged, _sections_kept(OmegaConf.from_dotlist(overrides), merged))
+        cfg: Config = OmegaConf.to_object(merged)  # resolves ${...} interpolations
     except OmegaConfBaseException as error:
         raise ConfigError(_explain(error)) from None
-    cfg: Config = OmegaConf.to_object(merged)
     validate(cfg)
     return cfg
+
+
+def _read_yaml(path: Path) -> DictConfig:
+    """A config file's sections; anything that is not a YAML mapping in UTF-8 is named as such."""
+    if path.is_dir():
+        raise ConfigError(f"config file {str(path)!r} is a folder; pick one of {available_configs()}")
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist; pick one of {available_configs()}")
+    try:
+        loaded = OmegaConf.create(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {str(path)!r} is not UTF-8 text, so not a YAML config") from None
+    except yaml.YAMLError as error:  # a syntax error, or a tag such as !!python/object: plain YAML only
+        raise ConfigError(f"config file {str(path)!r} is not plain YAML: {' '.join(str(error).split())}") from None
+    if not isinstance(loaded, DictConfig):
+        raise ConfigError(f"config file {str(path)!r} holds a YAML list, not a mapping of sections "
+                          "(e.g. `train:` with `steps: 200` indented below it)")
+    return loaded
 
 
 def _sections_kept(given: DictConfig, schema: DictConfig) -> DictConfig:
@@ -227,10 +247,20 @@ def validate(cfg: Config) -> None:
         if value not in allowed:
             shown = ", ".join("null" if a is None else a for a in allowed)
             raise ConfigError(f"config key '{key}' is {value!r}; allowed values: {shown}")
+    for key, value in _leaves(to_dict(cfg)):
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"config key '{key}' is {value!r}; it must be a finite number")
+        if isinstance(value, int) and not -2 ** 63 <= value < 2 ** 63:
+            raise ConfigError(f"config key '{key}' is {value}; it must fit in 64 bits (below 2**63)")
     for key, (holds, rule) in RULES.items():
         value = OmegaConf.select(node, key)
         if not holds(value):
             raise ConfigError(f"config key '{key}' is {value!r}; it must be {rule}")
+    for key in PATHS:
+        too_long = [part for part in Path(OmegaConf.select(node, key)).parts if len(part.encode()) > NAME_MAX]
+        if too_long:
+            raise ConfigError(f"config key '{key}' has a path component of {len(too_long[0].encode())} bytes "
+                              f"({too_long[0][:20]}...); file systems allow at most {NAME_MAX}")
     if cfg.loss.r1_gamma and cfg.train.compile:
         raise ConfigError("loss.r1_gamma > 0 needs train.compile=false: the R1 penalty backpropagates through D's "
                           "gradient, and torch.compile (AOTAutograd) has no double backward")
@@ -240,6 +270,15 @@ def validate(cfg: Config) -> None:
     if cfg.train.cuda_graph and cfg.train.on_nonfinite == "skip":
         raise ConfigError("train.cuda_graph=true needs train.on_nonfinite=stop or rollback: skip decides on the host "
                           "inside every step, which a CUDA graph cannot")
+
+
+def _leaves(tree: dict, prefix: str = ""):
+    """(dotted key, value) of every value in a nested dict."""
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            yield from _leaves(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
 
 
 def to_yaml(cfg: Config) -> str:
