@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import write_idx_images
 from train.config import DataConfig
 from train.data import DataError, DataPosition, ShardedBatches, load_images, read_idx_images
 
@@ -71,6 +72,18 @@ def test_bad_magic_truncation_and_a_cut_gzip_file_are_reported(tmp_path, mnist_d
         (2051).to_bytes(4, "big") + (10).to_bytes(4, "big") + (28).to_bytes(4, "big") * 2 + bytes(100))
     with pytest.raises(DataError, match="holds 100 bytes of data, its header promises 7840"):
         read_idx_images(tmp_path, "train")
+
+
+def test_images_of_another_size_or_a_labels_file_are_refused_before_training(tmp_path, mnist_dir):
+    """A folder of 32x32 images once trained DCGAN on them; MNIST's labels given as images ended in a traceback."""
+    write_idx_images(tmp_path, "train", torch.zeros(64, 32, 32, dtype=torch.uint8))
+    with pytest.raises(DataError, match=r"gave torch.uint8 data of shape \(64, 32, 32\); the networks need grey "
+                                        r"images of 28x28 pixels"):
+        load_images(DataConfig(path=str(tmp_path)))
+    shutil.copy(mnist_dir / "train-labels-idx1-ubyte.gz", tmp_path / "train-images-idx3-ubyte.gz")
+    (tmp_path / "train-images-idx3-ubyte").unlink()
+    with pytest.raises(DataError, match=r"shape \(60000,\); the networks need .* not its labels"):
+        load_images(DataConfig(path=str(tmp_path)))
 
 
 def test_hf_datasets_source_reads_a_local_parquet_dataset(tmp_path, mnist_train):

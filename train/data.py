@@ -20,6 +20,7 @@ from train.config import DataConfig, RunError
 IDX_MAGIC = {2049: 1, 2051: 3}  # labels: 1 dimension, images: 3 dimensions
 IDX_FILES = {"train": "train-images-idx3-ubyte", "test": "t10k-images-idx3-ubyte"}
 CHECKSUM_FILE = "SHA256SUMS"
+IMAGE_SHAPE = (28, 28)
 
 
 class DataError(RunError):
@@ -29,10 +30,16 @@ class DataError(RunError):
 def load_images(cfg: DataConfig, split: str = "train") -> torch.Tensor:
     """The images of `split` as a uint8 tensor [N, 28, 28] on the CPU."""
     if cfg.source == "idx":
-        return read_idx_images(Path(cfg.path), split)
-    if cfg.source == "hf":
-        return _hf_images(cfg.path, cfg.split if split == "train" else split)
-    return _torchvision_images(cfg.path, cfg.torchvision_name, train=split == "train")
+        images = read_idx_images(Path(cfg.path), split)
+    elif cfg.source == "hf":
+        images = _hf_images(cfg.path, cfg.split if split == "train" else split)
+    else:
+        images = _torchvision_images(cfg.path, cfg.torchvision_name, train=split == "train")
+    if images.dtype != torch.uint8 or images.shape[1:] != IMAGE_SHAPE or images.dim() != 3:
+        raise DataError(f"data.source={cfg.source} data.path={cfg.path!r} gave {images.dtype} data of shape "
+                        f"{tuple(images.shape)}; the networks need grey images of {IMAGE_SHAPE[0]}x{IMAGE_SHAPE[1]} "
+                        "pixels (uint8 [N, 28, 28], e.g. MNIST's train-images file, not its labels)")
+    return images
 
 
 def read_idx_images(folder: Path, split: str) -> torch.Tensor:
