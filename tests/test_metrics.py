@@ -134,6 +134,33 @@ def test_real_features_are_cached_on_disk_and_reused(tmp_path):
     assert len(list(cache.iterdir())) == 2 and not torch.equal(other.real.features, first.real.features)
 
 
+def test_a_damaged_or_edited_features_cache_is_extracted_again_and_an_unwritable_one_is_a_warning(tmp_path):
+    """Before: a cut-short cache ended in a traceback, edited features were scored against unchecked, and an
+    eval.cache_dir that is a file ended in a traceback."""
+    from conftest import write_idx_images
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    from train.config import SHIPPED_MNIST
+    from train.data import read_idx_images
+    write_idx_images(tmp_path, "test", read_idx_images(SHIPPED_MNIST, "test")[:100])
+    cache = tmp_path / "cache"
+    truth = metrics.Evaluator(tmp_path, cache).real.features
+    (cached,) = cache.iterdir()
+    whole = cached.read_bytes()
+    with safe_open(cached, framework="pt") as file:
+        tensors, metadata = {name: file.get_tensor(name).clone() for name in file.keys()}, file.metadata()
+    scaled = tensors | {"features": tensors["features"] * 1.5}
+    for damage in (lambda: cached.write_bytes(whole[:len(whole) // 2]),
+                   lambda: save_file(scaled, cached, metadata=metadata)):
+        damage()
+        with pytest.warns(UserWarning, match=f"not using the cached test-set features {cached}: .*; extracting them "
+                                             "again"):
+            assert torch.equal(metrics.Evaluator(tmp_path, cache).real.features, truth)
+        assert cached.read_bytes() == whole
+    with pytest.warns(UserWarning, match="could not cache the test-set features in .*File exists"):
+        assert torch.equal(metrics.Evaluator(tmp_path, cached).real.features, truth)
+
+
 @pytest.mark.slow
 def test_worse_sample_sets_score_worse(evaluator):
     from train.config import SHIPPED_MNIST

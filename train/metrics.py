@@ -15,6 +15,7 @@ one can look at. Real-set features are cached on disk, keyed by the test set and
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import os
@@ -26,7 +27,7 @@ import numpy as np
 import safetensors.torch
 import scipy.linalg
 import torch
-from safetensors.torch import load_file
+from safetensors import safe_open
 from torch import Tensor
 
 from train import classifier
@@ -174,17 +175,50 @@ class Evaluator:
         path = cache_dir / f"mnist_test_features_{key}.safetensors"
         device = str(next(self.network.parameters()).device)
         if path.is_file():
-            cached = load_file(path, device=device)
-            return Features(cached["features"], cached["probabilities"])
+            cached = _read_cached_features(path)
+            if cached is not None:
+                return Features(cached["features"].to(device), cached["probabilities"].to(device))
         real = extract(self.network, images)
-        staging = path.with_name(f".{path.name}.{os.getpid()}.incomplete")
-        try:  # written by Python, so that a full disk or a read-only cache is an OSError
-            cache_dir.mkdir(parents=True, exist_ok=True)
-            staging.write_bytes(safetensors.torch.save({"features": real.features.cpu().contiguous(),
-                                                        "probabilities": real.probabilities.cpu().contiguous()}))
-            os.replace(staging, path)  # atomic: concurrent runs never read a half-written cache
-        except OSError as error:  # only a cache: the evaluation goes on, extracting the features again next time
-            staging.unlink(missing_ok=True)
-            warnings.warn(f"could not cache the test-set features in {path} ({error}); a writable "
-                          "eval.cache_dir (train.evaluate's --cache-dir) saves the seconds they take", stacklevel=2)
+        _write_cached_features(path, {"features": real.features, "probabilities": real.probabilities})
         return real
+
+
+def _write_cached_features(path: Path, tensors: dict[str, Tensor]) -> None:
+    """Cache the test-set features with the SHA-256 of their tensors; one that cannot be written is only a warning:
+    the evaluation goes on, and extracts the features again next time."""
+    tensors = {name: tensor.cpu().contiguous() for name, tensor in tensors.items()}
+    staging = path.with_name(f".{path.name}.{os.getpid()}.incomplete")
+    try:  # written by Python, so that a full disk or a read-only cache is an OSError
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging.write_bytes(safetensors.torch.save(tensors, metadata={"sha256": _tensors_sha256(tensors)}))
+        os.replace(staging, path)  # atomic: concurrent runs never read a half-written cache
+    except OSError as error:
+        with contextlib.suppress(OSError):  # e.g. eval.cache_dir is a file: there is no staging file
+            staging.unlink()
+        warnings.warn(f"could not cache the test-set features in {path} ({error}); a writable "
+                      "eval.cache_dir (train.evaluate's --cache-dir) saves the seconds they take", stacklevel=3)
+
+
+def _tensors_sha256(tensors: dict[str, Tensor]) -> str:
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        digest.update(name.encode() + tensors[name].numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _read_cached_features(path: Path) -> dict[str, Tensor] | None:
+    """The cached test-set features if the file is whole and its tensors match the SHA-256 it was written with;
+    None (after a warning) for a damaged, edited or older cache, which is then extracted and written again."""
+    try:
+        with safe_open(path, framework="pt") as file:
+            expected = (file.metadata() or {}).get("sha256")
+            # Copied out of the memory map: a cache cut short in place later cannot fault the run.
+            tensors = {name: file.get_tensor(name).clone() for name in ("features", "probabilities")}
+        if expected == _tensors_sha256(tensors):
+            return tensors
+        problem = ("its tensors do not match the SHA-256 it was written with" if expected else
+                   "it carries no SHA-256 of its tensors (written by an older version)")
+    except Exception as error:  # safetensors' own error for a cut-short or garbled file
+        problem = f"it cannot be read ({error})"
+    warnings.warn(f"not using the cached test-set features {path}: {problem}; extracting them again", stacklevel=3)
+    return None
