@@ -13,6 +13,7 @@ is 10 s instead of 120 s.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import signal
@@ -20,6 +21,7 @@ import socket
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from train.launch import free_port
@@ -29,7 +31,14 @@ NODES = ("gantest-node1", "gantest-node2")
 CPUS_PER_NODE = 2
 PARTITION = "debug"
 HOSTS_FILE = Path("/etc/hosts")
-HOSTS_LINE = f"127.0.0.1 {' '.join(NODES)}  # tests/slurm_cluster.py, removed when the cluster stops\n"
+
+
+@contextmanager
+def _hosts_file_locked():
+    """/etc/hosts open for reading and writing, under a lock that other clusters' edits wait for."""
+    with HOSTS_FILE.open("r+") as hosts:
+        fcntl.lockf(hosts, fcntl.LOCK_EX)
+        yield hosts
 
 
 def missing_programs() -> list[str]:
@@ -50,6 +59,8 @@ class LocalSlurm:
         self.conf = self.folder / "slurm.conf"
         self.munge_socket = self.folder / "munge" / "munge.socket.2"
         self.nodes = NODES
+        # Its own line, named by its folder: a second cluster running at once adds and removes only its own.
+        self.hosts_line = f"127.0.0.1 {' '.join(NODES)}  # tests/slurm_cluster.py {self.folder}, removed at its stop\n"
         self.added_hosts_line = False
         self.processes: list[subprocess.Popen] = []
 
@@ -85,16 +96,19 @@ class LocalSlurm:
                     process.wait()
         self.processes.clear()
         if self.added_hosts_line:
-            HOSTS_FILE.write_text(HOSTS_FILE.read_text().replace(HOSTS_LINE, ""))
+            with _hosts_file_locked() as hosts:
+                text = hosts.read().replace(self.hosts_line, "")
+                hosts.seek(0)
+                hosts.truncate()
+                hosts.write(text)
             self.added_hosts_line = False
 
     def _make_node_names_resolve(self) -> None:
-        """Multi-node jobs use the first node's name as the main address, as on a real cluster."""
-        if all(resolves(name) for name in self.nodes):
-            return
-        text = HOSTS_FILE.read_text()
-        with HOSTS_FILE.open("a") as hosts:
-            hosts.write(("" if text.endswith("\n") or not text else "\n") + HOSTS_LINE)
+        """Multi-node jobs use the first node's name as the main address, as on a real cluster. The line is
+        added even where another cluster's line resolves the names now: that one goes when its cluster stops."""
+        with _hosts_file_locked() as hosts:
+            text = hosts.read()
+            hosts.write(("" if text.endswith("\n") or not text else "\n") + self.hosts_line)
         self.added_hosts_line = True
 
     def __enter__(self) -> LocalSlurm:

@@ -16,7 +16,7 @@ import pytest
 from safetensors.torch import load_file
 
 from conftest import REPO, final_weights, latest_checkpoint, run_env
-from slurm_cluster import LocalSlurm, missing_programs
+from slurm_cluster import HOSTS_FILE, LocalSlurm, missing_programs, resolves
 from train import manifest
 from train.distributed import weights_digest
 from train.plots import read_metrics
@@ -33,16 +33,37 @@ JOB_TIMEOUT_S = 240
 FAILED_STATES = {"FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
 
 
-@pytest.fixture(scope="session")
-def cluster(tmp_path_factory):
+def skip_without_slurm() -> None:
     problem = (f"Slurm is not installed ({', '.join(missing_programs())} missing; `make test` installs it as root)"
                if missing_programs() else "a Slurm cluster needs root" if os.geteuid() != 0 else None)
     if problem and os.environ.get("GAN_REQUIRE_SYSTEM_TOOLS") == "1":
         pytest.fail(f"{problem}, and GAN_REQUIRE_SYSTEM_TOOLS=1")
     if problem:
         pytest.skip(problem)
+
+
+@pytest.fixture(scope="session")
+def cluster(tmp_path_factory):
+    skip_without_slurm()
     with LocalSlurm(tmp_path_factory.mktemp("slurm")) as running:
         yield running
+
+
+def test_two_clusters_at_once_keep_their_node_names_until_each_stops(tmp_path):
+    """First in this file, before the session's cluster: the node names resolve only through these two. Before,
+    the second found the first's /etc/hosts line, added none, and lost its names when the first stopped."""
+    skip_without_slurm()
+    before = HOSTS_FILE.read_text()
+    first, second = LocalSlurm(tmp_path / "first"), LocalSlurm(tmp_path / "second")
+    try:
+        first._make_node_names_resolve()
+        second._make_node_names_resolve()
+        first.stop()
+        assert all(resolves(name) for name in second.nodes)
+    finally:
+        first.stop()
+        second.stop()
+    assert HOSTS_FILE.read_text() == before
 
 
 class Job:
