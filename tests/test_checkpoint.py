@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from conftest import (REPO, TINY, all_state, assert_bitwise_equal, logged_metrics, run_env, run_train,
                       snapshot_files)
@@ -151,12 +151,76 @@ def bad_checkpoint(kind, finished_run, tmp_path):
         written["format_version"] = manifest.FORMAT_VERSION + 1
         (folder / "manifest.json").write_text(json.dumps(written))
         return folder, f"written with checkpoint format version {manifest.FORMAT_VERSION + 1}; this code reads up to"
-    assert kind == "other architecture"
-    return folder, "generator.safetensors does not fit this model.arch/model.z_dim"
+    if kind == "manifest without hashes":  # nothing verified: the flipped byte below must not be loaded
+        (folder / "manifest.json").write_text('{"format_version": 1, "sha256": {}}')
+        flip_a_byte(folder / "generator.safetensors")
+        return folder, ("manifest.json does not list state.json, generator.safetensors, discriminator.safetensors, "
+                        "generator_ema.safetensors, optimizers.safetensors, optimizers.json: the checkpoint is "
+                        "incomplete or its manifest was edited")
+    if kind in ("format version as text", "hashes as a list"):
+        written = json.loads((folder / "manifest.json").read_text())
+        if kind == "format version as text":
+            written["format_version"] = "1"
+        else:
+            written["sha256"] = list(written["sha256"])
+        (folder / "manifest.json").write_text(json.dumps(written))
+        return folder, "manifest.json is damaged: not a checkpoint manifest"
+    # The rest are edits with the manifest's hashes recomputed: the contents themselves must be checked.
+    if kind == "huge safetensors header":
+        raw = (folder / "generator.safetensors").read_bytes()
+        (folder / "generator.safetensors").write_bytes((10 ** 15).to_bytes(8, "little") + raw[8:])
+        message = ("generator.safetensors is damaged: not a readable safetensors file (its header claims "
+                   "1000000000000000 bytes")
+    elif kind == "state not json":
+        (folder / "state.json").write_text("{'step': 6}")
+        message = "state.json is damaged: not JSON"
+    elif kind == "state of the wrong kind":
+        state = json.loads((folder / "state.json").read_text())
+        state["progress"]["step"] = "six"
+        (folder / "state.json").write_text(json.dumps(state))
+        message = "state.json is damaged: progress.step is 'six', not a count"
+    elif kind == "rng state of the wrong size":
+        tensors = load_file(folder / "rank_0.safetensors")
+        size = len(tensors["noise"])
+        tensors["noise"] = tensors["noise"][:100].clone()
+        save_file(tensors, folder / "rank_0.safetensors")
+        message = f"rank_0.safetensors does not fit: noise is (100,), this run's is ({size},)"
+    elif kind == "moments of the wrong shape":
+        tensors = load_file(folder / "optimizers.safetensors")
+        shape = tuple(tensors["discriminator.0.exp_avg"].shape)
+        tensors["discriminator.0.exp_avg"] = torch.zeros(3, 3)
+        save_file(tensors, folder / "optimizers.safetensors")
+        message = (f"optimizers.safetensors does not fit this model: discriminator.0.exp_avg is torch.float32 (3, 3), "
+                   f"its parameter needs torch.float32 {shape}")
+    elif kind == "weights in another dtype":
+        tensors = {key: value.double() if value.is_floating_point() else value
+                   for key, value in load_file(folder / "generator.safetensors").items()}
+        save_file(tensors, folder / "generator.safetensors")
+        message = f"generator.safetensors is damaged: {next(iter(sorted(tensors)))} is torch.float64, the model's"
+    else:
+        assert kind == "other architecture"
+        return folder, "generator.safetensors does not fit this model.arch/model.z_dim"
+    rehash(folder)
+    return folder, message
+
+
+def flip_a_byte(path: Path) -> None:
+    raw = path.read_bytes()
+    path.write_bytes(raw[:-10] + bytes([raw[-10] ^ 1]) + raw[-9:])
+
+
+def rehash(folder: Path) -> None:
+    """Seal an edited checkpoint again, as someone who edits one on purpose would."""
+    (folder / "manifest.json").unlink()
+    manifest.write_manifest(folder)
 
 
 @pytest.mark.parametrize("kind", ["not a checkpoint", "manifest mismatch", "manifest not json",
-                                  "file outside the folder", "newer format", "other architecture"])
+                                  "file outside the folder", "newer format", "other architecture",
+                                  "manifest without hashes", "format version as text", "hashes as a list",
+                                  "huge safetensors header", "state not json", "state of the wrong kind",
+                                  "rng state of the wrong size", "moments of the wrong shape",
+                                  "weights in another dtype"])
 def test_a_bad_checkpoint_is_named_and_nothing_is_overwritten(finished_run, tmp_path, kind):
     path, message = bad_checkpoint(kind, finished_run, tmp_path)
     run_dir = tmp_path / "run"
@@ -166,6 +230,52 @@ def test_a_bad_checkpoint_is_named_and_nothing_is_overwritten(finished_run, tmp_
     assert result.returncode == 2, result.stderr[-2000:]
     assert message in result.stderr and "Traceback" not in result.stderr
     assert snapshot_files(run_dir) == before
+
+
+def test_a_malformed_manifest_is_skipped_like_a_damaged_one(finished_run, tmp_path):
+    """Before: a `sha256` list ended in a traceback that also stopped the fallback to the older checkpoints."""
+    run_dir = copy_run(finished_run, tmp_path)
+    newest = run_dir / "checkpoints" / "step_00000006"
+    written = json.loads((newest / "manifest.json").read_text())
+    (newest / "manifest.json").write_text(json.dumps(written | {"sha256": list(written["sha256"])}))
+    reports = []
+    assert manifest.newest_valid(run_dir, reports.append) == run_dir / "checkpoints" / "step_00000004"
+    assert reports == [f"skipping checkpoint step_00000006: {newest / 'manifest.json'} is damaged: not a checkpoint "
+                       "manifest"]
+
+
+def test_keep_last_never_counts_nor_deletes_what_does_not_verify(finished_run, tmp_path):
+    """Before: with the newest checkpoint damaged (or a stray step_junk folder), keep_last deleted every valid one,
+    the one just written included, and left `latest` naming a deleted folder."""
+    run_dir = copy_run(finished_run, tmp_path)
+    checkpoints = run_dir / "checkpoints"
+    flip_a_byte(checkpoints / "step_00000006" / "discriminator.safetensors")
+    (checkpoints / "step_junk").mkdir()
+    result = run_train(TINY + [f"run.dir={run_dir}", "train.steps=5", "checkpoint.every=1", "checkpoint.keep_last=1"])
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "resuming from step_00000004, the newest valid checkpoint (not step_00000006)" in result.stdout
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["latest", "step_00000005", "step_00000006", "step_junk"]
+    assert (checkpoints / "latest").read_text() == "step_00000005\n"
+    assert manifest.newest_valid(run_dir, print) == checkpoints / "step_00000005"
+
+
+def test_a_resumed_run_uses_its_own_settings_and_says_which_changed(finished_run, tmp_path):
+    """Before: optim.g_lr=0.5 on resume trained with the checkpoint's 0.001 while config.yaml said 0.5."""
+    run_dir = copy_run(finished_run, tmp_path)
+    before = snapshot_files(run_dir)
+    refused = run_train(TINY + [f"run.dir={run_dir}", "train.steps=7", "optim.amsgrad=false"])
+    assert refused.returncode == 2, refused.stderr[-2000:]
+    assert ("error: optim.amsgrad is false, the checkpoint's Adam state was made with true: set optim.amsgrad=true to "
+            "resume, or start a new run.dir") in refused.stderr
+    assert snapshot_files(run_dir) == before
+    result = run_train(TINY + [f"run.dir={run_dir}", "train.steps=7", "checkpoint.every=7", "optim.g_lr=0.5"])
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert ("resuming with changed settings (the new values apply): optim.g_lr 0.001 -> 0.5, train.steps 6 -> 7, "
+            "checkpoint.every 2 -> 7, checkpoint.keep_last 0 -> 3\n") in result.stdout
+    saved = json.loads((run_dir / "checkpoints" / "step_00000007" / "optimizers.json").read_text())
+    assert [group["lr"] for group in saved["generator"]["param_groups"]] == [0.5]
+    assert [group["lr"] for group in saved["discriminator"]["param_groups"]] == [0.001]
+    assert "  g_lr: 0.5\n" in (run_dir / "config.yaml").read_text()
 
 
 def test_resume_none_refuses_a_used_run_dir(finished_run, tmp_path):

@@ -18,6 +18,20 @@ def test_a_run_dir_that_cannot_be_written_is_named(tmp_path):
     assert f"error: cannot write into run.dir '{tmp_path / 'file' / 'run'}' (Not a directory)" in result.stderr
 
 
+@pytest.mark.parametrize("name", [".lock", "metrics.jsonl"])
+def test_a_link_planted_in_run_dir_is_refused_and_its_target_left_alone(tmp_path, name):
+    """Before: a `.lock` link made the run overwrite its target, a `metrics.jsonl` link made it append there."""
+    run_dir, victim = tmp_path / "run", tmp_path / "victim"
+    run_dir.mkdir()
+    victim.write_text("precious\n")
+    (run_dir / name).symlink_to(victim)
+    result = run_train(TINY + [f"run.dir={run_dir}"])
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert (f"error: {run_dir / name} is a symbolic link; a run writes its files in place, never through a link (it "
+            "could overwrite a file elsewhere): delete the link, or choose another run.dir") in result.stderr
+    assert victim.read_text() == "precious\n"
+
+
 @pytest.mark.slow
 def test_a_second_run_in_a_busy_run_dir_is_refused_and_a_killed_runs_lock_is_not_stale(tmp_path):
     run_dir = tmp_path / "run"

@@ -11,7 +11,7 @@ from contextlib import nullcontext
 from pathlib import Path
 
 from train import run_lock
-from train.config import Config, RunError, parse_args
+from train.config import Config, ConfigError, RunError, changed_settings, parse_args
 from train.manifest import EXIT_WRITE_FAILED, RunWriteError, read_state, resume_point
 
 
@@ -33,14 +33,29 @@ def main(argv: list[str] | None = None) -> int:
 def start(cfg: Config, report) -> int:
     """Train from the resume point, unless its checkpoint already reached train.steps."""
     resume_from = resume_point(cfg.resume, Path(cfg.run.dir), report)
-    if resume_from is not None and (step := read_state(resume_from)["progress"]["step"]) >= cfg.train.steps:
-        # A finished run started again (a requeued job, `make train` twice): leave its files as they are.
-        report(f"nothing to train: {resume_from} is at step {step} and train.steps={cfg.train.steps}; "
-               "to train on, raise train.steps")
-        return 0
+    if resume_from is not None:
+        state = read_state(resume_from)
+        if state["progress"]["step"] >= cfg.train.steps:
+            # A finished run started again (a requeued job, `make train` twice): leave its files as they are.
+            report(f"nothing to train: {resume_from} is at step {state['progress']['step']} and "
+                   f"train.steps={cfg.train.steps}; to train on, raise train.steps")
+            return 0
+        report_changed_settings(changed_settings(state["config"], cfg), report)
     from train.loop import train  # loaded only for a run that can start
 
     return train(cfg, resume_from)
+
+
+def report_changed_settings(changed: dict[str, tuple], report) -> None:
+    """A resumed run uses its own config (config.yaml records it), and says what differs from the checkpoint's."""
+    if "optim.amsgrad" in changed:
+        saved, now = changed["optim.amsgrad"]
+        raise ConfigError(f"optim.amsgrad is {str(now).lower()}, the checkpoint's Adam state was made with "
+                          f"{str(saved).lower()}: set optim.amsgrad={str(saved).lower()} to resume, or start a new "
+                          "run.dir")
+    if changed:
+        report("resuming with changed settings (the new values apply): "
+               + ", ".join(f"{key} {saved!r} -> {now!r}" for key, (saved, now) in changed.items()))
 
 
 if __name__ == "__main__":

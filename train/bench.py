@@ -35,7 +35,7 @@ from train import models
 from train.config import REPO_ROOT, SHIPPED_MNIST, EvalConfig
 from train.faults import EXIT_PREEMPTED
 from train.launch import free_port
-from train.manifest import write_atomically
+from train.files import write_atomically
 from train.metrics import Evaluator
 from train.plots import read_metrics
 

@@ -33,9 +33,9 @@ from safetensors.torch import load_file
 from torch import nn
 
 from train.data import DataPosition
-from train.manifest import (LATEST, STATE, CheckpointError, checkpoint_name, checkpoints_dir, complete_checkpoints,
-                            fsync, read_state, resolve, sha256, stop_on_write_failure, verify, write_atomically,
-                            write_json, write_manifest)
+from train.files import fsync, write_atomically, write_file
+from train.manifest import (LATEST, STATE, CheckpointError, checkpoint_name, checkpoints_dir, prune, read_state,
+                            resolve, sha256, stop_on_write_failure, verify, write_manifest)
 
 EXPORTED_WEIGHTS = "generator.safetensors"
 EXPORTED_DESCRIPTION = "generator.json"
@@ -90,8 +90,7 @@ def save(accelerator, run_dir: Path, snapshot: Snapshot, keep_last: int = 0) -> 
     if accelerator.is_main_process:
         write_atomically(folder / LATEST, final.name + "\n")
         if keep_last:
-            for old in complete_checkpoints(run_dir)[:-keep_last]:
-                shutil.rmtree(old)
+            prune(run_dir, keep_last)
     accelerator.wait_for_everyone()
     return final
 
@@ -101,20 +100,20 @@ def _write_parts(accelerator, staging: Path, snapshot: Snapshot) -> None:
     rank = accelerator.process_index
     rng_tensors, rng_json = _rng_state(snapshot.noise)
     _write_tensors(staging / f"rank_{rank}.safetensors", rng_tensors)
-    write_json(staging / f"rank_{rank}.json", rng_json)
+    write_file(staging / f"rank_{rank}.json", json.dumps(rng_json, indent=1))
     if accelerator.is_main_process:
         for name, network in snapshot.networks.items():
             _write_tensors(staging / f"{name}.safetensors", network.state_dict())
         optimizer_tensors, optimizer_json = _optimizer_state(snapshot.optimizers)
         _write_tensors(staging / "optimizers.safetensors", optimizer_tensors)
-        write_json(staging / "optimizers.json", optimizer_json)
-        write_json(staging / STATE, {
+        write_file(staging / "optimizers.json", json.dumps(optimizer_json, indent=1))
+        write_file(staging / STATE, json.dumps({
             "progress": asdict(snapshot.progress),
             "world_size": accelerator.num_processes,
             "scaler": snapshot.scaler.state_dict() if snapshot.scaler is not None else None,
             "config": snapshot.config,
             **snapshot.extra_json,
-        })
+        }, indent=1))
     accelerator.wait_for_everyone()
 
 
@@ -159,8 +158,7 @@ def _optimizer_state(optimizers: dict[str, torch.optim.Optimizer]) -> tuple[dict
 
 def _write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     """Serialised in memory and written by Python, so that a full disk is an OSError like any other write's."""
-    path.write_bytes(safetensors.torch.save({key: value.detach().cpu().contiguous() for key, value in tensors.items()}))
-    fsync(path)
+    write_file(path, safetensors.torch.save({key: value.detach().cpu().contiguous() for key, value in tensors.items()}))
 
 
 # ---------------------------------------------------------------------------------------- loading
@@ -169,40 +167,98 @@ def _write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
 def restore(path: Path, snapshot: Snapshot, rank: int, world_size: int) -> bool:
     """Load a checkpoint that `verify` (or `newest_valid`) accepted into `snapshot`'s live objects.
 
-    Shapes must be identical. Returns whether this rank's RNG states were restored: only when the number of processes is
-    the one the checkpoint was written with (each rank continues its own noise stream).
+    Every tensor is checked against the live one it replaces, shape and dtype, before anything live
+    changes: a checkpoint that does not fit is refused whole, by name. The optimizers take the
+    checkpoint's moments and keep this run's hyper-parameters (optim.*, as config.yaml records them).
+    Returns whether this rank's RNG states were restored: only when the number of processes is the one
+    the checkpoint was written with (each rank continues its own noise stream).
     """
     path = Path(path)
     state = read_state(path)
+    networks = {name: _network_tensors(path, name, network) for name, network in snapshot.networks.items()}
+    optimizers = _optimizer_states(path, snapshot.optimizers)
+    rng = _rng_states(path, rank, snapshot.noise) if state["world_size"] == world_size else None
     for name, network in snapshot.networks.items():
-        _load_network(path, name, network)
-    tensors = load_file(path / "optimizers.safetensors")
-    described = json.loads((path / "optimizers.json").read_text())
+        network.load_state_dict(networks[name])
     for name, optimizer in snapshot.optimizers.items():
-        per_parameter: dict[int, dict] = {}
-        for key, value in tensors.items():
-            owner, index, field_name = key.split(".", 2)
-            if owner == name:
-                per_parameter.setdefault(int(index), {})[field_name] = value
-        groups = []
-        for saved, live in zip(described[name]["param_groups"], optimizer.param_groups):
-            group = dict(saved)
-            if "betas" in group:
-                group["betas"] = tuple(group["betas"])
-            if "capturable" in live:  # how this run executes (train.cuda_graph), not what it computes
-                group["capturable"] = live["capturable"]
-            groups.append(group)
-        optimizer.load_state_dict({"state": per_parameter, "param_groups": groups})
+        optimizer.load_state_dict(optimizers[name])
         _match_parameter_strides(optimizer)
     if snapshot.scaler is not None and state["scaler"] is not None:
         snapshot.scaler.load_state_dict(state["scaler"])
     progress = dict(state["progress"])
     vars(snapshot.progress.data).update(progress.pop("data"))
     vars(snapshot.progress).update(progress)
-    if state["world_size"] != world_size:
+    if rng is None:
         return False
-    _restore_rng(path, rank, snapshot.noise)
+    _apply_rng(*rng, snapshot.noise)
     return True
+
+
+def _load(path: Path, device: str = "cpu") -> dict[str, torch.Tensor]:
+    try:
+        return load_file(path, device=device)
+    except Exception as error:  # safetensors' own error type, for anything its reader refuses
+        raise CheckpointError(f"{path} is damaged: {error}") from None
+
+
+def _network_tensors(path: Path, name: str, network: nn.Module) -> dict[str, torch.Tensor]:
+    """The weights and buffers of `name`, checked against `network`'s own, key by key."""
+    file = path / f"{name}.safetensors"
+    tensors = _load(file, device=str(next(network.parameters()).device))
+    expected = network.state_dict()
+    mismatched = [f"{key}: checkpoint {tuple(tensors[key].shape)} vs model {tuple(value.shape)}"
+                  for key, value in expected.items() if key in tensors and tensors[key].shape != value.shape]
+    missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+    if mismatched or missing or unexpected:
+        details = "; ".join(mismatched[:3] + [f"missing {k}" for k in missing[:3]] + [f"unexpected {k}" for k in unexpected[:3]])
+        raise CheckpointError(f"{file} does not fit this model.arch/model.z_dim "
+                              f"(was it made with another config?): {details}")
+    retyped = [f"{key} is {tensors[key].dtype}, the model's {value.dtype}"
+               for key, value in expected.items() if tensors[key].dtype != value.dtype]
+    if retyped:
+        raise CheckpointError(f"{file} is damaged: {'; '.join(retyped[:3])}")
+    return tensors
+
+
+def _optimizer_states(path: Path, optimizers: dict[str, torch.optim.Optimizer]) -> dict[str, dict]:
+    """Each optimizer's state dict: the checkpoint's Adam moments, checked against the parameters they belong
+    to, with the live optimizer's hyper-parameters."""
+    file = path / "optimizers.safetensors"
+    tensors = _load(file)
+    described = json.loads((path / "optimizers.json").read_text())
+    states = {}
+    for name, optimizer in optimizers.items():
+        live = optimizer.state_dict()
+        parameters = [parameter for group in optimizer.param_groups for parameter in group["params"]]
+        fields = {"step", "exp_avg", "exp_avg_sq"} | ({"max_exp_avg_sq"} if optimizer.defaults["amsgrad"] else set())
+        per_parameter: dict[int, dict] = {}
+        for key, value in tensors.items():
+            owner, _, rest = key.partition(".")
+            index, _, field_name = rest.partition(".")
+            if owner == name:
+                per_parameter.setdefault(int(index) if index.isdigit() else -1, {})[field_name] = value
+        saved_groups = [group["params"] for group in described[name]["param_groups"]]
+        problem = None
+        if saved_groups != [group["params"] for group in live["param_groups"]]:
+            problem = f"{name}'s parameter groups {saved_groups} are not this model's"
+        elif per_parameter and set(per_parameter) != set(range(len(parameters))):
+            problem = f"{name} has moments for parameters {sorted(per_parameter)}, the model {len(parameters)}"
+        for index, values in per_parameter.items():
+            if problem is not None:
+                break
+            parameter = parameters[index]
+            if set(values) != fields:
+                problem = (f"{name}.{index} holds {sorted(values)}, this run's Adam needs {sorted(fields)} "
+                           f"(optim.amsgrad={str(optimizer.defaults['amsgrad']).lower()})")
+            for field_name, value in values.items():
+                shape, dtype = ((), torch.float32) if field_name == "step" else (parameter.shape, parameter.dtype)
+                if problem is None and (value.shape != shape or value.dtype != dtype):
+                    problem = (f"{name}.{index}.{field_name} is {value.dtype} {tuple(value.shape)}, "
+                               f"its parameter needs {dtype} {tuple(shape)}")
+        if problem is not None:
+            raise CheckpointError(f"{file} does not fit this model: {problem}")
+        states[name] = {"state": per_parameter, "param_groups": live["param_groups"]}
+    return states
 
 
 def _match_parameter_strides(optimizer: torch.optim.Optimizer) -> None:
@@ -217,22 +273,24 @@ def _match_parameter_strides(optimizer: torch.optim.Optimizer) -> None:
                     state[key] = torch.empty_like(parameter, dtype=value.dtype).copy_(value)
 
 
-def _load_network(path: Path, name: str, network: nn.Module) -> None:
-    tensors = load_file(path / f"{name}.safetensors", device=str(next(network.parameters()).device))
-    expected = network.state_dict()
-    mismatched = [f"{key}: checkpoint {tuple(tensors[key].shape)} vs model {tuple(value.shape)}"
-                  for key, value in expected.items() if key in tensors and tensors[key].shape != value.shape]
-    missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
-    if mismatched or missing or unexpected:
-        details = "; ".join(mismatched[:3] + [f"missing {k}" for k in missing[:3]] + [f"unexpected {k}" for k in unexpected[:3]])
-        raise CheckpointError(f"{path / (name + '.safetensors')} does not fit this model.arch/model.z_dim "
-                              f"(was it made with another config?): {details}")
-    network.load_state_dict(tensors)
-
-
-def _restore_rng(path: Path, rank: int, noise: torch.Generator) -> None:
-    tensors = load_file(path / f"rank_{rank}.safetensors")
+def _rng_states(path: Path, rank: int, noise: torch.Generator) -> tuple[dict, dict]:
+    """Rank `rank`'s RNG states, each checked against the size of the generator it will be set into."""
+    file = path / f"rank_{rank}.safetensors"
+    tensors = _load(file)
     described = json.loads((path / f"rank_{rank}.json").read_text())
+    expected = {"noise": noise.get_state(), "torch_cpu": torch.get_rng_state(),
+                "numpy_keys": torch.zeros(len(np.random.get_state()[1]), dtype=torch.int64)}
+    wrong = [f"{key} is {tuple(tensors[key].shape) if key in tensors else 'missing'}, this run's is "
+             f"{tuple(value.shape)}" for key, value in expected.items()
+             if key not in tensors or tensors[key].shape != value.shape or tensors[key].dtype != value.dtype]
+    if len(described["python"]["state"]) != len(random.getstate()[1]):
+        wrong.append(f"the python state has {len(described['python']['state'])} numbers")
+    if wrong:
+        raise CheckpointError(f"{file} does not fit: {'; '.join(wrong)} (was it written on another kind of device?)")
+    return tensors, described
+
+
+def _apply_rng(tensors: dict, described: dict, noise: torch.Generator) -> None:
     noise.set_state(tensors["noise"])
     torch.set_rng_state(tensors["torch_cpu"])
     if "torch_cuda" in tensors and torch.cuda.is_available():
@@ -296,5 +354,5 @@ def load_generator(path: Path, build, device: str = "cpu", use_ema: bool = True)
         model = read_state(folder)["config"]["model"]
         arch, z_dim, name = model["arch"], model["z_dim"], _generator_file(folder, use_ema)
     network = build(arch, z_dim).to(device)
-    _load_network(folder, name.removesuffix(".safetensors"), network)
+    network.load_state_dict(_network_tensors(folder, name.removesuffix(".safetensors"), network))
     return network.eval()

@@ -281,6 +281,15 @@ def _leaves(tree: dict, prefix: str = ""):
             yield f"{prefix}{key}", value
 
 
+def changed_settings(saved: dict, cfg: Config) -> dict[str, tuple]:
+    """{key: (the checkpoint's value, this run's)} for each setting a resumed run changes. Not changes: run.dir and
+    resume (where, not what), a null this run resolves at its start (the checkpoint holds the resolved value),
+    and a key the checkpoint's config lacks."""
+    before = dict(_leaves(saved))
+    return {key: (before[key], value) for key, value in _leaves(to_dict(cfg))
+            if key in before and before[key] != value and value is not None and key not in ("run.dir", "resume")}
+
+
 def to_yaml(cfg: Config) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
 

@@ -20,7 +20,7 @@ from accelerate import Accelerator
 from accelerate.utils import AutocastKwargs, InitProcessGroupKwargs, TorchDynamoPlugin
 from tqdm import tqdm
 
-from train import checkpoint, config, data, losses, manifest, metrics, models, tracking
+from train import checkpoint, config, data, files, losses, manifest, metrics, models, tracking
 from train.checkpoint import Progress, Snapshot
 from train.config import Config, ConfigError
 from train.cuda_graph import ReplayableStep
@@ -68,7 +68,7 @@ def train(cfg: Config, resume_from: Path | None) -> int:
     log = tracking.RunLog(accelerator, cfg, run_dir, progress)
     if accelerator.is_main_process:
         with manifest.stop_on_write_failure(f"writing {run_dir / 'config.yaml'}", run_dir):
-            manifest.write_atomically(run_dir / "config.yaml", config.to_yaml(cfg))
+            files.write_atomically(run_dir / "config.yaml", config.to_yaml(cfg))
     faults = FaultMonitor(cfg.train.on_nonfinite, accelerator.device, check_gradients=accelerator.scaler is None,
                           check_every=cfg.train.check_every)
     window = tracking.TrainingWindow(accelerator.device, r1_penalty=cfg.loss.r1_gamma > 0)

@@ -1,5 +1,5 @@
 """Checkpoint folders on disk, without torch: their layout, the manifest that makes a folder a
-checkpoint, verification, durable writes, and which checkpoint a run resumes from.
+checkpoint, verification, pruning, and which checkpoint a run resumes from.
 
 Kept apart from train/checkpoint.py (the tensors) so that `python -m train` can refuse a bad
 `resume=` in a moment, before torch and the training code are imported (~7 s).
@@ -9,19 +9,38 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
+import math
+import re
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
 from train.config import ConfigError, RunError
+from train.files import write_file
 from train.run_lock import LOCK_FILE
 
 FORMAT_VERSION = 1
 CHECKPOINTS = "checkpoints"
+CHECKPOINT_FOLDER = re.compile(r"step_(\d{8,})")
 LATEST = "latest"
 MANIFEST = "manifest.json"
 STATE = "state.json"
+# Besides each rank's rank_<r>.safetensors and rank_<r>.json (state.json says how many ranks wrote one).
+REQUIRED_FILES = (STATE, "generator.safetensors", "discriminator.safetensors", "generator_ema.safetensors",
+                  "optimizers.safetensors", "optimizers.json")
+# What the loaders read from the JSON files; `int` stands for a count (0 or more).
+STATE_SCHEMA = {
+    "progress": {"step": int, "images_seen": int, "data": {"epoch": int, "step_in_epoch": int}, "seed_offset": int,
+                 "wandb_run_id": (str, type(None))},
+    "world_size": int, "global_batch": int, "scaler": (dict, type(None)),
+    "config": {"model": {"arch": str, "z_dim": int}},
+}
+OPTIMIZERS_SCHEMA = {"generator": {"param_groups": [{"params": [int]}]},
+                     "discriminator": {"param_groups": [{"params": [int]}]}}
+RNG_SCHEMA = {"numpy": {"kind": str, "position": int, "has_gauss": int, "cached_gaussian": (int, float)},
+              "python": {"version": int, "state": [int], "gauss": (float, type(None))}}
+SAFETENSORS_DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2,
+                           "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
 
 
 class CheckpointError(RunError):
@@ -62,9 +81,14 @@ def checkpoints_dir(run_dir: Path) -> Path:
 
 
 def complete_checkpoints(run_dir: Path) -> list[Path]:
-    """Checkpoint folders by step, oldest first (hidden `.incomplete_*` folders are not checkpoints)."""
+    """Folders named as checkpoints (`step_<N>`), by step, oldest first. Hidden `.incomplete_*` folders,
+    `damaged_*` ones set aside and anything else a person put there are not checkpoints."""
     folder = checkpoints_dir(run_dir)
-    return sorted(p for p in folder.glob("step_*") if p.is_dir()) if folder.is_dir() else []
+    if not folder.is_dir():
+        return []
+    named = [(int(match[1]), path) for path in folder.iterdir()
+             if (match := CHECKPOINT_FOLDER.fullmatch(path.name)) and path.is_dir()]
+    return [path for _, path in sorted(named)]
 
 
 # ---------------------------------------------------------------------------------------- writing
@@ -73,34 +97,22 @@ def complete_checkpoints(run_dir: Path) -> list[Path]:
 def write_manifest(folder: Path) -> None:
     """Seal a fully written folder: the format version and the SHA-256 of every file in it."""
     files = sorted(p.name for p in folder.iterdir())
-    write_json(folder / MANIFEST, {"format_version": FORMAT_VERSION,
-                                   "sha256": {name: sha256(folder / name) for name in files}})
+    write_file(folder / MANIFEST, json.dumps({"format_version": FORMAT_VERSION,
+                                              "sha256": {name: sha256(folder / name) for name in files}}, indent=1))
 
 
-def write_json(path: Path, value: dict) -> None:
-    path.write_text(json.dumps(value, indent=1))
-    fsync(path)
-
-
-def write_atomically(path: Path, content: str | bytes) -> None:
-    """Replace `path` with `content` whole or not at all; a failed write takes its staging file with it."""
-    staging = path.with_name(f".{path.name}.incomplete")
-    try:
-        staging.write_bytes(content.encode() if isinstance(content, str) else content)
-        fsync(staging)
-        os.replace(staging, path)
-    except OSError:
-        staging.unlink(missing_ok=True)
-        raise
-    fsync(path.parent)
-
-
-def fsync(path: Path) -> None:
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
+def prune(run_dir: Path, keep_last: int) -> None:
+    """Delete the valid checkpoints older than the newest `keep_last` valid ones. A folder that does not
+    verify is neither counted nor deleted, so a damaged or foreign folder can never cost a good checkpoint."""
+    valid = 0
+    for candidate in reversed(complete_checkpoints(run_dir)):
+        try:
+            verify(candidate)
+        except CheckpointError:
+            continue  # left for a person to look at (resume reports it)
+        valid += 1
+        if valid > keep_last:
+            shutil.rmtree(candidate)
 
 
 def sha256(path: Path) -> str:
@@ -111,17 +123,24 @@ def sha256(path: Path) -> str:
 
 
 def verify(path: Path) -> dict:
-    """Check that `path` is a complete checkpoint this code can read; return its manifest."""
+    """Check that `path` is a complete, well-formed checkpoint this code can read; return its manifest.
+
+    Every file the format needs must be listed in the manifest and match its SHA-256; the JSON files must
+    follow their schema and every safetensors header must describe its own bytes. Whether the tensors fit
+    the model is checked when they are loaded (checkpoint.restore).
+    """
     path = Path(path)
     manifest_path = path / MANIFEST
     if not path.is_dir() or not manifest_path.is_file():
         raise CheckpointError(f"{path} is not a checkpoint: it has no {MANIFEST} "
                               "(point at a folder such as <run.dir>/checkpoints/step_00001000)")
     try:
-        manifest = json.loads(manifest_path.read_text())
-        version, hashes = manifest["format_version"], manifest["sha256"]
-    except (ValueError, KeyError, TypeError):
-        raise CheckpointError(f"{manifest_path} is damaged: not a checkpoint manifest") from None
+        manifest = _json_file(manifest_path)
+    except CheckpointError:
+        manifest = {}
+    version, hashes = manifest.get("format_version"), manifest.get("sha256")
+    if not (_is_count(version) and isinstance(hashes, dict) and all(isinstance(h, str) for h in hashes.values())):
+        raise CheckpointError(f"{manifest_path} is damaged: not a checkpoint manifest")
     if version > FORMAT_VERSION:
         raise CheckpointError(f"{path} was written with checkpoint format version {version}; this code reads up "
                               f"to version {FORMAT_VERSION}: update the code to resume from it")
@@ -130,9 +149,83 @@ def verify(path: Path) -> dict:
             raise CheckpointError(f"{manifest_path} names {name!r}, which is not a file of the checkpoint")
         if not (path / name).is_file():
             raise CheckpointError(f"{path / name} is missing (listed in {MANIFEST})")
-        if sha256(path / name) != expected:
+        raw = (path / name).read_bytes()
+        if hashlib.sha256(raw).hexdigest() != expected:
             raise CheckpointError(f"{path / name} is damaged: its SHA-256 does not match {MANIFEST}")
+        if name.endswith(".safetensors"):
+            _check_safetensors_header(path / name, raw)
+    state = _checked_json(path / STATE, STATE_SCHEMA) if STATE in hashes else {}
+    needed = REQUIRED_FILES + tuple(f"rank_{r}{suffix}" for r in range(state.get("world_size", 0))
+                                    for suffix in (".safetensors", ".json"))
+    unlisted = [name for name in needed if name not in hashes]
+    if unlisted:
+        raise CheckpointError(f"{manifest_path} does not list {', '.join(unlisted)}: the checkpoint is incomplete "
+                              "or its manifest was edited, and only files it lists and verifies are loaded")
+    _checked_json(path / "optimizers.json", OPTIMIZERS_SCHEMA)
+    for rank in range(state["world_size"]):
+        _checked_json(path / f"rank_{rank}.json", RNG_SCHEMA)
     return manifest
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2 ** 63
+
+
+def _json_file(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_bytes())
+    except ValueError:  # also a UnicodeDecodeError
+        raise CheckpointError(f"{path} is damaged: not JSON") from None
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path} is damaged: not a JSON object")
+    return value
+
+
+def _checked_json(path: Path, schema: dict) -> dict:
+    value = _json_file(path)
+    if (problem := _schema_problem(value, schema, "")) is not None:
+        raise CheckpointError(f"{path} is damaged: {problem}")
+    return value
+
+
+def _schema_problem(value, schema, where: str) -> str | None:
+    """Where `value` departs from `schema` (a dict of keys to schemas, `int` for a count, a type or a tuple of
+    types, or a one-element list for a list of such), or None."""
+    if isinstance(schema, dict):
+        if not isinstance(value, dict):
+            return f"{where or 'it'} is not an object"
+        for key, inner in schema.items():
+            if key not in value:
+                return f"{where + key} is missing"
+            if (problem := _schema_problem(value[key], inner, f"{where}{key}.")) is not None:
+                return problem
+        return None
+    if isinstance(schema, list):
+        if not isinstance(value, list):
+            return f"{where.rstrip('.')} is not a list"
+        return next((p for item in value if (p := _schema_problem(item, schema[0], where)) is not None), None)
+    if schema is int:
+        return None if _is_count(value) else f"{where.rstrip('.')} is {value!r}, not a count"
+    return None if isinstance(value, schema) else f"{where.rstrip('.')} is {value!r}"
+
+
+def _check_safetensors_header(path: Path, raw: bytes) -> None:
+    """The header of a safetensors file describes tensors that lie within the file, each as large as its shape."""
+    try:
+        size = int.from_bytes(raw[:8], "little")
+        if len(raw) < 8 or size > len(raw) - 8:
+            raise ValueError(f"its header claims {size} bytes, the file holds {len(raw)}")
+        header = json.loads(raw[8:8 + size])
+        data = len(raw) - 8 - size
+        for name, tensor in header.items():
+            if name == "__metadata__":
+                continue
+            begin, end = tensor["data_offsets"]
+            elements = math.prod(tensor["shape"])
+            if not 0 <= begin <= end <= data or end - begin != elements * SAFETENSORS_DTYPE_BYTES[tensor["dtype"]]:
+                raise ValueError(f"tensor {name!r} does not fit its bytes")
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
+        raise CheckpointError(f"{path} is damaged: not a readable safetensors file ({error})") from None
 
 
 def read_state(path: Path) -> dict:

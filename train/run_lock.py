@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Iterator
 
 from train.config import RunError
+from train.files import open_in_place
 
 LOCK_FILE = ".lock"
 
@@ -55,7 +56,7 @@ def _remove_empty(folders: list[Path]) -> None:
 def _lock(path: Path, report) -> int | None:
     """The descriptor of the locked file, naming its holder; None where the filesystem has no locks."""
     while True:
-        descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        descriptor = open_in_place(path, os.O_RDWR | os.O_CREAT)
         try:
             fcntl.lockf(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as error:

@@ -16,7 +16,8 @@ from torchvision.utils import make_grid, save_image
 from train import models
 from train.checkpoint import load_generator
 from train.data import to_uint8
-from train.manifest import EXIT_WRITE_FAILED, CheckpointError, write_atomically
+from train.files import write_atomically
+from train.manifest import EXIT_WRITE_FAILED, CheckpointError
 
 
 def available_device(name: str) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import io
 import json
+import os
 import secrets
 import sys
 import time
@@ -22,7 +23,8 @@ from torchvision.utils import make_grid, save_image
 from train.checkpoint import Progress
 from train.config import Config, ConfigError, to_dict
 from train.data import to_uint8
-from train.manifest import stop_on_write_failure, write_atomically
+from train.files import open_in_place, write_atomically
+from train.manifest import stop_on_write_failure
 from train.plots import plot_curves, read_metrics
 
 METRICS_FILE = "metrics.jsonl"
@@ -97,10 +99,18 @@ class RunLog:
         if self.use_wandb:
             progress.wandb_run_id = progress.wandb_run_id or secrets.token_hex(4)  # kept in checkpoints
             _start_wandb(accelerator, cfg, run_dir, progress.wandb_run_id)
+        self.metrics_descriptor = None
         if accelerator.is_main_process:
-            (run_dir / SAMPLES_DIR).mkdir(exist_ok=True)
             with stop_on_write_failure(f"rewriting {run_dir / METRICS_FILE}", run_dir):
-                _drop_lines_after(run_dir / METRICS_FILE, progress.step, accelerator.print)
+                self.metrics_descriptor = self._open_metrics()  # refuses a link before anything is read
+                if _drop_lines_after(run_dir / METRICS_FILE, progress.step, accelerator.print):
+                    os.close(self.metrics_descriptor)
+                    self.metrics_descriptor = self._open_metrics()  # the file that replaced it
+            (run_dir / SAMPLES_DIR).mkdir(exist_ok=True)
+
+    def _open_metrics(self) -> int:
+        """Opened once for the run, never through a link: appends cannot land outside run.dir."""
+        return open_in_place(self.run_dir / METRICS_FILE, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
 
     def message(self, text: str) -> None:
         """A line for the person watching (main process, stderr, flushed)."""
@@ -110,10 +120,11 @@ class RunLog:
     def metrics(self, step: int, values: dict[str, float]) -> None:
         if not self.accelerator.is_main_process:
             return
-        path = self.run_dir / METRICS_FILE
         # A line cut short by a full disk is dropped when the run resumes (_drop_lines_after).
-        with stop_on_write_failure(f"appending to {path}", self.run_dir), open(path, "a") as file:
-            file.write(json.dumps({"step": step, **values}) + "\n")
+        with stop_on_write_failure(f"appending to {self.run_dir / METRICS_FILE}", self.run_dir):
+            line = (json.dumps({"step": step, **values}) + "\n").encode()
+            while line:  # unbuffered: a write that fails leaves nothing behind to be retried at exit
+                line = line[os.write(self.metrics_descriptor, line):]
         if self.use_wandb:
             self.accelerator.log(values, step=step)
 
@@ -140,6 +151,8 @@ class RunLog:
         process that exits with a gloo group alive can abort in its threads' teardown (SIGABRT after
         a finished run: pytorch/pytorch#190489). Curves that cannot be written are only reported: they are
         drawn again from metrics.jsonl by `python -m train.plots`."""
+        if self.metrics_descriptor is not None:
+            os.close(self.metrics_descriptor)
         if self.draw_curves and self.accelerator.is_main_process and (self.run_dir / METRICS_FILE).is_file():
             try:
                 plot_curves(self.run_dir / METRICS_FILE, self.run_dir / CURVES_FILE)
@@ -168,14 +181,15 @@ def _start_wandb(accelerator: Accelerator, cfg: Config, run_dir: Path, run_id: s
                           "templates)") from None
 
 
-def _drop_lines_after(path: Path, step: int, report) -> None:
+def _drop_lines_after(path: Path, step: int, report) -> bool:
     """Forget metric lines a previous attempt wrote after the checkpoint this run resumes from, and any it
-    left half-written (killed in the middle of a line, a full disk); the file is replaced atomically."""
-    if not path.is_file():
-        return
+    left half-written (killed in the middle of a line, a full disk); the file is replaced atomically.
+    Returns whether it was replaced."""
     lines, unreadable = read_metrics(path)
     kept = [line for line in lines if line["step"] <= step]
     if unreadable:
         report(f"dropped {unreadable} unreadable line(s) of {path}, left by a run that was killed while writing it")
     if unreadable or len(kept) != len(lines):
         write_atomically(path, "".join(json.dumps(line) + "\n" for line in kept))  # as RunLog.metrics wrote them
+        return True
+    return False
