@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from accelerate.commands.config.config_args import load_config_from_file
@@ -15,6 +16,7 @@ from accelerate.commands.config.config_args import load_config_from_file
 from conftest import REPO, TINY, run_env
 from train import manifest
 from train.launch import ACCELERATE_CONFIGS, LaunchError, Topology, command, detect
+from train.preemption import EXIT_PREEMPTED
 
 SHELL_SCRIPTS = sorted(str(p.relative_to(REPO)) for pattern in ("slurm/*.sbatch", "slurm/*.sh", "launch/*.sh", "tests/*.sh")
                        for p in REPO.glob(pattern))
@@ -81,6 +83,58 @@ def test_helper_passes_usr1_on_and_returns_after_the_checkpoint(tmp_path, tiny_m
     assert "cpu_1.yaml --num_processes 1" in log
     # The helper returned only after the training process had finished its checkpoint.
     assert "SIGTERM received: checkpointing" in log and "exiting with 75" in log, log[-3000:]
+    manifest.verify(manifest.newest_valid(run_dir, print))
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid`, from /proc (children of each thread)."""
+    found, queue = [], [pid]
+    while queue:
+        parent = queue.pop()
+        for task in Path(f"/proc/{parent}/task").glob("*"):
+            try:
+                children = [int(child) for child in (task / "children").read_text().split()]
+            except OSError:  # gone meanwhile
+                continue
+            found += children
+            queue += children
+    return found
+
+
+def training_processes(pid: int) -> list[int]:
+    """The processes below `pid` that torchrun started as ranks: RANK is in their environment from the start."""
+    ranks = []
+    for child in descendants(pid):
+        try:
+            environment = Path(f"/proc/{child}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if any(variable.startswith(b"RANK=") for variable in environment):
+            ranks.append(child)
+    return ranks
+
+
+@pytest.mark.slow
+def test_sigterm_during_the_start_up_is_a_preemption_and_the_helper_returns_its_exit_code(tmp_path, tiny_mnist):
+    """Before: ranks signalled in their first seconds (imports, the process group) died of it (exit 143) instead
+    of checkpointing, and the helper returned torchrun's 1 where the ranks had exited with 75."""
+    run_dir = tmp_path / "run"
+    output = (tmp_path / "out.txt").open("w")
+    helper = subprocess.Popen(
+        [sys.executable, "-m", "train.launch", "--processes-per-node", "2", "--", *TINY, "train.steps=100000",
+         "train.check_every=1", f"data.path={tiny_mnist}", f"run.dir={run_dir}"],
+        cwd=REPO, env=run_env(), stdout=output, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 60
+    while len(training_processes(helper.pid)) < 2:
+        assert helper.poll() is None and time.monotonic() < deadline, (tmp_path / "out.txt").read_text()
+        time.sleep(0.05)
+    time.sleep(1.5)  # past the interpreter's own start, seconds before torch is imported
+    assert not (run_dir / "metrics.jsonl").exists()
+    helper.send_signal(signal.SIGTERM)
+    code = helper.wait(timeout=120)
+    log = (tmp_path / "out.txt").read_text()
+    assert code == EXIT_PREEMPTED, log[-3000:]
+    assert log.count("SIGTERM received: checkpointing at the next step boundary") >= 2, log[-3000:]
     manifest.verify(manifest.newest_valid(run_dir, print))
 
 

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from conftest import all_state, assert_bitwise_equal, logged_metrics, run_env, run_train, run_with_fault
-from train.faults import EXIT_PREEMPTED
+from train.preemption import EXIT_PREEMPTED
 
 pytestmark = pytest.mark.slow
 STEPS = 30

@@ -1,21 +1,35 @@
 """`python -m train [--config FILE] [key=value ...]`: one training run (exit codes in the README).
 
-The configuration, run.dir's lock and the checkpoint to resume from are read and checked before
-torch and the training code are imported, so a mistake in any is reported at once instead of
-after the seconds they take to load.
+The preemption handler comes first, so a SIGTERM during the start-up is a preemption like any
+other. The configuration, run.dir's lock and the checkpoint to resume from are read and checked
+before torch and the training code are imported, so a mistake in any is reported at once instead
+of after the seconds they take to load.
 """
 
-import os
-import sys
-from contextlib import nullcontext
-from pathlib import Path
+from train import preemption
 
-from train import run_lock
-from train.config import Config, ConfigError, RunError, changed_settings, parse_args
-from train.manifest import EXIT_WRITE_FAILED, RunWriteError, read_state, resume_point
+preemption.install()  # before the slow imports and start-up below
+
+import os  # noqa: E402
+import sys  # noqa: E402
+from contextlib import nullcontext  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from train import run_lock  # noqa: E402
+from train.config import Config, ConfigError, RunError, changed_settings, parse_args  # noqa: E402
+from train.launch import EXIT_CODES_ENV  # noqa: E402
+from train.manifest import EXIT_WRITE_FAILED, RunWriteError, read_state, resume_point  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The exit code; also left where `python -m train.launch` asked, as the launcher in between replaces it."""
+    code = run(argv)
+    if os.environ.get(EXIT_CODES_ENV):
+        Path(os.environ[EXIT_CODES_ENV], f"rank_{os.environ.get('RANK', '0')}").write_text(str(code))
+    return code
+
+
+def run(argv: list[str] | None) -> int:
     try:
         cfg = parse_args(argv)
         first_rank = os.environ.get("RANK", "0") == "0"  # set by `accelerate launch`; no process group yet

@@ -33,7 +33,7 @@ from torch import nn
 
 from train import models
 from train.config import REPO_ROOT, SHIPPED_MNIST, EvalConfig
-from train.faults import EXIT_PREEMPTED
+from train.preemption import EXIT_PREEMPTED
 from train.launch import free_port
 from train.files import write_atomically
 from train.metrics import Evaluator

@@ -1,8 +1,8 @@
 """Faults a run must survive, agreed on by all ranks at the same step boundary.
 
-Preemption: SIGTERM or SIGUSR1 on any rank sets a flag; at the next check all ranks learn of it
-together, write a checkpoint and exit with EXIT_PREEMPTED, so no rank waits in a collective for a
-rank that has left. Non-finite numbers: each step writes each network's loss and (without fp16
+Preemption: SIGTERM or SIGUSR1 on any rank sets a flag (train/preemption.py); at the next check
+all ranks learn of it together, write a checkpoint and exit with EXIT_PREEMPTED, so no rank waits
+in a collective for a rank that has left. Non-finite numbers: each step writes each network's loss and (without fp16
 loss scaling) its largest gradient norm into a small buffer on the device, a handful of operations
 and no host synchronisation; the check reads the steps since the last check on every rank and
 names the first bad one. In `skip` mode the decision is taken before every optimizer step.
@@ -11,44 +11,16 @@ names the first bad one. In `skip` mode the decision is taken before every optim
 from __future__ import annotations
 
 import math
-import signal
-import sys
-import time
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
+from train import preemption
 from train.distributed import is_distributed
 
 EXIT_NONFINITE = 3  # stopped on a non-finite loss or gradient; the last checkpoint is intact
-EXIT_PREEMPTED = 75  # EX_TEMPFAIL: a checkpoint was written on a signal; requeue and the run resumes
-PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 NETWORK_INDEX = {"discriminator": 0, "generator": 1}
-
-
-class PreemptionFlag:
-    """Remembers the first SIGTERM/SIGUSR1; later ones are ignored so a save is never cut short."""
-
-    def __init__(self):
-        self.signal_name: str | None = None
-        self.received_at: float | None = None
-        for signum in PREEMPTION_SIGNALS:
-            signal.signal(signum, self._handle)
-
-    def _handle(self, signum, frame) -> None:
-        name = signal.Signals(signum).name
-        if self.signal_name is None:
-            self.signal_name, self.received_at = name, time.monotonic()
-            print(f"\n{name} received: checkpointing at the next step boundary", file=sys.stderr, flush=True)
-        else:
-            print(f"\n{name} received while already stopping: ignored", file=sys.stderr, flush=True)
-
-    def report_saved(self, checkpoint_name: str) -> None:
-        """On the rank(s) that got the signal: how long the way to a finished checkpoint took."""
-        if self.signal_name is not None:
-            seconds = time.monotonic() - self.received_at
-            print(f"\n{checkpoint_name} finished {seconds:.2f} s after the signal", file=sys.stderr, flush=True)
 
 
 @dataclass
@@ -69,7 +41,7 @@ class FaultMonitor:
     def __init__(self, action: str, device: torch.device, check_gradients: bool, check_every: int):
         self.action = action
         self.check_gradients = check_gradients
-        self.preemption = PreemptionFlag()
+        self.preemption = preemption.install()
         # A CPU group for control messages, so a check never waits on the accelerator's stream.
         self.group = dist.new_group(backend="gloo") if is_distributed() else None
         # This step's [network, (loss, largest gradient norm)], written inside the step at a fixed

@@ -21,12 +21,16 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from train.config import REPO_ROOT
 
 ACCELERATE_CONFIGS = REPO_ROOT / "launch" / "accelerate"
+# A folder where each training process leaves its exit code (`rank_<r>`): torchrun and Accelerate's
+# one-process launcher exit with 1 whatever their processes' codes were.
+EXIT_CODES_ENV = "GAN_EXIT_CODES_DIR"
 PR_SET_CHILD_SUBREAPER = 36  # prctl option: orphaned descendants are re-parented to this process
 
 
@@ -101,7 +105,17 @@ def command(topology: Topology, train_args: list[str]) -> list[str]:
 
 
 def run(line: list[str], environment: dict[str, str]) -> int:
-    """Run the launcher in its own process group; pass on preemption; wait for every descendant."""
+    """Run the launcher in its own process group; pass on preemption; wait for every descendant.
+
+    Returns the training's exit code where the launcher failed and its processes agree on one (75
+    after a preemption, 74 on a full disk, ...), else the launcher's."""
+    with tempfile.TemporaryDirectory(prefix="gan-exit-codes-") as codes:
+        code = _run_and_wait(line, dict(environment, **{EXIT_CODES_ENV: codes}))
+        agreed = {path.read_text() for path in Path(codes).iterdir()}
+    return int(agreed.pop()) if code != 0 and len(agreed) == 1 else code
+
+
+def _run_and_wait(line: list[str], environment: dict[str, str]) -> int:
     if sys.platform.startswith("linux"):
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
     launcher = subprocess.Popen(line, env=environment, start_new_session=True)

@@ -27,7 +27,8 @@ from train.cuda_graph import ReplayableStep
 from train.data import ShardedBatches, derived_seed, to_uint8
 from train.distributed import check_ranks_agree, ddp_without_forward_buffer_sync, sync_buffers_from_main
 from train.ema import GeneratorEMA
-from train.faults import EXIT_NONFINITE, EXIT_PREEMPTED, FaultMonitor
+from train.faults import EXIT_NONFINITE, FaultMonitor
+from train.preemption import EXIT_PREEMPTED
 from train.profiling import StepProfiler
 
 SAMPLE_GRID_SIZE = 64
