@@ -33,11 +33,11 @@ from torch import nn
 
 from train import models
 from train.config import REPO_ROOT, SHIPPED_MNIST, EvalConfig
-from train.preemption import EXIT_PREEMPTED
-from train.launch import free_port
 from train.files import write_atomically
+from train.launch import free_port
 from train.metrics import Evaluator
 from train.plots import read_metrics
+from train.preemption import EXIT_PREEMPTED
 
 BUILT_IN_VARIANTS = ("blog", "project", "fastest", "dcgan")  # (a)-(d)
 STOP_GRACE_S = 60  # a quality run stopped by its time limit gets this long to checkpoint and exit

@@ -1,11 +1,11 @@
 """Faults a run must survive, agreed on by all ranks at the same step boundary.
 
-Preemption: SIGTERM or SIGUSR1 on any rank sets a flag (train/preemption.py); at the next check
-all ranks learn of it together, write a checkpoint and exit with EXIT_PREEMPTED, so no rank waits
-in a collective for a rank that has left. Non-finite numbers: each step writes each network's loss and (without fp16
-loss scaling) its largest gradient norm into a small buffer on the device, a handful of operations
-and no host synchronisation; the check reads the steps since the last check on every rank and
-names the first bad one. In `skip` mode the decision is taken before every optimizer step.
+Preemption: SIGTERM or SIGUSR1 on any rank sets a flag (train/preemption.py); at the next check all
+ranks learn of it together, write a checkpoint and exit with EXIT_PREEMPTED, so no rank waits in a
+collective for a rank that has left. Non-finite numbers: each step writes each network's loss and
+(without fp16 loss scaling) its largest gradient norm into a small buffer on the device, a handful
+of operations and no host synchronisation; the check reads the steps since the last check on every
+rank and names the first bad one. In `skip` mode the decision is taken before every optimizer step.
 """
 
 from __future__ import annotations
