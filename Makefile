@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml
 
 # Slurm, munge and shellcheck for the template tests (apt-get, as root; see the script).
 system-packages:
-	bash tests/system_packages.sh
+	bash tests/helpers/system_packages.sh
 
 train: $(STAMP)
 	$(PY) -m train --config $(CONFIG) $(ARGS)
@@ -36,7 +36,7 @@ test-quick: $(STAMP)
 	$(PYTEST) -m "not slow"
 
 bench: $(STAMP)
-	$(PY) -m train.bench $(BENCH_ARGS) --out bench.json
+	$(PY) -m benchmarks.bench $(BENCH_ARGS) --out bench.json
 
 clean:
 	rm -rf runs .pytest_cache

@@ -101,8 +101,8 @@ def eval_cache(tmp_path_factory) -> Path:
 
 def run_with_fault(fault: str, step: int, rank: int, args: list[str], processes: int = 1,
                    env: dict | None = None) -> subprocess.CompletedProcess:
-    """tests/interrupt.py: the real training with one fault pinned to a step (see its docstring)."""
-    harness = [str(REPO / "tests" / "interrupt.py"), fault, str(step), str(rank)]
+    """tests/helpers/interrupt.py: the real training with one fault pinned to a step (see its docstring)."""
+    harness = [str(REPO / "tests" / "helpers" / "interrupt.py"), fault, str(step), str(rank)]
     if processes == 1:
         return subprocess.run([sys.executable, *harness, *args], cwd=REPO, env=env or run_env(),
                               capture_output=True, text=True, timeout=300)

@@ -1,4 +1,4 @@
-"""`python -m train.bench`: what it writes, on custom variants short enough for the CPU."""
+"""`python -m benchmarks.bench`: what it writes, on custom variants short enough for the CPU."""
 
 import importlib.util
 import json
@@ -8,20 +8,21 @@ import sys
 
 import pytest
 
+from benchmarks import bench
 from conftest import REPO, logged_metrics, run_env
-from train import bench, config
+from train import config
 
 
 @pytest.mark.slow
 def test_bench_times_custom_variants_and_records_one_that_cannot_run(tmp_path):
     out = tmp_path / "bench.json"
-    result = subprocess.run([sys.executable, "-m", "train.bench", "--variants", "", "--steps", "4", "--warmup", "2",
+    result = subprocess.run([sys.executable, "-m", "benchmarks.bench", "--variants", "", "--steps", "4", "--warmup", "2",
                              "--custom", "refused=configs/smoke.yaml:train.cuda_graph=true,train.on_nonfinite=skip",
                              "--custom", "tiny=configs/smoke.yaml:data.batch_size=8,model.z_dim=16", "--out", str(out)],
                             cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 1  # a variant failed; the others were still measured
     report = json.loads(out.read_text())
-    assert report["command"].startswith("python -m train.bench --variants")
+    assert report["command"].startswith("python -m benchmarks.bench --variants")
     assert "needs train.on_nonfinite=stop or rollback" in report["throughput"]["refused"]["failed"]
     tiny = report["throughput"]["tiny"]
     assert tiny["global_batch"] == 8  # the override reached the run
@@ -34,7 +35,7 @@ def test_bench_times_custom_variants_and_records_one_that_cannot_run(tmp_path):
 def test_bench_times_the_blogs_loop_against_the_project_and_the_scaling_table(tmp_path):
     """(a) and (b) of the benchmark and its table under `accelerate launch`, for a few steps on the CPU."""
     out = tmp_path / "bench.json"
-    result = subprocess.run([sys.executable, "-m", "train.bench", "--variants", "blog,project", "--steps", "4",
+    result = subprocess.run([sys.executable, "-m", "benchmarks.bench", "--variants", "blog,project", "--steps", "4",
                              "--warmup", "2", "--processes", "1,2", "--out", str(out)],
                             cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -56,7 +57,7 @@ def test_time_to_quality_reads_each_runs_evaluations_and_records_one_that_fails(
     'not reached' (on a GPU, a capture that fails must not read as a slow recipe)."""
     out, runs = tmp_path / "bench.json", tmp_path / "runs"
     cut = "cut=configs/smoke.yaml:train.steps=100000,data.batch_size=8,eval.every=10,eval.num_samples=100"
-    result = subprocess.run([sys.executable, "-m", "train.bench", "--variants", "", "--ttq-seconds", "30",
+    result = subprocess.run([sys.executable, "-m", "benchmarks.bench", "--variants", "", "--ttq-seconds", "30",
                              "--ttq-custom", "refused=configs/smoke.yaml:train.cuda_graph=true", "--ttq-custom", cut,
                              "--runs-dir", str(runs), "--eval-cache-dir", str(eval_cache), "--out", str(out)],
                             cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=300)
@@ -82,8 +83,8 @@ def test_time_to_quality_reads_each_runs_evaluations_and_records_one_that_fails(
 
 
 def test_every_variant_of_the_gpu_suite_is_a_valid_config():
-    """A typo in launch/gpu_suite.sh would cost a session's scarce GPU time; the CPU finds it first."""
-    script = (REPO / "launch" / "gpu_suite.sh").read_text()
+    """A typo in benchmarks/gpu_suite.sh would cost a session's scarce GPU time; the CPU finds it first."""
+    script = (REPO / "benchmarks" / "gpu_suite.sh").read_text()
     variables = dict(re.findall(r'local (\w+)="([^"]*)"', script))
     specs = [re.sub(r"\$(\w+)", lambda variable: variables[variable[1]], spec)
              for spec in re.findall(r'--(?:ttq-)?custom "([^"]+)"', script)]
@@ -94,8 +95,8 @@ def test_every_variant_of_the_gpu_suite_is_a_valid_config():
 
 
 def test_every_config_of_the_cuda_graph_check_is_valid(monkeypatch):
-    """The same for launch/check_cuda_graph.py, which the suite's `graph` part runs first."""
-    spec = importlib.util.spec_from_file_location("check_cuda_graph", REPO / "launch" / "check_cuda_graph.py")
+    """The same for benchmarks/check_cuda_graph.py, which the suite's `graph` part runs first."""
+    spec = importlib.util.spec_from_file_location("check_cuda_graph", REPO / "benchmarks" / "check_cuda_graph.py")
     check = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(check)
     monkeypatch.chdir(REPO)
@@ -112,7 +113,7 @@ def test_every_config_of_the_cuda_graph_check_is_valid(monkeypatch):
 def test_bench_refuses_a_mistaken_command_line_before_its_first_measurement(tmp_path, args, message):
     """A typo used to surface minutes in (a KeyError after the variants before it, or a failed run)."""
     out = tmp_path / "bench.json"
-    result = subprocess.run([sys.executable, "-m", "train.bench", *args, "--out", str(out)], cwd=REPO, env=run_env(),
+    result = subprocess.run([sys.executable, "-m", "benchmarks.bench", *args, "--out", str(out)], cwd=REPO, env=run_env(),
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and f"error: {message}" in result.stderr, result.stderr[-2000:]
     assert not out.exists()

@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from conftest import (REPO, TINY, all_state, assert_bitwise_equal, logged_metrics, run_env, run_train,
                       snapshot_files)
-from train import manifest, models
+from train import errors, manifest, models
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +122,7 @@ def test_saving_a_step_that_has_a_valid_checkpoint_is_refused_and_keeps_it(finis
     snapshot = Snapshot(networks={"generator": generator, "discriminator": discriminator}, optimizers={},
                         noise=torch.Generator(), progress=Progress(step=6), config={})
     before = snapshot_files(run_dir)
-    with pytest.raises(manifest.CheckpointError, match="step_00000006 already exists; it is never overwritten"):
+    with pytest.raises(errors.CheckpointError, match="step_00000006 already exists; it is never overwritten"):
         save(Accelerator(cpu=True), run_dir, snapshot)
     assert snapshot_files(run_dir) == before
 

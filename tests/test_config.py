@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from train.config import ConfigError, available_configs, load
+from train.config import available_configs, load
+from train.errors import ConfigError
 
 
 @pytest.mark.parametrize("name", available_configs())

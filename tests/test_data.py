@@ -9,7 +9,8 @@ import torch
 
 from conftest import write_idx_images
 from train.config import DataConfig
-from train.data import DataError, DataPosition, ShardedBatches, load_images, read_idx_images
+from train.data import DataPosition, ShardedBatches, load_images, read_idx_images
+from train.errors import DataError
 
 CPU = torch.device("cpu")
 

@@ -18,7 +18,7 @@ BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
 def probe(request, tmp_path_factory):
     """With and without the R1 penalty, whose double backward runs through the DDP-wrapped D."""
     out = tmp_path_factory.mktemp("probe")
-    args = [str(REPO / "tests" / "ddp_probe.py"), str(out), "model.arch=seed", "data.batch_size=8",
+    args = [str(REPO / "tests" / "helpers" / "ddp_probe.py"), str(out), "model.arch=seed", "data.batch_size=8",
             f"train.steps={PROBE_STEPS}", "logging.wandb=disabled", "train.cpu=true", "ema.statistics_images=64",
             f"loss.r1_gamma={request.param}", f"run.dir={out / 'run'}"]
     result = accelerate_launch(2, args)

@@ -10,7 +10,7 @@ import torch
 
 from conftest import REPO, free_port, run_env, run_with_fault
 from train import manifest
-from train.faults import EXIT_NONFINITE
+from train.errors import EXIT_NONFINITE
 
 pytestmark = pytest.mark.slow
 
@@ -76,7 +76,7 @@ def test_without_a_supervising_launcher_the_survivor_times_out(tiny_mnist, tmp_p
         env = run_env(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         fault = ["die", "6", "1"]
-        command = [sys.executable, str(REPO / "tests" / "interrupt.py"), *fault,
+        command = [sys.executable, str(REPO / "tests" / "helpers" / "interrupt.py"), *fault,
                    *tiny_run(tiny_mnist, tmp_path, "train.steps=400", "train.timeout_s=10")]
         processes.append(subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE,
                                           stderr=subprocess.PIPE, text=True))

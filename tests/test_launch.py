@@ -1,4 +1,4 @@
-"""launch/: the Accelerate config files, the topology helper, and the shell scripts' lint."""
+"""launch/ and train/launch.py: the Accelerate config files, the topology helper, and the shell scripts' lint."""
 
 from __future__ import annotations
 
@@ -16,9 +16,10 @@ from accelerate.commands.config.config_args import load_config_from_file
 from conftest import REPO, TINY, run_env
 from train import manifest
 from train.launch import ACCELERATE_CONFIGS, LaunchError, Topology, command, detect
-from train.preemption import EXIT_PREEMPTED
+from train.errors import EXIT_PREEMPTED
 
-SHELL_SCRIPTS = sorted(str(p.relative_to(REPO)) for pattern in ("slurm/*.sbatch", "slurm/*.sh", "launch/*.sh", "tests/*.sh")
+SHELL_SCRIPTS = sorted(str(p.relative_to(REPO))
+                       for pattern in ("slurm/*.sbatch", "slurm/*.sh", "benchmarks/*.sh", "tests/helpers/*.sh")
                        for p in REPO.glob(pattern))
 
 

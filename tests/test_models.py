@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from blog_reference import Discriminator as BlogDiscriminator, Generator as BlogGenerator, blog_losses
+from helpers.blog_reference import Discriminator as BlogDiscriminator, Generator as BlogGenerator, blog_losses
 from train import losses, models
 
 LOSS_TOLERANCE = 1e-5  # float32 BCE on probabilities vs softplus on logits

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from conftest import all_state, assert_bitwise_equal, logged_metrics, run_env, run_train, run_with_fault
-from train.preemption import EXIT_PREEMPTED
+from train.errors import EXIT_PREEMPTED
 
 pytestmark = pytest.mark.slow
 STEPS = 30
@@ -35,7 +35,7 @@ def uninterrupted(tiny_mnist, tmp_path_factory):
 def preempt(tiny_mnist, run_dir, fault, step, rank, processes, *extra, resumed_at=0):
     """One run that gets `fault` on `rank` at absolute step `step` and must leave a checkpoint of that step.
 
-    tests/interrupt.py counts the steps of its own process, so a run resumed at `resumed_at` is told
+    tests/helpers/interrupt.py counts the steps of its own process, so a run resumed at `resumed_at` is told
     `step - resumed_at`.
     """
     result = run_with_fault(fault, step - resumed_at, rank, tiny_run(tiny_mnist, run_dir, *extra), processes)
@@ -59,7 +59,7 @@ def test_one_process_resumes_bitwise_after_each_preemption_and_keeps_one_wandb_r
                                                                                    uninterrupted):
     """SIGTERM at step 7 with a second SIGTERM while its checkpoint is written, then SIGUSR1 at step 17."""
     pytest.importorskip("wandb")
-    from wandb_records import records
+    from helpers.wandb_records import records
     preempt(tiny_mnist, tmp_path, "double-signal", 7, 0, 1, "logging.wandb=offline")
     second = preempt(tiny_mnist, tmp_path, "signal:USR1", 17, 0, 1, "logging.wandb=offline", resumed_at=7)
     assert_resumed_from(second, tmp_path, 7)

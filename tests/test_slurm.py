@@ -1,4 +1,4 @@
-"""The sbatch templates, submitted as they ship to a real Slurm cluster on this host (tests/slurm_cluster.py).
+"""The sbatch templates, submitted as they ship to a real Slurm cluster on this host (tests/helpers/slurm_cluster.py).
 
 Slurm needs root and Debian's slurmctld, slurmd, slurm-client and munge (`make test` installs
 them where it can). Without them these tests are skipped, unless GAN_REQUIRE_SYSTEM_TOOLS=1 (CI sets it)
@@ -16,7 +16,7 @@ import pytest
 from safetensors.torch import load_file
 
 from conftest import REPO, final_weights, latest_checkpoint, run_env
-from slurm_cluster import HOSTS_FILE, LocalSlurm, missing_programs, resolves
+from helpers.slurm_cluster import HOSTS_FILE, LocalSlurm, missing_programs, resolves
 from train import manifest
 from train.distributed import weights_digest
 from train.plots import read_metrics

@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from conftest import REPO, TINY, logged_metrics, run_env, run_train, snapshot_files
-from train import manifest
+from train import errors
 
 EVERY_STEP_LOGGED = TINY + ["logging.every=1", "checkpoint.every=2", "checkpoint.keep_last=0"]
 
@@ -46,7 +46,7 @@ def test_a_checkpoint_that_cannot_be_written_stops_the_run_and_keeps_the_earlier
     before = snapshot_files(six_steps / "checkpoints")
     run = EVERY_STEP_LOGGED + [f"run.dir={six_steps}", "train.steps=8"]
     limited = run_with_file_size_limit(["train", *run], 400_000)
-    assert limited.returncode == manifest.EXIT_WRITE_FAILED, limited.stderr[-2000:]
+    assert limited.returncode == errors.EXIT_WRITE_FAILED, limited.stderr[-2000:]
     assert ("error: writing checkpoint step_00000008 failed ([Errno 27] File too large); its partial folder is "
             f"removed. The newest intact checkpoint is {six_steps / 'checkpoints' / 'step_00000006'}") in limited.stderr
     assert snapshot_files(six_steps / "checkpoints") == before  # no partial folder, nothing overwritten
@@ -61,7 +61,7 @@ def test_a_metrics_line_that_cannot_be_appended_stops_the_run_and_is_dropped_on_
     before = snapshot_files(six_steps / "checkpoints")
     run = EVERY_STEP_LOGGED + [f"run.dir={six_steps}", "train.steps=10"]
     limited = run_with_file_size_limit(["train", *run], metrics.stat().st_size + 100)
-    assert limited.returncode == manifest.EXIT_WRITE_FAILED, limited.stderr[-2000:]
+    assert limited.returncode == errors.EXIT_WRITE_FAILED, limited.stderr[-2000:]
     assert (f"error: appending to {metrics} failed ([Errno 27] File too large). The newest intact checkpoint is "
             f"{six_steps / 'checkpoints' / 'step_00000006'}: make room") in limited.stderr
     assert snapshot_files(six_steps / "checkpoints") == before
@@ -76,7 +76,7 @@ def test_a_sample_grid_that_cannot_be_written_stops_the_run_and_leaves_no_partia
     """The logs fit under 100 kB, the grid (200 kB) does not; no checkpoint has been written yet."""
     run_dir = tmp_path / "run"
     limited = run_with_file_size_limit(["train", *TINY, f"run.dir={run_dir}", "logging.samples_every=2"], 100_000)
-    assert limited.returncode == manifest.EXIT_WRITE_FAILED, limited.stderr[-2000:]
+    assert limited.returncode == errors.EXIT_WRITE_FAILED, limited.stderr[-2000:]
     grid = run_dir / "samples" / "step_00000002.png"
     assert (f"error: writing {grid} failed ([Errno 27] File too large). There is no checkpoint yet: make room"
             in limited.stderr)
@@ -91,7 +91,7 @@ def test_a_tool_whose_output_does_not_fit_leaves_nothing_and_succeeds_when_run_a
     args = {"export": ["--out", out], "sample": ["--num", "2000", "--device", "cpu", "--out", out / "samples.npy"]}
     command = [f"train.{name}", "--checkpoint", six_steps, *args[name]]
     limited = run_with_file_size_limit(command, 1_000_000)
-    assert limited.returncode == manifest.EXIT_WRITE_FAILED, limited.stderr[-2000:]
+    assert limited.returncode == errors.EXIT_WRITE_FAILED, limited.stderr[-2000:]
     assert "failed ([Errno 27] File too large" in limited.stderr and "Traceback" not in limited.stderr
     assert list(out.iterdir()) == []
     again = subprocess.run([sys.executable, "-m", *map(str, command)], cwd=REPO, env=run_env(), capture_output=True,
@@ -121,5 +121,5 @@ def test_a_profile_that_cannot_be_written_is_reported_and_the_training_goes_on(t
     assert f"warning: writing the profile into {run_dir / 'profile'} failed" in limited.stderr, limited.stderr[-2000:]
     assert "profile of 2 steps written" not in limited.stdout
     assert list((run_dir / "profile").iterdir()) == []  # no partial trace
-    assert limited.returncode == manifest.EXIT_WRITE_FAILED
+    assert limited.returncode == errors.EXIT_WRITE_FAILED
     assert "error: writing checkpoint step_00000006 failed" in limited.stderr  # after the profile's steps 3 and 4

@@ -16,9 +16,10 @@ from contextlib import nullcontext  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 from train import run_lock  # noqa: E402
-from train.config import Config, ConfigError, RunError, changed_settings, parse_args  # noqa: E402
+from train.config import Config, changed_settings, parse_args  # noqa: E402
+from train.errors import EXIT_BAD_INPUT, EXIT_WRITE_FAILED, ConfigError, RunError, RunWriteError  # noqa: E402
 from train.launch import EXIT_CODES_ENV  # noqa: E402
-from train.manifest import EXIT_WRITE_FAILED, RunWriteError, read_state, resume_point  # noqa: E402
+from train.manifest import read_state, resume_point  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,7 +39,7 @@ def run(argv: list[str] | None) -> int:
             return start(cfg, report)
     except RunError as error:
         print(f"error: {error}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
     except RunWriteError as error:  # a full disk or quota: the checkpoints written so far are intact
         print(f"error: {error}", file=sys.stderr)
         return EXIT_WRITE_FAILED

@@ -34,12 +34,9 @@ from torch import nn
 
 from train.data import DataPosition
 from train.files import fsync, write_atomically, write_file
-from train.manifest import (LATEST, STATE, CheckpointError, checkpoint_name, checkpoints_dir, prune, read_state,
-                            resolve, sha256, stop_on_write_failure, verify, write_manifest)
-
-EXPORTED_WEIGHTS = "generator.safetensors"
-EXPORTED_DESCRIPTION = "generator.json"
-
+from train.errors import CheckpointError
+from train.manifest import (LATEST, STATE, checkpoint_name, checkpoints_dir, prune, read_state, stop_on_write_failure,
+                            verify, write_manifest)
 
 @dataclass
 class Progress:
@@ -201,6 +198,11 @@ def _load(path: Path, device: str = "cpu") -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path} is damaged: {error}") from None
 
 
+def load_network(path: Path, name: str, network: nn.Module) -> None:
+    """Load `<path>/<name>.safetensors` into `network`, after checking every tensor against the network's own."""
+    network.load_state_dict(_network_tensors(path, name, network))
+
+
 def _network_tensors(path: Path, name: str, network: nn.Module) -> dict[str, torch.Tensor]:
     """The weights and buffers of `name`, checked against `network`'s own, key by key."""
     file = path / f"{name}.safetensors"
@@ -300,59 +302,3 @@ def _apply_rng(tensors: dict, described: dict, noise: torch.Generator) -> None:
                          numpy_state["position"], numpy_state["has_gauss"], numpy_state["cached_gaussian"]))
     python_state = described["python"]
     random.setstate((python_state["version"], tuple(python_state["state"]), python_state["gauss"]))
-
-
-def export_generator(path: Path, out: Path, use_ema: bool = True) -> Path:
-    """Write `generator.safetensors` + `generator.json` (architecture and arguments) into `out`.
-
-    An export already in `out` is never overwritten (its checkpoint may since have been deleted by
-    `checkpoint.keep_last`). The description is written last: without it the folder is no export.
-    """
-    out = Path(out)
-    if (out / EXPORTED_WEIGHTS).exists() or (out / EXPORTED_DESCRIPTION).exists():
-        raise CheckpointError(f"{out} already holds an exported generator; it is never overwritten: "
-                              "export into another --out, or move that one away first")
-    source = resolve(path)
-    state = read_state(source)
-    name = _generator_file(source, use_ema)
-    out.mkdir(parents=True, exist_ok=True)
-    try:
-        write_atomically(out / EXPORTED_WEIGHTS, (source / name).read_bytes())
-        model = state["config"]["model"]
-        write_atomically(out / EXPORTED_DESCRIPTION, json.dumps({
-            "arch": model["arch"], "z_dim": model["z_dim"], "weights": name.removesuffix(".safetensors"),
-            "step": state["progress"]["step"], "source": str(source), "sha256": sha256(out / EXPORTED_WEIGHTS),
-        }, indent=1))
-    except OSError:  # a full disk: take back what this call wrote, or the retry would be refused as an overwrite
-        for written in (out / EXPORTED_WEIGHTS, out / EXPORTED_DESCRIPTION):
-            written.unlink(missing_ok=True)
-        raise
-    return out
-
-
-def _generator_file(folder: Path, use_ema: bool) -> str:
-    """The EMA generator where the checkpoint has one and it is wanted, else the trained one."""
-    return "generator_ema.safetensors" if use_ema and (folder / "generator_ema.safetensors").is_file() \
-        else "generator.safetensors"
-
-
-def load_generator(path: Path, build, device: str = "cpu", use_ema: bool = True) -> nn.Module:
-    """The generator of an exported folder, a checkpoint, or a run directory, in eval mode.
-
-    `build(arch, z_dim)` makes the empty network (models.build's generator), so this module needs
-    no knowledge of architectures.
-    """
-    path = Path(path)
-    if (path / EXPORTED_DESCRIPTION).is_file():
-        description = json.loads((path / EXPORTED_DESCRIPTION).read_text())
-        if sha256(path / EXPORTED_WEIGHTS) != description["sha256"]:
-            raise CheckpointError(f"{path / EXPORTED_WEIGHTS} is damaged: its SHA-256 does not match "
-                                  f"{EXPORTED_DESCRIPTION}")
-        arch, z_dim, folder, name = description["arch"], description["z_dim"], path, EXPORTED_WEIGHTS
-    else:
-        folder = resolve(path)
-        model = read_state(folder)["config"]["model"]
-        arch, z_dim, name = model["arch"], model["z_dim"], _generator_file(folder, use_ema)
-    network = build(arch, z_dim).to(device)
-    network.load_state_dict(_network_tensors(folder, name.removesuffix(".safetensors"), network))
-    return network.eval()

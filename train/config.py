@@ -15,17 +15,11 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
+from train.errors import ConfigError
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SHIPPED_MNIST = REPO_ROOT / "data" / "mnist"  # also the real set of the quality metrics
 MIN_EVAL_SAMPLES = 100  # fewer make the Fréchet distance and the neighbourhood metrics noise
-
-
-class RunError(ValueError):
-    """Input a run cannot start or go on with (exit code 2); the message names what is wrong and the fix."""
-
-
-class ConfigError(RunError):
-    """A configuration the run cannot start with; the message names the key and the fix."""
 
 
 @dataclass

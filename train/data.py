@@ -15,16 +15,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from train.config import DataConfig, RunError
+from train.config import DataConfig
+from train.errors import DataError
 
 IDX_MAGIC = {2049: 1, 2051: 3}  # labels: 1 dimension, images: 3 dimensions
 IDX_FILES = {"train": "train-images-idx3-ubyte", "test": "t10k-images-idx3-ubyte"}
 CHECKSUM_FILE = "SHA256SUMS"
 IMAGE_SHAPE = (28, 28)
-
-
-class DataError(RunError):
-    """Data that cannot be used; the message names the file or source and how to fix it."""
 
 
 def load_images(cfg: DataConfig, split: str = "train") -> torch.Tensor:
@@ -148,11 +145,6 @@ def _torchvision_images(root: str, name: str, train: bool) -> torch.Tensor:
 def derived_seed(*entropy: int) -> int:
     """A well-mixed 63-bit seed from several integers (run seed, epoch, rank, ...), the same everywhere."""
     return int(np.random.SeedSequence(list(entropy)).generate_state(1, dtype=np.uint64)[0] >> 1)
-
-
-def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """Images in [0, 1] to uint8 pixels, rounding exactly as torchvision's save_image does for PNGs."""
-    return images.mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8)
 
 
 @dataclass

@@ -44,6 +44,16 @@ def sync_buffers_from_main(module: nn.Module) -> None:
             dist.broadcast(buffer, src=0)
 
 
+def share_buffers(networks: dict[str, nn.Module], ema) -> None:
+    """Rank 0's BatchNorm statistics on every rank, before sampling or saving; the EMA generator's are measured
+    from its own weights (train/ema.py), the same on every rank, and rank 0's kept should a kernel differ.
+    A collective."""
+    sync_buffers_from_main(networks["generator"])
+    sync_buffers_from_main(networks["discriminator"])
+    ema.measure_statistics()
+    sync_buffers_from_main(ema.network)
+
+
 def weights_digest(state_dicts: dict[str, dict[str, torch.Tensor]]) -> str:
     """SHA-256 over every tensor's bytes, in sorted order: equal digests mean bitwise-equal weights."""
     digest = hashlib.sha256()

@@ -14,10 +14,10 @@ from pathlib import Path
 import torch
 
 from train.config import MIN_EVAL_SAMPLES, SHIPPED_MNIST, EvalConfig
-from train.data import to_uint8
-from train.manifest import CheckpointError
-from train.metrics import Evaluator
-from train.sample import available_device, generate, load
+from train.errors import EXIT_BAD_INPUT, CheckpointError
+from train.export import load_generator
+from train.metrics import Evaluator, to_uint8
+from train.sample import available_device, generate
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,10 +36,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.num < MIN_EVAL_SAMPLES:
         parser.error(f"--num must be at least {MIN_EVAL_SAMPLES}")
     try:  # before the test set's features: a wrong path costs no work
-        generator = load(args.checkpoint, args.device, use_ema=not args.no_ema) if args.checkpoint else None
+        generator = load_generator(args.checkpoint, args.device, use_ema=not args.no_ema) if args.checkpoint else None
     except CheckpointError as error:
         print(f"error: {error}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
     evaluator = Evaluator(SHIPPED_MNIST, Path(args.cache_dir), args.device)
     report = {"num_samples": args.num, "seed": args.seed}
     if generator is not None:

@@ -1,15 +1,78 @@
 """`python -m train.export --checkpoint <checkpoint or run dir> --out <dir>`: the generator alone.
 
-Writes `generator.safetensors` (the EMA generator unless --no-ema) and `generator.json`
-(architecture, z_dim, which weights, step, source, SHA-256): everything needed to build and load
-the generator without the training state.
+An exported generator is a folder of two files: `generator.safetensors` (the EMA generator unless
+--no-ema) and `generator.json` (architecture, z_dim, which weights, step, source checkpoint,
+SHA-256 of the weights): everything needed to build and load the generator without the training
+state. `load_generator` reads it, or the generator of a checkpoint or a run directory.
 """
 
-import argparse
-import sys
+from __future__ import annotations
 
-from train.checkpoint import export_generator
-from train.manifest import EXIT_WRITE_FAILED, CheckpointError
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from torch import nn
+
+from train import models
+from train.checkpoint import load_network
+from train.errors import EXIT_BAD_INPUT, EXIT_WRITE_FAILED, CheckpointError
+from train.files import write_atomically
+from train.manifest import read_state, resolve, sha256
+
+WEIGHTS = "generator.safetensors"
+DESCRIPTION = "generator.json"
+
+
+def export_generator(path: Path, out: Path, use_ema: bool = True) -> Path:
+    """Write the generator of the checkpoint (or run directory) `path` into `out`.
+
+    An export already in `out` is never overwritten (its checkpoint may since have been deleted by
+    `checkpoint.keep_last`). The description is written last: without it the folder is no export.
+    """
+    out = Path(out)
+    if (out / WEIGHTS).exists() or (out / DESCRIPTION).exists():
+        raise CheckpointError(f"{out} already holds an exported generator; it is never overwritten: "
+                              "export into another --out, or move that one away first")
+    source = resolve(path)
+    state = read_state(source)
+    name = _generator_name(use_ema)
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        write_atomically(out / WEIGHTS, (source / f"{name}.safetensors").read_bytes())
+        model = state["config"]["model"]
+        write_atomically(out / DESCRIPTION, json.dumps({
+            "arch": model["arch"], "z_dim": model["z_dim"], "weights": name,
+            "step": state["progress"]["step"], "source": str(source), "sha256": sha256(out / WEIGHTS),
+        }, indent=1))
+    except OSError:  # a full disk: take back what this call wrote, or the retry would be refused as an overwrite
+        for written in (out / WEIGHTS, out / DESCRIPTION):
+            written.unlink(missing_ok=True)
+        raise
+    return out
+
+
+def load_generator(path: Path, device: str = "cpu", use_ema: bool = True) -> nn.Module:
+    """The generator of an exported folder, a checkpoint, or a run directory, in eval mode."""
+    path = Path(path)
+    if (path / DESCRIPTION).is_file():
+        description = json.loads((path / DESCRIPTION).read_text())
+        if sha256(path / WEIGHTS) != description["sha256"]:
+            raise CheckpointError(f"{path / WEIGHTS} is damaged: its SHA-256 does not match {DESCRIPTION}")
+        arch, z_dim, folder = description["arch"], description["z_dim"], path
+        name = WEIGHTS.removesuffix(".safetensors")
+    else:
+        folder = resolve(path)
+        model = read_state(folder)["config"]["model"]
+        arch, z_dim, name = model["arch"], model["z_dim"], _generator_name(use_ema)
+    network = models.build_generator(arch, z_dim).to(device)
+    load_network(folder, name, network)
+    return network.eval()
+
+
+def _generator_name(use_ema: bool) -> str:
+    return "generator_ema" if use_ema else "generator"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         out = export_generator(args.checkpoint, args.out, use_ema=not args.no_ema)
     except CheckpointError as error:
         print(f"error: {error}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
     except OSError as error:
         print(f"error: exporting into {args.out} failed ({error}); nothing of it is left there: make room and "
               "run the same command again", file=sys.stderr)

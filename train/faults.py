@@ -19,8 +19,23 @@ import torch.distributed as dist
 from train import preemption
 from train.distributed import is_distributed
 
-EXIT_NONFINITE = 3  # stopped on a non-finite loss or gradient; the last checkpoint is intact
 NETWORK_INDEX = {"discriminator": 0, "generator": 1}
+
+
+class Preempted(Exception):
+    """Some rank got SIGTERM or SIGUSR1: every rank writes a checkpoint and exits with EXIT_PREEMPTED."""
+
+    def __init__(self, flag: preemption.PreemptionFlag):
+        super().__init__(flag.signal_name)
+        self.flag = flag
+
+
+class NonFiniteError(Exception):
+    """A non-finite loss or gradient on some rank: every rank rolls back or stops (`train.on_nonfinite`)."""
+
+    def __init__(self, event: NonFinite):
+        super().__init__(str(event))
+        self.event = event
 
 
 @dataclass
@@ -67,8 +82,9 @@ class FaultMonitor:
             self.recent[len(self.recent_steps)].copy_(self.current)
             self.recent_steps.append(step)
 
-    def check(self) -> tuple[NonFinite | None, bool]:
-        """(the earliest non-finite event on any rank, whether any rank was signalled). Collective."""
+    def check(self) -> None:
+        """Raise NonFiniteError for the earliest non-finite event on any rank, else Preempted where any rank was
+        signalled; every rank raises the same. Collective."""
         local = torch.cat([self.recent[:len(self.recent_steps)].flatten().double().cpu(),
                            torch.tensor([self.preemption.signal_name is not None], dtype=torch.float64)])
         rows = [local]
@@ -90,7 +106,10 @@ class FaultMonitor:
         # earliest step, D before G, and the rank whose loss itself went non-finite.
         earliest = min(events, key=lambda e: (e.step, NETWORK_INDEX[e.network], math.isfinite(e.loss), e.rank),
                        default=None)
-        return earliest, preempted
+        if earliest is not None:
+            raise NonFiniteError(earliest)
+        if preempted:
+            raise Preempted(self.preemption)
 
     @staticmethod
     def _largest_gradient_norm(optimizer: torch.optim.Optimizer) -> torch.Tensor:

@@ -11,7 +11,7 @@ import errno
 import os
 from pathlib import Path
 
-from train.config import RunError
+from train.errors import RunError
 
 
 def open_in_place(path: Path, flags: int, mode: int = 0o644) -> int:

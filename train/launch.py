@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from train.config import REPO_ROOT
+from train.errors import EXIT_BAD_INPUT
 
 ACCELERATE_CONFIGS = REPO_ROOT / "launch" / "accelerate"
 # A folder where each training process leaves its exit code (`rank_<r>`): torchrun and Accelerate's
@@ -157,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         topology = detect(dict(os.environ), gpus, args.processes_per_node)
     except LaunchError as error:
         print(f"error: {error}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
     line = command(topology, train_args)
     print(shlex.join(line), flush=True)
     if args.dry_run:

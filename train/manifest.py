@@ -15,7 +15,7 @@ import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
-from train.config import ConfigError, RunError
+from train.errors import CheckpointError, ConfigError, RunWriteError
 from train.files import write_file
 from train.run_lock import LOCK_FILE
 
@@ -41,17 +41,6 @@ RNG_SCHEMA = {"numpy": {"kind": str, "position": int, "has_gauss": int, "cached_
               "python": {"version": int, "state": [int], "gauss": (float, type(None))}}
 SAFETENSORS_DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2,
                            "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
-
-
-class CheckpointError(RunError):
-    """A checkpoint that cannot be used; the message names the file and what is wrong."""
-
-
-EXIT_WRITE_FAILED = 74  # EX_IOERR: a file of the run could not be written; the checkpoints already written are intact
-
-
-class RunWriteError(OSError):
-    """A file of the run could not be written (a full disk, a quota): the run stops, and says where it can resume."""
 
 
 @contextmanager

@@ -31,12 +31,17 @@ from safetensors import safe_open
 from torch import Tensor
 
 from train import classifier
-from train.data import read_idx_images, to_uint8
+from train.data import read_idx_images
 
 PRECISION_RECALL_K = 3
 DENSITY_COVERAGE_K = 5
 CLASS_PRESENT_SHARE = 0.01
 DISTANCE_CHUNK = 2048
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """Images in [0, 1] to uint8 pixels, rounding exactly as torchvision's save_image does for PNGs."""
+    return images.mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8)
 
 
 @dataclass
@@ -64,6 +69,23 @@ def extract(network: classifier.MnistClassifier, images: Tensor, batch_size: int
         features.append(hidden.float())
         probabilities.append(logits.float().softmax(1))
     return Features(torch.cat(features), torch.cat(probabilities))
+
+
+@torch.no_grad()
+def generate_sharded(network: torch.nn.Module, count: int, seed: int, accelerator) -> Tensor:
+    """`count` uint8 images [count, 1, 28, 28] from latents drawn once from `seed`, so the sample set does not
+    depend on the number of processes: each rank generates its share in eval mode, and all ranks get all
+    of them. A collective."""
+    was_training = network.training
+    network.eval()
+    z = torch.randn(count, network.z_dim, generator=torch.Generator().manual_seed(seed))
+    share = -(-count // accelerator.num_processes)
+    mine = torch.zeros(share, network.z_dim)
+    own = z[accelerator.process_index * share:(accelerator.process_index + 1) * share]
+    mine[: len(own)] = own  # the last rank's share is padded, and the padding dropped after the gather
+    images = torch.cat([to_uint8(network(chunk.to(accelerator.device)).float()) for chunk in mine.split(1000)])
+    network.train(was_training)
+    return accelerator.gather(images)[:count]
 
 
 def frechet_distance(a: Tensor, b: Tensor) -> float:

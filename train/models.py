@@ -144,10 +144,16 @@ class DCGANDiscriminator(nn.Module):
         return self.net(image).flatten()
 
 
-def build(arch: str, z_dim: int, upsample: str = "fused") -> tuple[nn.Module, nn.Module]:
-    """(generator, discriminator) for `model.arch`; `upsample` picks the seed generator's implementation."""
+def build_generator(arch: str, z_dim: int, upsample: str = "fused") -> nn.Module:
+    """The generator of `model.arch`; `upsample` picks the seed generator's implementation."""
     if arch == "seed":
-        return SeedGenerator(z_dim, upsample), SeedDiscriminator()
+        return SeedGenerator(z_dim, upsample)
     if arch == "dcgan":
-        return DCGANGenerator(z_dim), DCGANDiscriminator()
+        return DCGANGenerator(z_dim)
     raise ValueError(f"unknown model.arch {arch!r}")
+
+
+def build(arch: str, z_dim: int, upsample: str = "fused") -> tuple[nn.Module, nn.Module]:
+    """(generator, discriminator) for `model.arch`, built in that order (the order their weights are drawn in)."""
+    generator = build_generator(arch, z_dim, upsample)
+    return generator, SeedDiscriminator() if arch == "seed" else DCGANDiscriminator()

@@ -12,7 +12,6 @@ import signal
 import sys
 import time
 
-EXIT_PREEMPTED = 75  # EX_TEMPFAIL: a checkpoint was written on a signal; requeue and the run resumes
 PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 

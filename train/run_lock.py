@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from train.config import RunError
+from train.errors import RunError
 from train.files import open_in_place
 
 LOCK_FILE = ".lock"

@@ -13,11 +13,10 @@ import numpy as np
 import torch
 from torchvision.utils import make_grid, save_image
 
-from train import models
-from train.checkpoint import load_generator
-from train.data import to_uint8
+from train.errors import EXIT_BAD_INPUT, EXIT_WRITE_FAILED, CheckpointError
+from train.export import load_generator
 from train.files import write_atomically
-from train.manifest import EXIT_WRITE_FAILED, CheckpointError
+from train.metrics import to_uint8
 
 
 def available_device(name: str) -> str:
@@ -30,11 +29,6 @@ def available_device(name: str) -> str:
         raise argparse.ArgumentTypeError(f"{name} is not on this machine, which sees {torch.cuda.device_count()} "
                                          "CUDA GPU(s); use --device cpu")
     return name
-
-
-def load(path: str, device: str, use_ema: bool = True) -> torch.nn.Module:
-    """The generator at `path` (checkpoint, run directory or exported folder), in eval mode."""
-    return load_generator(path, lambda arch, z_dim: models.build(arch, z_dim)[0], device, use_ema=use_ema)
 
 
 @torch.no_grad()
@@ -60,10 +54,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.num < 1:
         parser.error("--num must be at least 1")
     try:
-        generator = load(args.checkpoint, args.device, use_ema=not args.no_ema)
+        generator = load_generator(args.checkpoint, args.device, use_ema=not args.no_ema)
     except CheckpointError as error:
         print(f"error: {error}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
     images = generate(generator, args.num, args.seed)
     encoded = io.BytesIO()
     if out.suffix == ".png":

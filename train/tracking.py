@@ -1,5 +1,6 @@
-"""Where a run's numbers and pictures go: JSON lines and PNG files in the run directory, always,
-and Weights & Biases through Accelerate's tracker when `logging.wandb` is online or offline.
+"""Where a run's config, numbers and pictures go: config.yaml, JSON lines and PNG files in the run
+directory, always, and Weights & Biases through Accelerate's tracker when `logging.wandb` is online
+or offline.
 
 Only the main process writes; every method is safe to call on every rank.
 """
@@ -20,13 +21,14 @@ import torch
 from accelerate import Accelerator
 from torchvision.utils import make_grid, save_image
 
-from train.checkpoint import Progress
-from train.config import Config, ConfigError, to_dict
-from train.data import to_uint8
+from train.config import Config, to_dict, to_yaml
+from train.errors import ConfigError
 from train.files import open_in_place, write_atomically
 from train.manifest import stop_on_write_failure
+from train.metrics import to_uint8
 from train.plots import plot_curves, read_metrics
 
+CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
 CURVES_FILE = "curves.png"
 SAMPLES_DIR = "samples"
@@ -89,24 +91,30 @@ def check_available(cfg: Config) -> None:
 
 
 class RunLog:
-    def __init__(self, accelerator: Accelerator, cfg: Config, run_dir: Path, progress: Progress):
-        """Open the run's logs; a resumed run continues them from `progress.step`, without duplicates.
-        W&B comes first: a login it refuses stops the run before the logs are touched."""
+    def __init__(self, accelerator: Accelerator, cfg: Config, run_dir: Path, step: int, wandb_run_id: str | None):
+        """Open the run's logs; a resumed run continues them from `step`, without duplicates, and the W&B run
+        `wandb_run_id` (a new one where None: `self.wandb_run_id`). W&B comes first: a login it refuses stops
+        the run before the logs are touched."""
         self.accelerator = accelerator
         self.run_dir = run_dir
         self.use_wandb = cfg.logging.wandb != "disabled"
         self.draw_curves = cfg.logging.curves
+        self.wandb_run_id = wandb_run_id
+        if accelerator.is_main_process:
+            run_dir.mkdir(parents=True, exist_ok=True)
         if self.use_wandb:
-            progress.wandb_run_id = progress.wandb_run_id or secrets.token_hex(4)  # kept in checkpoints
-            _start_wandb(accelerator, cfg, run_dir, progress.wandb_run_id)
+            self.wandb_run_id = wandb_run_id or secrets.token_hex(4)
+            _start_wandb(accelerator, cfg, run_dir, self.wandb_run_id)
         self.metrics_descriptor = None
         if accelerator.is_main_process:
             with stop_on_write_failure(f"rewriting {run_dir / METRICS_FILE}", run_dir):
                 self.metrics_descriptor = self._open_metrics()  # refuses a link before anything is read
-                if _drop_lines_after(run_dir / METRICS_FILE, progress.step, accelerator.print):
+                if _drop_lines_after(run_dir / METRICS_FILE, step, accelerator.print):
                     os.close(self.metrics_descriptor)
                     self.metrics_descriptor = self._open_metrics()  # the file that replaced it
             (run_dir / SAMPLES_DIR).mkdir(exist_ok=True)
+            with stop_on_write_failure(f"writing {run_dir / CONFIG_FILE}", run_dir):
+                write_atomically(run_dir / CONFIG_FILE, to_yaml(cfg))  # what this run uses, resolved
 
     def _open_metrics(self) -> int:
         """Opened once for the run, never through a link: appends cannot land outside run.dir."""

@@ -11,7 +11,7 @@ import yaml
 from conftest import REPO, TINY, logged_metrics, run_env, run_train
 
 pytest.importorskip("wandb")
-from wandb_records import offline_run  # noqa: E402  (needs wandb)
+from helpers.wandb_records import offline_run  # noqa: E402  (needs wandb)
 
 FAKE_KEY = "local-0123456789abcdef0123456789abcdef01234567"
 
@@ -95,10 +95,10 @@ def test_every_evaluation_is_logged_with_the_training_time_it_took(tmp_path, eva
 
 
 def test_asking_for_wandb_without_it_is_refused_before_any_work(monkeypatch):
-    from train import config, tracking
+    from train import config, errors, tracking
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real_find_spec(name, *a))
-    with pytest.raises(config.ConfigError, match="logging.wandb=offline needs the wandb package: `pip install wandb`"):
+    with pytest.raises(errors.ConfigError, match="logging.wandb=offline needs the wandb package: `pip install wandb`"):
         tracking.check_available(config.load(None, ["logging.wandb=offline"]))
 
 

@@ -13,7 +13,7 @@ import torch
 from accelerate import Accelerator
 
 from conftest import REPO, TINY, all_state, assert_bitwise_equal, final_weights, logged_metrics, run_env, run_train
-from train import config, loop
+from train import config, setup
 from train.tracking import TrainingWindow
 
 TIMINGS = ("images_per_second", "train_seconds")
@@ -77,7 +77,7 @@ def test_deterministic_mode_is_on_before_the_first_kernel(monkeypatch, tmp_path)
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
     cfg = config.load("configs/smoke.yaml", TINY + [f"run.dir={tmp_path}", "train.deterministic=true"])
     try:
-        loop.set_up(cfg, resume_from=None)
+        setup.set_up(cfg, resume_from=None)
         assert torch.are_deterministic_algorithms_enabled()
         assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"  # what cuBLAS needs to be deterministic
     finally:

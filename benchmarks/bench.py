@@ -1,4 +1,4 @@
-"""`python -m train.bench` (or `make bench`): throughput against the blog's loop, on the device found.
+"""`python -m benchmarks.bench` (or `make bench`): throughput against the blog's loop, on the device found.
 
   (a) blog     the blog's loop as written, in this project's code: torchvision MNIST with ToTensor
                through a DataLoader (workers 0), native bilinear upsampling, Sigmoid + BCELoss, an
@@ -33,11 +33,11 @@ from torch import nn
 
 from train import models
 from train.config import REPO_ROOT, SHIPPED_MNIST, EvalConfig
+from train.errors import EXIT_PREEMPTED
 from train.files import write_atomically
 from train.launch import free_port
 from train.metrics import Evaluator
 from train.plots import read_metrics
-from train.preemption import EXIT_PREEMPTED
 
 BUILT_IN_VARIANTS = ("blog", "project", "fastest", "dcgan")  # (a)-(d)
 STOP_GRACE_S = 60  # a quality run stopped by its time limit gets this long to checkpoint and exit
@@ -206,7 +206,7 @@ def hardware() -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m train.bench", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench", description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=300, help="timed steps per variant")
     parser.add_argument("--warmup", type=int, default=50, help="untimed steps first (also the log window)")
     parser.add_argument("--variants", default=",".join(BUILT_IN_VARIANTS), help="which of (a)-(d) to time")
@@ -226,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     custom, ttq_custom = ([custom_variant(spec) for spec in specs] for specs in (args.custom, args.ttq_custom))
     check_arguments(parser, args, custom + ttq_custom)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    report = {"hardware": hardware(), "command": " ".join(["python -m train.bench", *(argv or sys.argv[1:])]),
+    report = {"hardware": hardware(), "command": " ".join(["python -m benchmarks.bench", *(argv or sys.argv[1:])]),
               "throughput": {}}
     steps = max(args.steps // args.warmup, 1) * args.warmup
 

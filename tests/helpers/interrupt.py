@@ -1,6 +1,6 @@
 """`python -m train`, with one fault injected at a chosen step, for the fault-tolerance tests.
 
-Run as `python tests/interrupt.py FAULT STEP RANK [train args...]` (also under `accelerate launch`).
+Run as `python tests/helpers/interrupt.py FAULT STEP RANK [train args...]` (also under `accelerate launch`).
 The training code is the real one; only the moment of the fault is pinned down, by wrapping the
 data stream, which every step reads once at its start (STEP counts draws, so a fault fires once,
 also when a rollback redoes steps):

@@ -2,7 +2,7 @@
 
 Runs the loop's D and G updates (batch 64, fp32) under torch.profiler, with the native bilinear
 upsampling + convolution and with the fused matrix-product form, and prints the top kernels of each.
-Usage: python launch/profile_step.py [steps]
+Usage: python benchmarks/profile_step.py [steps]
 """
 
 import os

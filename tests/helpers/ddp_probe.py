@@ -1,6 +1,6 @@
 """Run by test_distributed under `accelerate launch --cpu --num_processes 2`.
 
-Drives the loop's own step functions while a DDP communication hook counts the all-reduces of
+Drives the loop's own step phases (train/step.py) while a DDP communication hook counts the all-reduces of
 each network in each phase, then writes this rank's weights, buffers, shard and counts to OUT.
 Usage: ddp_probe.py OUT key=value ...
 """
@@ -13,20 +13,20 @@ import torch
 from safetensors.torch import save_file
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
-from train import config, data, loop, losses
-from train.checkpoint import Snapshot
+from train import config, data, loop, losses, models, setup
+from train.distributed import share_buffers
 from train.ema import GeneratorEMA
 from train.faults import FaultMonitor
+from train.step import GANStep
+from train.tracking import TrainingWindow
 
 out, overrides = Path(sys.argv[1]), sys.argv[2:]
 cfg = config.load(None, overrides)
-accelerator, run_dir = loop.set_up(cfg, resume_from=None)
+accelerator, cfg = setup.set_up(cfg, resume_from=None)
 batches = data.ShardedBatches(data.load_images(cfg.data), cfg.data.batch_size, accelerator.process_index,
                               accelerator.num_processes, cfg.run.seed, accelerator.device)
 faults = FaultMonitor("stop", accelerator.device, check_gradients=True, check_every=cfg.train.steps)
-generator, discriminator = loop.build_models(cfg)
-g_optimizer, d_optimizer = loop.build_optimizers(cfg, generator, discriminator)
-generator, discriminator, g_optimizer, d_optimizer = accelerator.prepare(generator, discriminator, g_optimizer, d_optimizer)
+generator, discriminator, g_optimizer, d_optimizer = accelerator.prepare(*loop.build_networks(cfg))
 
 phase = "setup"
 allreduces = {f"{network}/{p}": 0 for network in ("generator", "discriminator") for p in ("d_step", "g_step")}
@@ -39,7 +39,10 @@ def counting(network):
     return hook
 
 
-ema = GeneratorEMA(loop.build_models(cfg)[0], accelerator.unwrap_model(generator), 500, 0.05, cfg.ema.statistics_images)
+ema = GeneratorEMA(models.build_generator(cfg.model.arch, cfg.model.z_dim), accelerator.unwrap_model(generator), 500,
+                   0.05, cfg.ema.statistics_images)
+gan = GANStep(accelerator, cfg.loss.kind, generator, discriminator, g_optimizer, d_optimizer, ema, faults,
+              TrainingWindow(accelerator.device), batches, cfg.model.z_dim)
 generator.register_comm_hook(None, counting("generator"))
 discriminator.register_comm_hook(None, counting("discriminator"))
 shard = batches.epoch_indices.clone()
@@ -50,9 +53,10 @@ for step in range(cfg.train.steps):
     phase = "d_step"
     fake = generator(z)
     r1_weight = losses.r1_weight(cfg.loss.r1_gamma, cfg.loss.r1_every, step + 1)
-    loop.discriminator_step(accelerator, cfg.loss.kind, r1_weight, discriminator, d_optimizer, real, fake, faults)
+    gan.real.copy_(real)
+    gan.update_discriminator(fake, r1_weight)
     phase = "g_step"
-    loop.generator_step(accelerator, cfg.loss.kind, discriminator, g_optimizer, fake, faults)
+    gan.update_generator(fake)
     ema.set_weight((step + 1) * batches.global_batch, batches.global_batch)
     ema.update(generator)
     faults.end_step(step + 1)
@@ -62,7 +66,7 @@ networks = {"generator": accelerator.unwrap_model(generator), "discriminator": a
             "generator_ema": ema.network}
 state = {f"{name}.{key}": value.detach().clone() for name, model in networks.items()
          for key, value in model.state_dict().items()}
-loop.share_buffers(Snapshot(networks, {}, None, None, {}), ema)
+share_buffers(networks, ema)
 synced = {f"{name}.{key}": value.detach().clone() for name, model in networks.items()
           for key, value in model.state_dict().items()}
 save_file(state, out / f"rank{rank}_local.safetensors")

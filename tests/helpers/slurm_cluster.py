@@ -8,7 +8,7 @@ resolve (they become the main address of multi-node jobs), so a line for them is
 accounting. Requeued jobs may start again after `cred_expire` + 1 s, so the credential lifetime
 is 10 s instead of 120 s.
 
-`python tests/slurm_cluster.py FOLDER` starts one by hand and prints how to use it; Ctrl-C stops it.
+`python tests/helpers/slurm_cluster.py FOLDER` starts one by hand and prints how to use it; Ctrl-C stops it.
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ class LocalSlurm:
         self.munge_socket = self.folder / "munge" / "munge.socket.2"
         self.nodes = NODES
         # Its own line, named by its folder: a second cluster running at once adds and removes only its own.
-        self.hosts_line = f"127.0.0.1 {' '.join(NODES)}  # tests/slurm_cluster.py {self.folder}, removed at its stop\n"
+        self.hosts_line = f"127.0.0.1 {' '.join(NODES)}  # tests/helpers/slurm_cluster.py {self.folder}\n"
         self.added_hosts_line = False
         self.processes: list[subprocess.Popen] = []
 

@@ -8,8 +8,8 @@ puts two eager runs) and once as a replayed CUDA graph (the first steps run eage
 replay the graph). Prints the largest weight difference of each pair; the graph run passes when it
 is bitwise equal to the eager one, or no further from it than ten times the eager runs' own spread.
 With `train.deterministic=true` both pairs must be bitwise equal. Throughput is the benchmark's
-(`train.bench --custom`).
-Usage: python launch/check_cuda_graph.py [steps]
+(`benchmarks.bench --custom`).
+Usage: python benchmarks/check_cuda_graph.py [steps]
 """
 
 import sys
@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 from train import manifest  # noqa: E402
-from train.bench import QUIET, run_checked  # noqa: E402
+from benchmarks.bench import QUIET, run_checked  # noqa: E402
 
 SEED = ["--config", "configs/seed.yaml", "train.mixed_precision=fp32"]
 # With lazy R1 on every 3rd step, steps 3, 6, 9 warm the R1 step's graph up, 12 captures it, 15 and 18 replay it.

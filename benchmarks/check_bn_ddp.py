@@ -2,7 +2,7 @@
 
 Two processes share one GPU over gloo (so rank 1 really receives rank 0's buffers). For each
 setting of `broadcast_buffers`, every rank runs D(real), D(fake), then one backward, as the
-training loop does, and prints what each rank saw. Usage: python launch/check_bn_ddp.py true|false
+training loop does, and prints what each rank saw. Usage: python benchmarks/check_bn_ddp.py true|false
 """
 
 import os

@@ -1,0 +1,80 @@
+"""Everything that can refuse a run, before anything is written: torch's global settings, the
+Accelerator for this launch, and the config resolved for it (`train.cuda_graph: null` becomes
+true or false; the caller's config is not changed).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import AutocastKwargs, InitProcessGroupKwargs, TorchDynamoPlugin
+
+from train import tracking
+from train.config import Config
+from train.distributed import ddp_without_forward_buffer_sync
+from train.errors import ConfigError
+from train.manifest import read_state
+
+
+def set_up(cfg: Config, resume_from: Path | None) -> tuple[Accelerator, Config]:
+    """The Accelerator and the resolved config, or a ConfigError naming what this launch cannot run."""
+    tracking.check_available(cfg)
+    # Without an accelerator, say so to Accelerate: processes started by `accelerate launch
+    # --multi_gpu` (torchrun) then form one gloo group instead of each believing it is alone.
+    cpu = cfg.train.cpu or not torch.accelerator.is_available()
+    if cfg.train.mixed_precision == "fp16" and cpu:
+        raise ConfigError("train.mixed_precision=fp16 needs a GPU; on the CPU use bf16 or fp32")
+    # cuDNN's float32 convolutions use TF32 by default; this extends it to the matrix products (the
+    # seed generator's fused upsampling, Linear layers).
+    torch.backends.cuda.matmul.allow_tf32 = cfg.train.tf32
+    if cfg.train.deterministic:  # before the first kernel: cuBLAS is deterministic only with a fixed workspace
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)  # also cuDNN's algorithm choice and inductor's autotuning
+    if cfg.train.cuda_graph and (cpu or not torch.cuda.is_available()):
+        raise ConfigError("train.cuda_graph=true needs a CUDA GPU; set train.cuda_graph=false on this machine")
+    accelerator = Accelerator(
+        cpu=cpu,
+        mixed_precision={"fp32": "no"}.get(cfg.train.mixed_precision, cfg.train.mixed_precision),
+        dynamo_plugin=TorchDynamoPlugin(backend="inductor" if cfg.train.compile else "no"),
+        log_with="wandb" if cfg.logging.wandb != "disabled" else None,
+        kwargs_handlers=[ddp_without_forward_buffer_sync(),
+                         InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.train.timeout_s)),
+                         # Autocast's cache of casts would be freed behind a CUDA graph's back; it saves
+                         # nothing here anyway (Accelerate enters autocast per forward, which uses each weight once).
+                         AutocastKwargs(cache_enabled=False)],
+    )
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, cuda_graph=_cuda_graph(cfg, accelerator)))
+    if cfg.loss.r1_gamma and accelerator.mixed_precision == "fp16":  # known only here: null means the launcher's
+        raise ConfigError("loss.r1_gamma > 0 needs bf16 or fp32: the R1 penalty's inner gradient is taken without "
+                          "fp16 loss scaling and could underflow; set train.mixed_precision=bf16")
+    if cfg.train.cuda_graph and (accelerator.num_processes > 1 or accelerator.mixed_precision == "fp16"):
+        raise ConfigError("train.cuda_graph=true runs one process without fp16 loss scaling; this launch has "
+                          f"{accelerator.num_processes} processes and mixed precision {accelerator.mixed_precision}: "
+                          "launch one process with bf16 or fp32, or set train.cuda_graph=false")
+    if resume_from is not None:
+        check_global_batch(resume_from, cfg.data.batch_size, accelerator.num_processes)
+    return accelerator, cfg
+
+
+def _cuda_graph(cfg: Config, accelerator: Accelerator) -> bool:
+    """`train.cuda_graph` as given, or where null: wherever a graph can run (docs/performance.md has the gain)."""
+    if cfg.train.cuda_graph is not None:
+        return cfg.train.cuda_graph
+    return (accelerator.device.type == "cuda" and accelerator.num_processes == 1
+            and accelerator.mixed_precision != "fp16" and cfg.train.on_nonfinite != "skip"
+            and not cfg.train.compile)  # with torch.compile: when asked for, until measured
+
+
+def check_global_batch(path: Path, batch_size: int, processes: int) -> None:
+    """Resuming on another number of processes keeps the global batch, or stops and says how."""
+    saved = read_state(path)["global_batch"]
+    if saved != batch_size * processes:
+        fix = (f"set data.batch_size={saved // processes}" if saved % processes == 0
+               else f"use a number of processes that divides {saved}")
+        raise ConfigError(f"checkpoint {path} was trained with a global batch of {saved}; this launch has "
+                          f"data.batch_size={batch_size} x {processes} processes = {batch_size * processes}: {fix}")

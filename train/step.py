@@ -1,0 +1,78 @@
+"""One training step on the device: update D on real and fake images, update G through the new D,
+average G.
+
+The step reads only tensors that stay at the same addresses (the batch and latent buffers that
+`sample` refills, the EMA weight, the networks and their optimizers' states) and leaves its
+statistics in tensors that do too (the training window, the fault record), with no host
+synchronisation and no host-side decision inside it: on one GPU it runs as one replayed CUDA graph
+(train/cuda_graph.py). Each phase turns on gradients for its own network only; during the G phase
+D's gradients are neither computed nor all-reduced.
+"""
+
+from __future__ import annotations
+
+import torch
+from accelerate import Accelerator
+
+from train import losses
+from train.data import ShardedBatches
+from train.ema import GeneratorEMA
+from train.faults import FaultMonitor
+from train.tracking import TrainingWindow
+
+
+class GANStep:
+    """The networks (as prepared by Accelerate), their optimizers, the EMA generator and the step's input buffers."""
+
+    def __init__(self, accelerator: Accelerator, loss_kind: str, generator, discriminator, g_optimizer, d_optimizer,
+                 ema: GeneratorEMA, faults: FaultMonitor, window: TrainingWindow, batches: ShardedBatches, z_dim: int):
+        self.accelerator, self.loss_kind = accelerator, loss_kind
+        self.generator, self.discriminator = generator, discriminator
+        self.g_optimizer, self.d_optimizer = g_optimizer, d_optimizer
+        self.ema, self.faults, self.window = ema, faults, window
+        self.real = batches.empty_batch()
+        self.z = torch.empty(batches.batch_size, z_dim, device=self.real.device)
+
+    def sample(self, batches: ShardedBatches, noise: torch.Generator) -> None:
+        """This rank's next batch and latents, into the step's buffers (in place: a CUDA graph reads them there)."""
+        self.real.copy_(batches.next())
+        torch.randn(self.z.shape, device=self.z.device, generator=noise, out=self.z)
+
+    def __call__(self, r1_weight: float) -> None:
+        """Update D, update G through the new D, average G; `r1_weight` > 0 adds the R1 penalty to D's loss."""
+        fake = self.generator(self.z)
+        d_loss, real_logits, fake_logits, r1_penalty = self.update_discriminator(fake, r1_weight)
+        g_loss = self.update_generator(fake)
+        self.ema.update(self.generator)
+        self.window.add(d_loss, g_loss, real_logits, fake_logits, r1_penalty)
+
+    def update_discriminator(self, fake: torch.Tensor, r1_weight: float):
+        """Update D on the real batch and on `fake` detached (G's graph is not touched). Returns D's loss, its
+        logits and, where `r1_weight` > 0, the R1 penalty before weighting (else None)."""
+        self.discriminator.requires_grad_(True)
+        real = self.real.detach().requires_grad_(True) if r1_weight else self.real  # a view: the buffer stays plain
+        real_logits = self.discriminator(real)
+        fake_logits = self.discriminator(fake.detach())
+        d_loss = losses.discriminator_loss(self.loss_kind, real_logits, fake_logits)
+        r1_penalty = None
+        if r1_weight:
+            r1_penalty = losses.r1_penalty(real_logits, real)
+            d_loss = d_loss + r1_weight / 2 * r1_penalty
+            r1_penalty = r1_penalty.detach()
+        self.d_optimizer.zero_grad(set_to_none=True)
+        self.accelerator.backward(d_loss)
+        if self.faults.allows_update("discriminator", d_loss, self.d_optimizer):
+            self.d_optimizer.step()
+        return d_loss.detach(), real_logits.detach(), fake_logits.detach(), r1_penalty
+
+    def update_generator(self, fake: torch.Tensor) -> torch.Tensor:
+        """Update G through the just-updated D; D gets no gradients and DDP syncs none of its."""
+        self.discriminator.requires_grad_(False)
+        with self.accelerator.no_sync(self.discriminator):
+            fake_logits = self.discriminator(fake)
+        g_loss = losses.generator_loss(self.loss_kind, fake_logits)
+        self.g_optimizer.zero_grad(set_to_none=True)
+        self.accelerator.backward(g_loss)
+        if self.faults.allows_update("generator", g_loss, self.g_optimizer):
+            self.g_optimizer.step()
+        return g_loss.detach()
