@@ -6,8 +6,7 @@ from identical parameters, so the copies stay identical.
 
 The average's BatchNorm statistics are its own, measured whenever it is used or saved: the
 generator's running statistics describe the generator's activations, not the average's, and
-with a long half-life the two differ enough to cost sample quality (docs/performance.md: FD
-167.2 with the generator's statistics, 143.3 with the average's own, same weights).
+with a long half-life the two differ enough to cost sample quality (docs/performance.md).
 """
 
 from __future__ import annotations
