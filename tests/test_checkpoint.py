@@ -429,15 +429,21 @@ def test_an_export_is_never_overwritten(finished_run, tmp_path):
 
 
 def test_evaluate_prints_the_metrics_of_a_checkpoint_as_json(finished_run, eval_cache):
-    result = tool("evaluate", "--checkpoint", finished_run, "--num", 200, "--floor", "--cache-dir", eval_cache,
-                  "--device", "cpu")
+    result = tool("evaluate", "--checkpoint", finished_run, "--num", 200, "--floor", "--bootstrap", 20,
+                  "--cache-dir", eval_cache, "--device", "cpu")
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["num_samples"] == 200
-    names = {"fd", "precision", "recall", "density", "coverage", "classes_present", "class_kl", "inception_score"}
+    names = {"fd", "kid", "kid_std", "precision", "recall", "density", "coverage", "classes_present", "class_kl",
+             "inception_score"}
     assert set(report["metrics"]) == set(report["training_set_floor"]) == names
     assert set(report["degraded_training_images"]) == {"noise_0.05", "noise_0.1", "shifted_1px", "blurred_3x3"}
     assert report["metrics"]["fd"] > report["training_set_floor"]["fd"] > 0
+    interval = report["fd_interval"]
+    assert interval["fd"] == report["metrics"]["fd"] and interval["low"] <= interval["fd"] <= interval["high"]
+    assert report["metrics"]["kid"] > report["training_set_floor"]["kid"]
+    floor = report["training_set_floor_fd_interval"]
+    assert floor["fd"] == report["training_set_floor"]["fd"] and floor["low"] <= floor["fd"] <= floor["high"]
     assert 0 <= report["metrics"]["precision"] <= 1
 
 

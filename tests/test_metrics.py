@@ -67,6 +67,31 @@ def test_knn_metrics_on_identical_and_swapped_sets():
     assert (precision_ab, recall_ab) == (recall_ba, precision_ba)
 
 
+KID_NEAR_ZERO = 0.15  # of the KID of the smallest shift below: subsets of one set overlap, so not exactly 0
+
+
+def test_kid_is_near_zero_for_one_distribution_and_grows_with_the_distance():
+    generator = torch.Generator().manual_seed(0)
+    real = torch.randn(4000, 32, generator=generator)
+    shifted = [metrics.kernel_inception_distance(real, torch.randn(3000, 32, generator=generator) + shift)[0]
+               for shift in (0.1, 0.2, 0.4)]
+    assert 0 < shifted[0] < shifted[1] < shifted[2]
+    for same in (real.clone(), torch.randn(3000, 32, generator=generator)):
+        assert abs(metrics.kernel_inception_distance(real, same)[0]) < KID_NEAR_ZERO * shifted[0]
+
+
+def test_the_fd_interval_contains_the_fd_and_narrows_with_more_samples():
+    """Resampling alone raises the FD (it is biased by the sample count); the interval is moved back by that
+    bias, so it describes the spread of the FD actually measured."""
+    generator = torch.Generator().manual_seed(0)
+    real = torch.randn(5000, 32, generator=generator)
+    few, many = (metrics.fd_interval(real, torch.randn(n, 32, generator=generator) * 1.1, resamples=200)
+                 for n in (500, 2000))
+    for interval in (few, many):
+        assert interval["low"] <= interval["fd"] <= interval["high"]
+    assert many["high"] - many["low"] < 0.75 * (few["high"] - few["low"])  # 4x the samples: about half as wide
+
+
 def test_class_statistics():
     one_class = torch.nn.functional.one_hot(torch.full((100,), 3), 10).float()
     stats = metrics.class_statistics(one_class)

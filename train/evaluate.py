@@ -1,7 +1,8 @@
 """`python -m train.evaluate --checkpoint <checkpoint, run dir or exported dir>`: quality as JSON.
 
 Scores `--num` samples (latents from `--seed`; the EMA generator unless --no-ema) against the
-10,000 MNIST test images with the project's feature network. `--floor` adds the same metrics for
+10,000 MNIST test images with the project's feature network; `--bootstrap N` adds how much the FD
+of this many samples varies (a 95% interval from N resamples), for the floor too. `--floor` adds the same metrics for
 as many real training images (the values a perfect generator would reach) and for those images
 slightly degraded (noise, a 1-pixel shift, a 3x3 blur): how far visible defects are from the floor.
 """
@@ -28,6 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-ema", action="store_true", help="score the trained generator, not its EMA")
     parser.add_argument("--floor", action="store_true",
                         help="also score real training images: as they are (the floor) and slightly degraded")
+    parser.add_argument("--bootstrap", type=int, default=0, metavar="N",
+                        help="add a 95%% interval of the FD from N bootstrap resamples of the generated samples")
     parser.add_argument("--cache-dir", default=EvalConfig.cache_dir)
     parser.add_argument("--device", type=available_device, default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
@@ -35,6 +38,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("give --checkpoint, --floor, or both")
     if args.num < MIN_EVAL_SAMPLES:
         parser.error(f"--num must be at least {MIN_EVAL_SAMPLES}")
+    if 0 < args.bootstrap < 20:
+        parser.error("--bootstrap needs at least 20 resamples (1000 for a stable 95% interval)")
     try:  # before the test set's features: a wrong path costs no work
         generator = load_generator(args.checkpoint, args.device, use_ema=not args.no_ema) if args.checkpoint else None
     except CheckpointError as error:
@@ -44,9 +49,15 @@ def main(argv: list[str] | None = None) -> int:
     report = {"num_samples": args.num, "seed": args.seed}
     if generator is not None:
         report["checkpoint"] = args.checkpoint
-        report["metrics"] = evaluator.score(to_uint8(generate(generator, args.num, args.seed)))
+        images = to_uint8(generate(generator, args.num, args.seed))
+        report["metrics"] = evaluator.score(images)
+        if args.bootstrap:
+            report["fd_interval"] = evaluator.fd_interval(images, args.bootstrap, seed=args.seed)
     if args.floor:
         report["training_set_floor"] = evaluator.training_set_floor(args.num, args.seed)
+        if args.bootstrap:
+            report["training_set_floor_fd_interval"] = evaluator.fd_interval(
+                evaluator.training_images(args.num, args.seed), args.bootstrap, seed=args.seed)
         report["degraded_training_images"] = evaluator.degraded_training_sets(args.num, args.seed)
     print(json.dumps(report, indent=1))
     return 0
