@@ -442,6 +442,8 @@ def test_evaluate_prints_the_metrics_of_a_checkpoint_as_json(finished_run, eval_
     interval = report["fd_interval"]
     assert interval["fd"] == report["metrics"]["fd"] and interval["low"] <= interval["fd"] <= interval["high"]
     assert report["metrics"]["kid"] > report["training_set_floor"]["kid"]
+    assert set(report["per_digit"]) == {str(digit) for digit in range(10)}
+    assert sum(digit["count"] for digit in report["per_digit"].values()) == 200
     floor = report["training_set_floor_fd_interval"]
     assert floor["fd"] == report["training_set_floor"]["fd"] and floor["low"] <= floor["fd"] <= floor["high"]
     assert 0 <= report["metrics"]["precision"] <= 1

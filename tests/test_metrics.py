@@ -217,6 +217,26 @@ def test_degraded_training_images_score_worse_than_the_floor(evaluator):
     assert all(scores["classes_present"] == 10 for scores in degraded.values())
 
 
+PER_DIGIT_RECALL = 0.5  # real images of a digit cover at least this much of that digit's test images
+
+
+@pytest.mark.slow
+def test_per_digit_quality_shows_the_digit_that_is_missing_and_the_one_that_is_blurred(evaluator):
+    from train.config import SHIPPED_MNIST
+    from train.data import read_idx_images, read_idx_labels
+    images, labels = read_idx_images(SHIPPED_MNIST, "train")[:3000], read_idx_labels(SHIPPED_MNIST, "train")[:3000]
+    _, digits = evaluator.score_with_digits(images[labels != 7])
+    assert digits[7]["count"] < metrics.MIN_PER_DIGIT and set(digits[7]) == {"count"}  # a mislabelled few at most
+    assert all(digits[d]["recall"] > PER_DIGIT_RECALL for d in range(10) if d != 7)
+    binomial = torch.tensor([1.0, 2.0, 1.0])
+    blur = (binomial[:, None] * binomial[None] / 16)[None, None]
+    blurred = images.clone()
+    threes = images[labels == 3].float().div(255).unsqueeze(1)
+    blurred[labels == 3] = metrics.to_uint8(torch.nn.functional.conv2d(threes, blur, padding=1).squeeze(1))
+    _, digits = evaluator.score_with_digits(blurred)
+    assert max(range(10), key=lambda d: digits[d].get("fd", 0)) == 3
+
+
 def test_scoring_with_the_real_sets_cached_neighbour_distances_gives_the_same_numbers():
     real = metrics.Features(random_features(150, seed=9), torch.full((150, 10), 0.1))
     fake = metrics.Features(random_features(120, seed=10, shift=0.4), torch.full((120, 10), 0.1))

@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     if generator is not None:
         report["checkpoint"] = args.checkpoint
         images = to_uint8(generate(generator, args.num, args.seed))
-        report["metrics"] = evaluator.score(images)
+        report["metrics"], report["per_digit"] = evaluator.score_with_digits(images)
         if args.bootstrap:
             report["fd_interval"] = evaluator.fd_interval(images, args.bootstrap, seed=args.seed)
     if args.floor:

@@ -149,9 +149,10 @@ class Training:
             with self.window.paused():
                 quality = self.evaluate()
             record |= quality
-            if quality:
+            if quality:  # the summary; the per-digit numbers go to the logs only
                 self.log.message(f"step {step}: " + ", ".join(f"{key.removeprefix('eval/')} {value:.4g}"
-                                                              for key, value in quality.items()))
+                                                              for key, value in quality.items()
+                                                              if key.startswith("eval/")))
         self.log.metrics(step, record)
 
     def check_faults(self) -> bool:
@@ -171,16 +172,18 @@ class Training:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """The quality of `eval.num_samples` generated images (every rank generates its share); a collective:
-        the metrics on the main process, {} elsewhere."""
+        """The quality of `eval.num_samples` generated images (every rank generates its share), `eval/*`, and per
+        digit, `digits/*`; a collective: the metrics on the main process, {} elsewhere."""
         started = time.perf_counter()
         share_buffers(self.snapshot.networks, self.ema)
         network = self.ema.network if self.cfg.eval.use_ema else self.snapshot.networks["generator"]
         images = metrics.generate_sharded(network, self.cfg.eval.num_samples, self.cfg.eval.seed, self.accelerator)
         if self.evaluator is None:
             return {}
-        scores = {f"eval/{key}": value for key, value in self.evaluator.score(images.cpu()).items()}
-        return scores | {"eval/seconds": time.perf_counter() - started}
+        scores, digits = self.evaluator.score_with_digits(images.cpu())
+        seconds = time.perf_counter() - started
+        return ({f"eval/{key}": value for key, value in scores.items()} | {"eval/seconds": seconds}
+                | {f"digits/{key}_{digit}": value for digit, values in digits.items() for key, value in values.items()})
 
     @torch.no_grad()
     def render_samples(self) -> dict[str, torch.Tensor]:

@@ -9,7 +9,9 @@ For a set of generated images against the 10,000 MNIST test images:
 - `precision`, `recall`: k-nearest-neighbour manifolds (Kynkäänniemi et al. 2019, k=3);
 - `density`, `coverage`: Naeem et al. 2020 (k=5);
 - `classes_present` (digits with at least 1% of the samples), `class_kl` (KL of the predicted-class
-  histogram to uniform) and `inception_score` (with the MNIST classifier instead of Inception).
+  histogram to uniform) and `inception_score` (with the MNIST classifier instead of Inception);
+- per digit (`per_digit`): the generated samples the classifier labels as that digit against the
+  test images of that digit: count, FD, recall.
 
 Images are quantised to uint8 first, exactly as a saved PNG is, so the numbers describe the images
 one can look at. Real-set features are cached on disk, keyed by the test set and the classifier.
@@ -33,12 +35,13 @@ from safetensors import safe_open
 from torch import Tensor
 
 from train import classifier
-from train.data import read_idx_images
+from train.data import read_idx_images, read_idx_labels
 
 PRECISION_RECALL_K = 3
 DENSITY_COVERAGE_K = 5
 CLASS_PRESENT_SHARE = 0.01
 DISTANCE_CHUNK = 2048
+MIN_PER_DIGIT = 20  # generated samples of a digit below which its FD and recall are left out
 KID_SUBSETS, KID_SUBSET_SIZE = 50, 1000  # subsets of 1000 as torchmetrics and clean-fid; 50 of them (1.4 s on 2 cores)
 
 
@@ -206,6 +209,22 @@ def compare(real: Features, fake: Features) -> dict[str, float]:
             **class_statistics(fake.probabilities)}
 
 
+def per_digit(real: Features, real_labels: Tensor, fake: Features) -> dict[int, dict[str, float]]:
+    """Each digit's generated samples (as the classifier labels them) against the test images of that digit:
+    their count, and where there are at least MIN_PER_DIGIT of them their FD and recall, which show the
+    digits a generator makes badly or misses."""
+    predicted = fake.probabilities.argmax(1).cpu()
+    real_labels = real_labels.to(predicted.device)
+    digits = {}
+    for digit in range(10):
+        generated = fake.features[predicted.to(fake.features.device) == digit]
+        digits[digit] = {"count": len(generated)}
+        if len(generated) >= MIN_PER_DIGIT:
+            own = real.features[real_labels.to(real.features.device) == digit]
+            digits[digit] |= {"fd": frechet_distance(own, generated), "recall": precision_recall(own, generated)[1]}
+    return digits
+
+
 class Evaluator:
     """The feature network and the cached features of the MNIST test set, ready to score samples."""
 
@@ -217,6 +236,11 @@ class Evaluator:
     def score(self, images: Tensor) -> dict[str, float]:
         """Metrics of uint8 images [N, 28, 28] against the MNIST test set."""
         return compare(self.real, extract(self.network, images))
+
+    def score_with_digits(self, images: Tensor) -> tuple[dict[str, float], dict[int, dict[str, float]]]:
+        """`score`'s metrics and `per_digit`'s, from one pass of the feature network."""
+        fake = extract(self.network, images)
+        return compare(self.real, fake), per_digit(self.real, read_idx_labels(self.data_dir, "test"), fake)
 
     def fd_interval(self, images: Tensor, resamples: int, seed: int = 0) -> dict:
         """The FD of uint8 images against the MNIST test set, with its bootstrap interval (`fd_interval`)."""
