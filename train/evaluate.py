@@ -1,10 +1,11 @@
 """`python -m train.evaluate --checkpoint <checkpoint, run dir or exported dir>`: quality as JSON.
 
 Scores `--num` samples (latents from `--seed`; the EMA generator unless --no-ema) against the
-10,000 MNIST test images with the project's feature network; `--bootstrap N` adds how much the FD
-of this many samples varies (a 95% interval from N resamples), for the floor too. `--floor` adds the same metrics for
-as many real training images (the values a perfect generator would reach) and for those images
-slightly degraded (noise, a 1-pixel shift, a 3x3 blur): how far visible defects are from the floor.
+10,000 MNIST test images with the project's feature network, overall and per digit. `--floor` adds
+the same metrics for as many real training images (the values a perfect generator would reach) and
+for those images slightly degraded (noise, a 1-pixel shift, a 3x3 blur): how far visible defects
+are from the floor. `--bootstrap N` adds how much the FD of this many samples varies from one draw
+to another (a 95% interval from N resamples), for the floor too.
 """
 
 import argparse

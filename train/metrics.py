@@ -213,14 +213,13 @@ def per_digit(real: Features, real_labels: Tensor, fake: Features) -> dict[int, 
     """Each digit's generated samples (as the classifier labels them) against the test images of that digit:
     their count, and where there are at least MIN_PER_DIGIT of them their FD and recall, which show the
     digits a generator makes badly or misses."""
-    predicted = fake.probabilities.argmax(1).cpu()
-    real_labels = real_labels.to(predicted.device)
+    predicted, real_labels = fake.probabilities.argmax(1), real_labels.to(real.features.device)
     digits = {}
     for digit in range(10):
-        generated = fake.features[predicted.to(fake.features.device) == digit]
+        generated = fake.features[predicted == digit]
         digits[digit] = {"count": len(generated)}
         if len(generated) >= MIN_PER_DIGIT:
-            own = real.features[real_labels.to(real.features.device) == digit]
+            own = real.features[real_labels == digit]
             digits[digit] |= {"fd": frechet_distance(own, generated), "recall": precision_recall(own, generated)[1]}
     return digits
 
