@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import subprocess
@@ -78,12 +79,20 @@ def write_idx_images(folder: Path, split: str, images: torch.Tensor) -> None:
     (folder / IDX_FILES[split]).write_bytes(header + images.numpy().tobytes())
 
 
+def write_idx_labels(folder: Path, split: str, labels: torch.Tensor) -> None:
+    """uint8 labels [N] as the uncompressed IDX labels file of MNIST's `split`."""
+    from train.data import IDX_FILES
+    name = IDX_FILES[split].replace("images-idx3", "labels-idx1")
+    (folder / name).write_bytes((2049).to_bytes(4, "big") + len(labels).to_bytes(4, "big") + labels.numpy().tobytes())
+
+
 @pytest.fixture(scope="session")
 def tiny_mnist(tmp_path_factory) -> Path:
-    """The first 96 MNIST training images as an IDX folder: epochs of a few steps."""
-    from train.data import read_idx_images
+    """The first 96 MNIST training images and their labels as an IDX folder: epochs of a few steps."""
+    from train.data import read_idx_images, read_idx_labels
     folder = tmp_path_factory.mktemp("tiny_mnist")
     write_idx_images(folder, "train", read_idx_images(REPO / "data" / "mnist", "train")[:96])
+    write_idx_labels(folder, "train", read_idx_labels(REPO / "data" / "mnist", "train")[:96])
     return folder
 
 
@@ -122,3 +131,18 @@ def assert_bitwise_equal(a: dict, b: dict) -> None:
     assert a.keys() == b.keys()
     different = [key for key in a if not torch.equal(a[key], b[key])]
     assert not different, f"{len(different)} tensors differ, e.g. {different[:5]}"
+
+
+@pytest.fixture
+def tool_here(capsys):
+    """`python -m train.NAME ARGS` (a tool: export, sample, evaluate, plots) as its main(ARGS) in this process, for
+    the checks a new process's seconds of start-up add nothing to: its exit code (argparse's too) and output."""
+    def run(name: str, *args) -> subprocess.CompletedProcess:
+        argv = [str(arg) for arg in args]
+        try:
+            code = importlib.import_module(f"train.{name}").main(argv)
+        except SystemExit as exited:
+            code = exited.code
+        out, err = capsys.readouterr()
+        return subprocess.CompletedProcess(argv, code or 0, out, err)
+    return run

@@ -42,7 +42,7 @@ def test_a_checkpoint_is_safetensors_and_json_named_in_its_manifest(finished_run
     assert sorted(written["sha256"]) == [n for n in names if n != "manifest.json"]
     state = json.loads((folder / "state.json").read_text())
     assert state["progress"] == {"step": 6, "images_seen": 48, "data": {"epoch": 0, "step_in_epoch": 6},
-                                 "seed_offset": 0, "wandb_run_id": None}
+                                 "seed_offset": 0, "wandb_run_id": None, "best_fd": None}
     assert state["config"]["model"]["arch"] == "dcgan"
     optimizer_state = load_file(folder / "optimizers.safetensors")
     assert {key.rsplit(".", 1)[1] for key in optimizer_state} == {"step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"}
@@ -54,6 +54,17 @@ def test_keep_last_deletes_only_older_complete_checkpoints(tmp_path):
     result = run_train(TINY + [f"run.dir={tmp_path}", "checkpoint.every=2", "checkpoint.keep_last=2"])
     assert result.returncode == 0, result.stderr[-2000:]
     assert [p.name for p in manifest.complete_checkpoints(tmp_path)] == ["step_00000004", "step_00000006"]
+
+
+def test_keep_last_never_deletes_the_best_checkpoint(finished_run, tmp_path):
+    run_dir = copy_run(finished_run, tmp_path)
+    manifest.mark_best(run_dir, run_dir / "checkpoints" / "step_00000004")
+    manifest.mark_best(run_dir, run_dir / "checkpoints" / "step_00000002")  # replaces the link
+    manifest.prune(run_dir, keep_last=1)
+    assert [p.name for p in manifest.complete_checkpoints(run_dir)] == ["step_00000002", "step_00000006"]
+    assert manifest.resolve(run_dir / "checkpoints" / "best") == run_dir / "checkpoints" / "best"
+    assert manifest.read_state(run_dir / "checkpoints" / "best")["progress"]["step"] == 2
+    assert not [p for p in (run_dir / "checkpoints").iterdir() if p.name.startswith(".")]
 
 
 def test_a_planted_pickle_is_never_loaded(finished_run, tmp_path):
@@ -296,6 +307,10 @@ def test_a_resumed_run_uses_its_own_settings_and_says_which_changed(finished_run
     assert refused.returncode == 2, refused.stderr[-2000:]
     assert ("error: optim.amsgrad is false, the checkpoint's Adam state was made with true: set optim.amsgrad=true to "
             "resume, or start a new run.dir") in refused.stderr
+    refused = run_train(TINY + [f"run.dir={run_dir}", "train.steps=7", "model.conditional=true"])
+    assert refused.returncode == 2, refused.stderr[-2000:]
+    assert ("error: model.conditional is true, the checkpoint's networks were made with false: set "
+            "model.conditional=false to resume, or start a new run.dir") in refused.stderr
     assert snapshot_files(run_dir) == before
     result = run_train(TINY + [f"run.dir={run_dir}", "train.steps=7", "checkpoint.every=7", "optim.g_lr=0.5"])
     assert result.returncode == 0, result.stderr[-2000:]

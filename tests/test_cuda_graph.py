@@ -45,8 +45,8 @@ class OperationLog(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.fixture(scope="module")
-def recorded_steps(tmp_path_factory):
+@pytest.fixture(scope="module", params=[False, True], ids=["unconditional", "conditional"])
+def recorded_steps(tmp_path_factory, request):
     recorded = {}
 
     class RecordingStep(cuda_graph.ReplayableStep):
@@ -65,7 +65,7 @@ def recorded_steps(tmp_path_factory):
     try:
         # With the R1 penalty, so that its double backward is checked as well.
         cfg = config.load(None, TINY + [f"run.dir={run_dir}", "model.arch=seed", "loss.r1_gamma=1",
-                                        "loss.r1_every=3"])
+                                        "loss.r1_every=3", f"model.conditional={str(request.param).lower()}"])
         assert loop.train(cfg, resume_from=None) == 0
     finally:
         loop.ReplayableStep = original
@@ -101,15 +101,17 @@ def test_the_step_never_reads_a_device_value_on_the_host(recorded_steps):
         assert "aten._local_scalar_dense.default" not in names(recorded_steps[call])  # .item(), bool(tensor)
 
 
+@pytest.mark.parametrize("conditional", [False, True], ids=["unconditional", "conditional"])
 @pytest.mark.parametrize("arch", ["seed", "dcgan"])
-def test_the_networks_read_no_host_tensor_forward_or_backward(arch):
+def test_the_networks_read_no_host_tensor_forward_or_backward(arch, conditional):
     """On a GPU a tensor made on the host inside a network is a copy every step and, under
     torch.compile, one that a CUDA graph cannot capture (seen on an H200 with the seed generator's
     interpolation matrices). With the networks on the meta device, any such tensor shows."""
-    generator, discriminator = (network.to("meta") for network in models.build(arch, 100))
+    generator, discriminator = (network.to("meta") for network in models.build(arch, 100, conditional=conditional))
+    labels = torch.zeros(4, dtype=torch.long, device="meta") if conditional else None
     with OperationLog() as log:
-        images = generator(torch.randn(4, 100, device="meta"))
-        discriminator(images).sum().backward()
+        images = generator(torch.randn(4, 100, device="meta"), labels)
+        discriminator(images, labels).sum().backward()
     assert log.operations  # the forward and backward were recorded
     assert [name for name, arguments in log.operations if any(
         isinstance(argument, tuple) and argument[-1] == "cpu" for argument in arguments)] == []

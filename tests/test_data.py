@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import write_idx_images
+from conftest import write_idx_images, write_idx_labels
 from train.config import DataConfig
-from train.data import DataPosition, ShardedBatches, load_images, read_idx_images
+from train.data import DataPosition, ShardedBatches, load_images, load_labels, read_idx_images
 from train.errors import DataError
 
 CPU = torch.device("cpu")
@@ -119,7 +119,7 @@ def deal(num_images, batch_size, world_size, seed=0, epochs=2):
     images = torch.arange(num_images).view(num_images, 1, 1).to(torch.uint8)  # index encoded in the pixel
     ranks = [ShardedBatches(images, batch_size, rank, world_size, seed, CPU) for rank in range(world_size)]
     steps = ranks[0].steps_per_epoch * epochs
-    return [[(r.next().flatten() * 255).round().long().tolist() for _ in range(steps)] for r in ranks], ranks[0]
+    return [[(r.next()[0].flatten() * 255).round().long().tolist() for _ in range(steps)] for r in ranks], ranks[0]
 
 
 def test_shards_are_disjoint_and_cover_each_epoch():
@@ -156,12 +156,36 @@ def test_global_batches_do_not_depend_on_the_number_of_processes():
 def test_position_resumes_mid_epoch_exactly():
     images = torch.arange(96).view(96, 1, 1).to(torch.uint8)
     straight = ShardedBatches(images, 4, 1, 2, 5, CPU)
-    expected = [straight.next() for _ in range(20)]
+    expected = [straight.next()[0] for _ in range(20)]
     first = ShardedBatches(images, 4, 1, 2, 5, CPU)
     for _ in range(7):
         first.next()
     resumed = ShardedBatches(images, 4, 1, 2, 5, CPU, position=DataPosition(**vars(first.position)))
-    assert all(torch.equal(a, b) for a, b in zip(expected[7:], [resumed.next() for _ in range(13)]))
+    assert all(torch.equal(a, b) for a, b in zip(expected[7:], [resumed.next()[0] for _ in range(13)]))
+
+
+def test_each_rank_gets_the_labels_of_its_own_images():
+    """Image i is filled with the value i and has label 7i mod 10: every label must arrive with its image."""
+    images = torch.arange(200, dtype=torch.uint8).view(200, 1, 1).expand(200, 28, 28).contiguous()
+    labels = torch.arange(200) * 7 % 10
+    ranks = [ShardedBatches(images, 8, rank, 2, 3, CPU, labels=labels) for rank in range(2)]
+    first_epoch = []
+    for step in range(30):  # 12 steps an epoch: into the third
+        for batches in ranks:
+            batch, batch_labels = batches.next()
+            index = (batch[:, 0, 0, 0] * 255).round().long()
+            assert torch.equal(batch_labels, labels[index])
+            first_epoch += index.tolist() if step < 12 else []
+    assert len(set(first_epoch)) == len(first_epoch) == 192  # the ranks' slices are disjoint
+
+
+def test_labels_that_are_not_digits_or_not_one_per_image_are_refused(tmp_path):
+    write_idx_labels(tmp_path, "train", torch.tensor([3, 12, 5], dtype=torch.uint8))
+    with pytest.raises(DataError, match=r"labels of shape \(3,\) from 3 to 12; model.conditional=true needs one "
+                                        r"digit label \(0-9\) per image"):
+        load_labels(DataConfig(path=str(tmp_path)))
+    with pytest.raises(DataError, match="the data set has 96 images but 95 labels"):
+        ShardedBatches(torch.zeros(96, 28, 28, dtype=torch.uint8), 8, 0, 1, 0, CPU, labels=torch.zeros(95))
 
 
 def test_more_processes_than_samples_is_refused():
@@ -170,6 +194,6 @@ def test_more_processes_than_samples_is_refused():
 
 
 def test_batches_are_float_images_in_unit_range(mnist_train):
-    batch = ShardedBatches(mnist_train, 16, 0, 1, 0, CPU).next()
+    batch, _ = ShardedBatches(mnist_train, 16, 0, 1, 0, CPU).next()
     assert batch.shape == (16, 1, 28, 28) and batch.dtype == torch.float32
     assert batch.min() >= 0 and batch.max() <= 1 and np.isclose(batch.max().item(), 1.0)

@@ -41,10 +41,11 @@ def test_same_seed_gives_bitwise_identical_weights_and_another_seed_does_not(see
     assert timeless[0] == timeless[1]
 
 
-@pytest.mark.parametrize("precision, r1_gamma", [("fp32", 0), ("bf16", 0), ("bf16", 1)])
-def test_losses_stay_finite(tmp_path, precision, r1_gamma):
+@pytest.mark.parametrize("precision, r1_gamma, conditional", [("fp32", 0, False), ("bf16", 0, False),
+                                                               ("bf16", 1, True)])
+def test_losses_stay_finite(tmp_path, precision, r1_gamma, conditional):
     result = run_train(TINY + [f"run.dir={tmp_path}", f"train.mixed_precision={precision}", "model.arch=seed",
-                               f"loss.r1_gamma={r1_gamma}"])
+                               f"loss.r1_gamma={r1_gamma}", f"model.conditional={str(conditional).lower()}"])
     assert result.returncode == 0, result.stderr[-2000:]
     lines = logged_metrics(tmp_path)
     assert [line["step"] for line in lines] == [3, 6]

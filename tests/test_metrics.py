@@ -225,7 +225,7 @@ def test_per_digit_quality_shows_the_digit_that_is_missing_and_the_one_that_is_b
     from train.config import SHIPPED_MNIST
     from train.data import read_idx_images, read_idx_labels
     images, labels = read_idx_images(SHIPPED_MNIST, "train")[:3000], read_idx_labels(SHIPPED_MNIST, "train")[:3000]
-    _, digits = evaluator.score_with_digits(images[labels != 7])
+    digits = evaluator.report(images[labels != 7])["per_digit"]
     assert digits[7]["count"] < metrics.MIN_PER_DIGIT and set(digits[7]) == {"count"}  # a mislabelled few at most
     assert all(digits[d]["recall"] > PER_DIGIT_RECALL for d in range(10) if d != 7)
     binomial = torch.tensor([1.0, 2.0, 1.0])
@@ -233,7 +233,7 @@ def test_per_digit_quality_shows_the_digit_that_is_missing_and_the_one_that_is_b
     blurred = images.clone()
     threes = images[labels == 3].float().div(255).unsqueeze(1)
     blurred[labels == 3] = metrics.to_uint8(torch.nn.functional.conv2d(threes, blur, padding=1).squeeze(1))
-    _, digits = evaluator.score_with_digits(blurred)
+    digits = evaluator.report(blurred)["per_digit"]
     assert max(range(10), key=lambda d: digits[d].get("fd", 0)) == 3
 
 

@@ -125,3 +125,18 @@ def test_both_seed_generators_compute_the_same_function_from_the_same_weights():
     native.load_state_dict(fused.state_dict())
     z = torch.randn(16, 100)
     assert relative_error(fused(z), native(z)) < UPSAMPLE_TOLERANCE
+
+
+@pytest.mark.parametrize("arch", ["seed", "dcgan"])
+def test_conditional_networks_read_the_label_and_add_only_its_embeddings(arch):
+    plain_generator, plain_discriminator = models.build(arch, z_dim=100)
+    generator, discriminator = models.build(arch, z_dim=100, conditional=True)
+    # The unconditional networks are untouched; the label enters through one embedding in each network.
+    assert set(generator.state_dict()) - set(plain_generator.state_dict()) == {"label.embedding.weight"}
+    assert set(discriminator.state_dict()) - set(plain_discriminator.state_dict()) == {"projection.embedding.weight"}
+    z, labels = torch.randn(10, 100), torch.arange(10)
+    images = generator(z, labels)
+    assert images.shape == (10, 1, 28, 28) and discriminator(images, labels).shape == (10,)
+    other = (labels + 1) % 10
+    assert not torch.allclose(images, generator(z, other))
+    assert not torch.allclose(discriminator(images, labels), discriminator(images, other))

@@ -9,6 +9,7 @@ from train.errors import EXIT_PREEMPTED
 
 pytestmark = pytest.mark.slow
 STEPS = 30
+CONDITIONAL = "model.conditional=true"
 
 
 def tiny_run(tiny_mnist, run_dir, *extra):
@@ -23,13 +24,17 @@ def tiny_run(tiny_mnist, run_dir, *extra):
 
 @pytest.fixture(scope="module")
 def uninterrupted(tiny_mnist, tmp_path_factory):
+    """The final state of an uninterrupted run on 1 or 2 processes, with the extra overrides given; each run once."""
     runs = {}
-    for processes in (1, 2):
-        run_dir = tmp_path_factory.mktemp(f"straight{processes}")
-        result = run_with_fault("none", 0, 0, tiny_run(tiny_mnist, run_dir), processes)
-        assert result.returncode == 0, result.stderr[-3000:]
-        runs[processes] = all_state(run_dir)
-    return runs
+
+    def final_state(processes: int, *extra: str) -> dict:
+        if (processes, extra) not in runs:
+            run_dir = tmp_path_factory.mktemp(f"straight{processes}")
+            result = run_with_fault("none", 0, 0, tiny_run(tiny_mnist, run_dir, *extra), processes)
+            assert result.returncode == 0, result.stderr[-3000:]
+            runs[processes, extra] = all_state(run_dir)
+        return runs[processes, extra]
+    return final_state
 
 
 def preempt(tiny_mnist, run_dir, fault, step, rank, processes, *extra, resumed_at=0):
@@ -64,7 +69,7 @@ def test_one_process_resumes_bitwise_after_each_preemption_and_keeps_one_wandb_r
     second = preempt(tiny_mnist, tmp_path, "signal:USR1", 17, 0, 1, "logging.wandb=offline", resumed_at=7)
     assert_resumed_from(second, tmp_path, 7)
     assert_resumed_from(finish(tiny_mnist, tmp_path, 1, "logging.wandb=offline"), tmp_path, 17)
-    assert_bitwise_equal(all_state(tmp_path), uninterrupted[1])
+    assert_bitwise_equal(all_state(tmp_path), uninterrupted(1))
     steps = [line["step"] for line in logged_metrics(tmp_path)]
     assert steps == sorted(set(steps)) and steps[-1] == STEPS  # no duplicated or lost lines
     # Three starts, one W&B run: the id saved in the checkpoints is the one every start logged to.
@@ -76,23 +81,29 @@ def test_one_process_resumes_bitwise_after_each_preemption_and_keeps_one_wandb_r
     assert ids == {state["progress"]["wandb_run_id"]}
 
 
-def test_two_processes_resume_bitwise_after_each_preemption(tiny_mnist, tmp_path, uninterrupted):
-    """SIGUSR1 reaching only rank 1 at step 5, then SIGTERM reaching only rank 0 at step 14."""
-    preempt(tiny_mnist, tmp_path, "signal:USR1", 5, 1, 2)
-    second = preempt(tiny_mnist, tmp_path, "signal:TERM", 14, 0, 2, resumed_at=5)
+def test_two_processes_resume_a_conditional_run_bitwise_after_each_preemption(tiny_mnist, tmp_path, uninterrupted):
+    """SIGUSR1 reaching only rank 1 at step 5, then SIGTERM reaching only rank 0 at step 14; class-conditional, so
+    each rank's labels (of its real images, and those G is asked for) must come back too. (An unconditional run on
+    two processes resumes bitwise in tests/test_slurm.py.)"""
+    preempt(tiny_mnist, tmp_path, "signal:USR1", 5, 1, 2, CONDITIONAL)
+    second = preempt(tiny_mnist, tmp_path, "signal:TERM", 14, 0, 2, CONDITIONAL, resumed_at=5)
     assert_resumed_from(second, tmp_path, 5)
-    assert_resumed_from(finish(tiny_mnist, tmp_path, 2), tmp_path, 14)
-    assert_bitwise_equal(all_state(tmp_path), uninterrupted[2])
+    assert_resumed_from(finish(tiny_mnist, tmp_path, 2, CONDITIONAL), tmp_path, 14)
+    resumed = all_state(tmp_path)
+    assert {"generator/label.embedding.weight", "discriminator/projection.embedding.weight"} <= set(resumed)
+    assert_bitwise_equal(resumed, uninterrupted(2, CONDITIONAL))
+
 
 
 def test_a_crash_while_saving_leaves_the_previous_checkpoint_to_resume_from(tiny_mnist, tmp_path, uninterrupted):
-    first = run_with_fault("kill-in-save", 12, 0, tiny_run(tiny_mnist, tmp_path))
+    """Class-conditional, on one process."""
+    first = run_with_fault("kill-in-save", 12, 0, tiny_run(tiny_mnist, tmp_path, CONDITIONAL))
     assert first.returncode == -9
     assert (tmp_path / "checkpoints" / ".incomplete_step_00000020").is_dir()
     assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step_00000010"
-    second = run_train(tiny_run(tiny_mnist, tmp_path))
+    second = run_train(tiny_run(tiny_mnist, tmp_path, CONDITIONAL))
     assert second.returncode == 0, second.stderr[-3000:]
-    assert_bitwise_equal(all_state(tmp_path), uninterrupted[1])
+    assert_bitwise_equal(all_state(tmp_path), uninterrupted(1, CONDITIONAL))
 
 
 def test_resuming_on_another_number_of_processes_keeps_the_global_batch(tiny_mnist, tmp_path):

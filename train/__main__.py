@@ -55,23 +55,28 @@ def start(cfg: Config, report) -> int:
             report(f"nothing to train: {resume_from} is at step {state['progress']['step']} and "
                    f"train.steps={cfg.train.steps}; to train on, raise train.steps")
             return 0
+        state["config"]["model"].setdefault("conditional", False)  # a checkpoint without the key is unconditional
         report_changed_settings(changed_settings(state["config"], cfg), report)
     from train.loop import train  # loaded only for a run that can start
 
     return train(cfg, resume_from)
 
 
+# Settings the checkpoint's tensors were made for: another value cannot resume from them.
+FIXED_ON_RESUME = {"optim.amsgrad": "the checkpoint's Adam state was made with",
+                   "model.conditional": "the checkpoint's networks were made with"}
+
+
 def report_changed_settings(changed: dict[str, tuple], report) -> None:
     """A resumed run uses its own config (config.yaml records it), and says what differs from the checkpoint's."""
-    if "optim.amsgrad" in changed:
-        saved, now = changed["optim.amsgrad"]
-        raise ConfigError(f"optim.amsgrad is {str(now).lower()}, the checkpoint's Adam state was made with "
-                          f"{str(saved).lower()}: set optim.amsgrad={str(saved).lower()} to resume, or start a new "
-                          "run.dir")
+    for key, made_with in FIXED_ON_RESUME.items():
+        if key in changed:
+            saved, now = (str(value).lower() for value in changed[key])
+            raise ConfigError(f"{key} is {now}, {made_with} {saved}: set {key}={saved} to resume, or start a new "
+                              "run.dir")
     if changed:
         report("resuming with changed settings (the new values apply): "
                + ", ".join(f"{key} {saved!r} -> {now!r}" for key, (saved, now) in changed.items()))
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -12,9 +12,10 @@ A checkpoint is the folder `<run.dir>/checkpoints/step_<N>/`:
 It is written into a hidden `.incomplete_step_<N>` folder beside the final one: every rank writes
 its own RNG state there, the main process the shared state, each file fsync'ed; once all ranks
 are done the main process writes the manifest, renames the folder into place and only then moves
-the `latest` marker. A crash at any moment leaves the previous checkpoint valid. Loading reads
-only the files the manifest names, after checking their hashes; nothing is ever unpickled. The
-layout and the manifest, which need no torch, are train/manifest.py.
+the `latest` marker (and, for the lowest FD of the run so far, the `best` link). A crash at any
+moment leaves the previous checkpoint valid. Loading reads only the files the manifest names,
+after checking their hashes; nothing is ever unpickled. The layout and the manifest, which need
+no torch, are train/manifest.py.
 """
 
 from __future__ import annotations
@@ -35,8 +36,8 @@ from torch import nn
 from train.data import DataPosition
 from train.files import fsync, write_atomically, write_file
 from train.errors import CheckpointError
-from train.manifest import (LATEST, STATE, checkpoint_name, checkpoints_dir, prune, read_state, stop_on_write_failure,
-                            verify, write_manifest)
+from train.manifest import (LATEST, STATE, checkpoint_name, checkpoints_dir, mark_best, prune, read_state,
+                            stop_on_write_failure, verify, write_manifest)
 
 @dataclass
 class Progress:
@@ -47,6 +48,7 @@ class Progress:
     data: DataPosition = field(default_factory=DataPosition)  # shared with the live ShardedBatches
     seed_offset: int = 0  # bumped by each non-finite rollback, so the redone steps draw fresh noise
     wandb_run_id: str | None = None
+    best_fd: float | None = None  # the lowest FD of the evaluations so far: that checkpoint is checkpoints/best
 
 
 @dataclass
@@ -65,8 +67,9 @@ class Snapshot:
 # ----------------------------------------------------------------------------------------- saving
 
 
-def save(accelerator, run_dir: Path, snapshot: Snapshot, keep_last: int = 0) -> Path:
-    """Write a checkpoint of `snapshot` atomically; a collective: every rank calls it."""
+def save(accelerator, run_dir: Path, snapshot: Snapshot, keep_last: int = 0, best: bool = False) -> Path:
+    """Write a checkpoint of `snapshot` atomically, and with `best` point checkpoints/best at it; a collective:
+    every rank calls it."""
     folder = checkpoints_dir(run_dir)
     final = folder / checkpoint_name(snapshot.progress.step)
     staging = folder / f".incomplete_{final.name}"
@@ -86,6 +89,8 @@ def save(accelerator, run_dir: Path, snapshot: Snapshot, keep_last: int = 0) -> 
             fsync(folder)
     if accelerator.is_main_process:
         write_atomically(folder / LATEST, final.name + "\n")
+        if best:
+            mark_best(run_dir, final)
         if keep_last:
             prune(run_dir, keep_last)
     accelerator.wait_for_everyone()

@@ -42,6 +42,7 @@ class ModelConfig:
     arch: str = "seed"  # seed | dcgan
     z_dim: int = 100
     upsample: str = "fused"  # seed generator's upsample+conv: fused (the same function, fewer operations) | native
+    conditional: bool = False  # class-conditional G and D: G draws the digit it is given (train.sample --label)
 
 
 @dataclass

@@ -1,7 +1,8 @@
 """MNIST-like data: reading it (IDX files, Hugging Face `datasets`, torchvision) and dealing it to ranks.
 
-Every source ends as one uint8 tensor [N, 28, 28]. Training keeps that tensor on the device and
-draws batches by indexing it with an epoch permutation, so a step costs no host-to-device copy.
+Every source ends as one uint8 tensor [N, 28, 28] (and, for class-conditional training, int64
+labels [N]). Training keeps them on the device and draws batches by indexing them with an epoch
+permutation, so a step costs no host-to-device copy.
 """
 
 from __future__ import annotations
@@ -37,6 +38,26 @@ def load_images(cfg: DataConfig, split: str = "train") -> torch.Tensor:
                         f"{tuple(images.shape)}; the networks need grey images of {IMAGE_SHAPE[0]}x{IMAGE_SHAPE[1]} "
                         "pixels (uint8 [N, 28, 28], e.g. MNIST's train-images file, not its labels)")
     return images
+
+
+def load_labels(cfg: DataConfig, split: str = "train") -> torch.Tensor:
+    """The digit labels of `split`, int64 [N] in 0-9 (for class-conditional training)."""
+    if cfg.source == "idx":
+        labels = read_idx_labels(Path(cfg.path), split)
+    elif cfg.source == "hf":
+        dataset = _hf_dataset(cfg.path, cfg.split if split == "train" else split)
+        if "label" not in dataset.column_names:
+            raise DataError(f"Hugging Face dataset {cfg.path!r} has columns {dataset.column_names}; model.conditional="
+                            "true needs a 'label' column of digits 0-9")
+        labels = torch.tensor(dataset["label"])
+    else:
+        labels = _torchvision_dataset(cfg.path, cfg.torchvision_name, train=split == "train").targets
+    labels = torch.as_tensor(labels).long()
+    if labels.dim() != 1 or len(labels) and not 0 <= int(labels.min()) <= int(labels.max()) <= 9:
+        raise DataError(f"data.source={cfg.source} data.path={cfg.path!r} gave labels of shape {tuple(labels.shape)}"
+                        f"{f' from {int(labels.min())} to {int(labels.max())}' if labels.numel() else ''}; "
+                        "model.conditional=true needs one digit label (0-9) per image")
+    return labels
 
 
 def read_idx_images(folder: Path, split: str) -> torch.Tensor:
@@ -103,6 +124,14 @@ def _verify_checksum(path: Path, raw: bytes) -> None:
 
 def _hf_images(source: str, split: str) -> torch.Tensor:
     """A `datasets` dataset with an `image` column: hub id, local folder, or parquet file(s)."""
+    dataset = _hf_dataset(source, split)
+    if "image" not in dataset.column_names:
+        raise DataError(f"Hugging Face dataset {source!r} has columns {dataset.column_names}; it needs an 'image' column")
+    images = np.stack([np.asarray(image.convert("L"), dtype=np.uint8) for image in dataset["image"]])
+    return torch.from_numpy(images)
+
+
+def _hf_dataset(source: str, split: str):
     try:
         import datasets
     except ImportError:
@@ -122,13 +151,14 @@ def _hf_images(source: str, split: str) -> torch.Tensor:
             "Without network access, set data.path to a local folder or parquet file(s) with 'image' and 'label' "
             "columns, or use data.source=idx with the MNIST files shipped in data/mnist"
         ) from None
-    if "image" not in dataset.column_names:
-        raise DataError(f"Hugging Face dataset {source!r} has columns {dataset.column_names}; it needs an 'image' column")
-    images = np.stack([np.asarray(image.convert("L"), dtype=np.uint8) for image in dataset["image"]])
-    return torch.from_numpy(images)
+    return dataset
 
 
 def _torchvision_images(root: str, name: str, train: bool) -> torch.Tensor:
+    return _torchvision_dataset(root, name, train).data.to(torch.uint8)
+
+
+def _torchvision_dataset(root: str, name: str, train: bool):
     import torchvision
 
     dataset_class = getattr(torchvision.datasets, name)
@@ -139,7 +169,7 @@ def _torchvision_images(root: str, name: str, train: bool) -> torch.Tensor:
             f"torchvision could not find or download {name} under {root!r}: {error}. Without network access, "
             f"place the IDX files in {root}/{name}/raw, or use data.source=idx with the files shipped in data/mnist"
         ) from None
-    return dataset.data.to(torch.uint8)
+    return dataset
 
 
 def derived_seed(*entropy: int) -> int:
@@ -166,7 +196,8 @@ class ShardedBatches:
     """
 
     def __init__(self, images: torch.Tensor, batch_size: int, rank: int, world_size: int, seed: int,
-                 device: torch.device, position: DataPosition | None = None, channels_last: bool = False):
+                 device: torch.device, position: DataPosition | None = None, channels_last: bool = False,
+                 labels: torch.Tensor | None = None):
         self.global_batch = batch_size * world_size
         self.steps_per_epoch = len(images) // self.global_batch
         if self.steps_per_epoch == 0:
@@ -174,7 +205,10 @@ class ShardedBatches:
                 f"the data set has {len(images)} images, fewer than one global batch of {self.global_batch} "
                 f"(data.batch_size={batch_size} x {world_size} processes); lower data.batch_size or use fewer processes"
             )
+        if labels is not None and len(labels) != len(images):
+            raise DataError(f"the data set has {len(images)} images but {len(labels)} labels; give one label per image")
         self.images = images.to(device)
+        self.labels = labels.to(device) if labels is not None else None  # drawn with the images, by the same indices
         self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.position = position or DataPosition()
@@ -199,11 +233,12 @@ class ShardedBatches:
         return torch.empty(self.batch_size, 1, *self.images.shape[1:], device=self.images.device,
                            memory_format=self.memory_format)
 
-    def next(self) -> torch.Tensor:
-        """This rank's next batch as float [B, 1, 28, 28] in [0, 1]."""
+    def next(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """This rank's next batch as float [B, 1, 28, 28] in [0, 1], and its labels [B] (None without labels)."""
         if self.position.step_in_epoch == self.steps_per_epoch:
             self.position.epoch, self.position.step_in_epoch = self.position.epoch + 1, 0
             self.epoch_indices = self._indices_for(self.position.epoch)
         indices = self.epoch_indices[self.position.step_in_epoch]
         self.position.step_in_epoch += 1
-        return self.images[indices].unsqueeze(1).float().div_(255).contiguous(memory_format=self.memory_format)
+        images = self.images[indices].unsqueeze(1).float().div_(255).contiguous(memory_format=self.memory_format)
+        return images, self.labels[indices] if self.labels is not None else None

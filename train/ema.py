@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from train.models import balanced_labels
+
 STATISTICS_CHUNK = 512  # latents per forward pass when measuring statistics: bounded memory, same chunks everywhere
 
 
@@ -22,7 +24,8 @@ class GeneratorEMA:
                  statistics_images: int, seed: int = 0):
         """`network`: a fresh generator of the same architecture, which starts as a copy of `generator`.
 
-        `statistics_images` latents, drawn once from `seed`, measure the average's BatchNorm statistics.
+        `statistics_images` latents, drawn once from `seed`, measure the average's BatchNorm statistics (with
+        the digits in turn as labels, for a conditional generator).
         """
         network.load_state_dict(generator.state_dict())
         self.network = network.eval().requires_grad_(False)
@@ -35,6 +38,7 @@ class GeneratorEMA:
         self.weight = torch.zeros((), device=device)
         latents = torch.randn(statistics_images, network.z_dim, generator=torch.Generator().manual_seed(seed))
         self.statistics_latents = latents.to(device)
+        self.statistics_labels = balanced_labels(statistics_images, network.num_classes, device)
         self.norms = [m for m in self.network.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         self.statistics_current = False
 
@@ -71,8 +75,9 @@ class GeneratorEMA:
             norm.momentum = None
         self.network.train()
         chunks = -(-len(self.statistics_latents) // STATISTICS_CHUNK)
-        for latents in self.statistics_latents.tensor_split(chunks):
-            self.network(latents)
+        labels = [None] * chunks if self.statistics_labels is None else self.statistics_labels.tensor_split(chunks)
+        for latents, chunk_labels in zip(self.statistics_latents.tensor_split(chunks), labels):
+            self.network(latents, chunk_labels)
         self.network.eval()
         for norm, momentum in zip(self.norms, momenta):
             norm.momentum = momentum

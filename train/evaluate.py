@@ -5,7 +5,8 @@ Scores `--num` samples (latents from `--seed`; the EMA generator unless --no-ema
 the same metrics for as many real training images (the values a perfect generator would reach) and
 for those images slightly degraded (noise, a 1-pixel shift, a 3x3 blur): how far visible defects
 are from the floor. `--bootstrap N` adds how much the FD of this many samples varies from one draw
-to another (a 95% interval from N resamples), for the floor too.
+to another (a 95% interval from N resamples), for the floor too. A conditional generator is asked
+for the ten digits in equal numbers, and scored also per asked digit with the classifier's agreement.
 """
 
 import argparse
@@ -19,6 +20,7 @@ from train.config import MIN_EVAL_SAMPLES, SHIPPED_MNIST, EvalConfig
 from train.errors import EXIT_BAD_INPUT, CheckpointError
 from train.export import load_generator
 from train.metrics import Evaluator, to_uint8
+from train.models import balanced_labels
 from train.sample import available_device, generate
 
 
@@ -50,8 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     report = {"num_samples": args.num, "seed": args.seed}
     if generator is not None:
         report["checkpoint"] = args.checkpoint
-        images = to_uint8(generate(generator, args.num, args.seed))
-        report["metrics"], report["per_digit"] = evaluator.score_with_digits(images)
+        asked = balanced_labels(args.num, generator.num_classes)
+        images = to_uint8(generate(generator, args.num, args.seed, asked))
+        report |= evaluator.report(images, asked)
         if args.bootstrap:
             report["fd_interval"] = evaluator.fd_interval(images, args.bootstrap, seed=args.seed)
     if args.floor:

@@ -1,8 +1,8 @@
 """`python -m train.export --checkpoint <checkpoint or run dir> --out <dir>`: the generator alone.
 
 An exported generator is a folder of two files: `generator.safetensors` (the EMA generator unless
---no-ema) and `generator.json` (architecture, z_dim, which weights, step, source checkpoint,
-SHA-256 of the weights): everything needed to build and load the generator without the training
+--no-ema) and `generator.json` (architecture, z_dim, whether it is conditional, which weights, step, source
+checkpoint, SHA-256 of the weights): everything needed to build and load the generator without the training
 state. `load_generator` reads it, or the generator of a checkpoint or a run directory.
 """
 
@@ -43,8 +43,9 @@ def export_generator(path: Path, out: Path, use_ema: bool = True) -> Path:
         write_atomically(out / WEIGHTS, (source / f"{name}.safetensors").read_bytes())
         model = state["config"]["model"]
         write_atomically(out / DESCRIPTION, json.dumps({
-            "arch": model["arch"], "z_dim": model["z_dim"], "weights": name,
-            "step": state["progress"]["step"], "source": str(source), "sha256": sha256(out / WEIGHTS),
+            "arch": model["arch"], "z_dim": model["z_dim"], "conditional": model.get("conditional", False),
+            "weights": name,
+            "step": state["progress"]["step"], "source": str(source.resolve()), "sha256": sha256(out / WEIGHTS),
         }, indent=1))
     except OSError:  # a full disk: take back what this call wrote, or the retry would be refused as an overwrite
         for written in (out / WEIGHTS, out / DESCRIPTION):
@@ -60,13 +61,13 @@ def load_generator(path: Path, device: str = "cpu", use_ema: bool = True) -> nn.
         description = json.loads((path / DESCRIPTION).read_text())
         if sha256(path / WEIGHTS) != description["sha256"]:
             raise CheckpointError(f"{path / WEIGHTS} is damaged: its SHA-256 does not match {DESCRIPTION}")
-        arch, z_dim, folder = description["arch"], description["z_dim"], path
-        name = WEIGHTS.removesuffix(".safetensors")
+        model, folder, name = description, path, WEIGHTS.removesuffix(".safetensors")
     else:
         folder = resolve(path)
-        model = read_state(folder)["config"]["model"]
-        arch, z_dim, name = model["arch"], model["z_dim"], _generator_name(use_ema)
-    network = models.build_generator(arch, z_dim).to(device)
+        model, name = read_state(folder)["config"]["model"], _generator_name(use_ema)
+    # A description or config without "conditional" is of an unconditional generator.
+    network = models.build_generator(model["arch"], model["z_dim"], conditional=model.get("conditional", False))
+    network = network.to(device)
     load_network(folder, name, network)
     return network.eval()
 

@@ -8,11 +8,13 @@ every way out.
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from pathlib import Path
 
 import torch
+from accelerate.utils import broadcast
 from tqdm import tqdm
 
 from train import checkpoint, config, data, losses, manifest, metrics, models, setup, tracking
@@ -69,7 +71,8 @@ class Training:
         self.progress = Progress()
         self.batches = ShardedBatches(data.load_images(cfg.data), cfg.data.batch_size, accelerator.process_index,
                                       accelerator.num_processes, cfg.run.seed, accelerator.device,
-                                      position=self.progress.data, channels_last=cfg.train.channels_last)
+                                      position=self.progress.data, channels_last=cfg.train.channels_last,
+                                      labels=data.load_labels(cfg.data) if cfg.model.conditional else None)
         # The quality metrics, on the main process; built first so that a bad feature network stops the run early.
         self.evaluator = (metrics.Evaluator(config.SHIPPED_MNIST, Path(cfg.eval.cache_dir), accelerator.device)
                           if cfg.eval.num_samples and accelerator.is_main_process else None)
@@ -77,7 +80,8 @@ class Training:
         # The plain modules (no DDP, no torch.compile wrapper): what is saved, averaged and sampled from.
         plain_generator, plain_discriminator = (accelerator.unwrap_model(m, keep_torch_compile=False)
                                                 for m in (generator, discriminator))
-        average = models.build_generator(cfg.model.arch, cfg.model.z_dim, cfg.model.upsample).to(accelerator.device)
+        average = models.build_generator(cfg.model.arch, cfg.model.z_dim, cfg.model.upsample,
+                                         cfg.model.conditional).to(accelerator.device)
         self.ema = GeneratorEMA(average, plain_generator, cfg.ema.half_life_images, cfg.ema.rampup,
                                 cfg.ema.statistics_images, seed=derived_seed(cfg.run.seed, *b"ema statistics"))
         self.snapshot = Snapshot(
@@ -102,6 +106,7 @@ class Training:
         self.update = ReplayableStep(self.gan, enabled=cfg.train.cuda_graph)
         self.fixed_z = torch.randn(SAMPLE_GRID_SIZE, cfg.model.z_dim,
                                    generator=torch.Generator().manual_seed(cfg.run.seed))
+        self.fixed_labels = models.balanced_labels(SAMPLE_GRID_SIZE, plain_generator.num_classes, accelerator.device)
         self.bar = tqdm(total=cfg.train.steps, initial=self.progress.step, disable=not accelerator.is_main_process,
                         desc="train", mininterval=0.1 if sys.stderr.isatty() else 30)  # a batch job: a line per 30 s
         self.profiler = StepProfiler(cfg.profile, self.run_dir, accelerator.device,
@@ -122,29 +127,34 @@ class Training:
             progress.step, progress.images_seen = step, progress.images_seen + global_batch
             self.bar.update()
             self.profiler.step()
-            self.log_if_due(step, last)  # the training statistics, with an evaluation where one is due
+            new_best = self.log_if_due(step, last)  # the training statistics, with an evaluation where one is due
             if due(cfg.logging.samples_every, step, last):
                 with self.window.paused():
                     self.log.samples(step, self.render_samples())
-            checkpoint_due = due(cfg.checkpoint.every, step, last)
+            checkpoint_due = due(cfg.checkpoint.every, step, last) or new_best
             if (checkpoint_due or step % cfg.train.check_every == 0) and self.check_faults():
                 continue  # a non-finite step with train.on_nonfinite=rollback: the newest valid checkpoint is back
             if checkpoint_due:
                 with self.window.paused():
-                    self.save_checkpoint()
+                    path = self.save_checkpoint(best=new_best)
+                if new_best:
+                    self.log.message(f"step {step}: the lowest FD so far; checkpoints/{manifest.BEST} is now "
+                                     f"{path.name}")
 
-    def log_if_due(self, step: int, last: bool) -> None:
-        """Every `logging.every` steps and with every evaluation: the means over the window, the learning rates."""
+    def log_if_due(self, step: int, last: bool) -> bool:
+        """Every `logging.every` steps and with every evaluation: the means over the window, the learning rates.
+        Returns whether an evaluation found the lowest FD of the run so far (on every rank)."""
         cfg = self.cfg
         evaluation_due = cfg.eval.num_samples and due(cfg.eval.every, step, last)
         if not (evaluation_due or due(cfg.logging.every, step, last)):
-            return
+            return False
         g_optimizer, d_optimizer = self.gan.g_optimizer, self.gan.d_optimizer
         record = self.window.read(self.accelerator, self.batches.global_batch) | {
             "lr/g": g_optimizer.param_groups[0]["lr"], "lr/d": d_optimizer.param_groups[0]["lr"],
             "global_batch": self.batches.global_batch, "epoch": self.progress.data.epoch}
         self.bar.set_postfix({"D": f"{record['loss/d']:.3f}", "G": f"{record['loss/g']:.3f}",
                               "img/s": f"{record['images_per_second']:.0f}"})
+        quality = {}
         if evaluation_due:
             with self.window.paused():
                 quality = self.evaluate()
@@ -154,6 +164,17 @@ class Training:
                                                               for key, value in quality.items()
                                                               if key.startswith("eval/")))
         self.log.metrics(step, record)
+        return bool(evaluation_due) and self.is_new_best(quality)
+
+    def is_new_best(self, quality: dict[str, float]) -> bool:
+        """Whether the FD just measured (on the main process, shared with every rank) is the lowest of the run so
+        far; kept in the progress, so that a resumed run goes on comparing with the same best."""
+        fd = torch.tensor(quality.get("eval/fd", math.nan), dtype=torch.float64, device=self.accelerator.device)
+        fd = broadcast(fd).item()
+        if not math.isfinite(fd) or (self.progress.best_fd is not None and fd >= self.progress.best_fd):
+            return False
+        self.progress.best_fd = fd
+        return True
 
     def check_faults(self) -> bool:
         """The collective check; True where it rolled back (`train.on_nonfinite=rollback` with a valid checkpoint)."""
@@ -172,18 +193,22 @@ class Training:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """The quality of `eval.num_samples` generated images (every rank generates its share), `eval/*`, and per
-        digit, `digits/*`; a collective: the metrics on the main process, {} elsewhere."""
+        """The quality of `eval.num_samples` generated images (every rank generates its share), `eval/*`; per
+        digit, `digits/*`, and for a conditional generator per asked digit, `asked/*`; a collective: the metrics
+        on the main process, {} elsewhere."""
         started = time.perf_counter()
         share_buffers(self.snapshot.networks, self.ema)
         network = self.ema.network if self.cfg.eval.use_ema else self.snapshot.networks["generator"]
-        images = metrics.generate_sharded(network, self.cfg.eval.num_samples, self.cfg.eval.seed, self.accelerator)
+        count = self.cfg.eval.num_samples
+        images = metrics.generate_sharded(network, count, self.cfg.eval.seed, self.accelerator)
         if self.evaluator is None:
             return {}
-        scores, digits = self.evaluator.score_with_digits(images.cpu())
+        report = self.evaluator.report(images.cpu(), models.balanced_labels(count, network.num_classes))
         seconds = time.perf_counter() - started
-        return ({f"eval/{key}": value for key, value in scores.items()} | {"eval/seconds": seconds}
-                | {f"digits/{key}_{digit}": value for digit, values in digits.items() for key, value in values.items()})
+        groups = {"per_digit": "digits", "per_asked_digit": "asked"}
+        return ({f"eval/{key}": value for key, value in report["metrics"].items()} | {"eval/seconds": seconds}
+                | {f"{prefix}/{key}_{digit}": value for group, prefix in groups.items()
+                   for digit, values in report.get(group, {}).items() for key, value in values.items()})
 
     @torch.no_grad()
     def render_samples(self) -> dict[str, torch.Tensor]:
@@ -191,14 +216,16 @@ class Training:
         share_buffers(self.snapshot.networks, self.ema)
         generator, fixed_z = self.snapshot.networks["generator"], self.fixed_z.to(self.accelerator.device)
         generator.eval()
-        panels = {"generator": generator(fixed_z).float(), "ema": self.ema.network(fixed_z).float()}
+        panels = {"generator": generator(fixed_z, self.fixed_labels).float(),
+                  "ema": self.ema.network(fixed_z, self.fixed_labels).float()}
         generator.train()
         return panels
 
-    def save_checkpoint(self) -> Path:
-        """A collective: rank 0's BatchNorm statistics everywhere, then every rank writes its part."""
+    def save_checkpoint(self, best: bool = False) -> Path:
+        """A collective: rank 0's BatchNorm statistics everywhere, then every rank writes its part; `best`: it
+        becomes checkpoints/best."""
         share_buffers(self.snapshot.networks, self.ema)
-        return checkpoint.save(self.accelerator, self.run_dir, self.snapshot, self.cfg.checkpoint.keep_last)
+        return checkpoint.save(self.accelerator, self.run_dir, self.snapshot, self.cfg.checkpoint.keep_last, best)
 
     def restore(self, path: Path, rollback: bool) -> None:
         """Continue from the checkpoint `path`: at the start (resume), or going back after a non-finite step
@@ -229,7 +256,7 @@ def build_networks(cfg: Config) -> tuple[torch.nn.Module, torch.nn.Module, torch
                                          torch.optim.Optimizer]:
     """G, D and their Adam optimizers, with identical initial weights on every rank (the same seed everywhere)."""
     torch.manual_seed(cfg.run.seed)
-    generator, discriminator = models.build(cfg.model.arch, cfg.model.z_dim, cfg.model.upsample)
+    generator, discriminator = models.build(cfg.model.arch, cfg.model.z_dim, cfg.model.upsample, cfg.model.conditional)
     if cfg.train.channels_last:
         generator, discriminator = (m.to(memory_format=torch.channels_last) for m in (generator, discriminator))
     settings = {"betas": (cfg.optim.beta1, cfg.optim.beta2), "amsgrad": cfg.optim.amsgrad, "fused": cfg.optim.fused,

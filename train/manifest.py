@@ -10,19 +10,21 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import re
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
 from train.errors import CheckpointError, ConfigError, RunWriteError
-from train.files import write_file
+from train.files import fsync, write_file
 from train.run_lock import LOCK_FILE
 
 FORMAT_VERSION = 1
 CHECKPOINTS = "checkpoints"
 CHECKPOINT_FOLDER = re.compile(r"step_(\d{8,})")
 LATEST = "latest"
+BEST = "best"  # a link to the checkpoint with the lowest FD of the run; keep_last never deletes it
 MANIFEST = "manifest.json"
 STATE = "state.json"
 # Besides each rank's rank_<r>.safetensors and rank_<r>.json (state.json says how many ranks wrote one).
@@ -90,9 +92,22 @@ def write_manifest(folder: Path) -> None:
                                               "sha256": {name: sha256(folder / name) for name in files}}, indent=1))
 
 
+def mark_best(run_dir: Path, checkpoint: Path) -> None:
+    """Point checkpoints/best at `checkpoint` (a folder beside it): a relative link, replaced atomically."""
+    folder = checkpoints_dir(run_dir)
+    staging = folder / f".incomplete_{BEST}"
+    staging.unlink(missing_ok=True)
+    os.symlink(checkpoint.name, staging)
+    os.replace(staging, folder / BEST)
+    fsync(folder)
+
+
 def prune(run_dir: Path, keep_last: int) -> None:
-    """Delete the valid checkpoints older than the newest `keep_last` valid ones. A folder that does not
-    verify is neither counted nor deleted, so a damaged or foreign folder can never cost a good checkpoint."""
+    """Delete the valid checkpoints older than the newest `keep_last` valid ones, except the `best` one. A
+    folder that does not verify is neither counted nor deleted, so a damaged or foreign folder can never cost
+    a good checkpoint."""
+    best = checkpoints_dir(run_dir) / BEST
+    best_name = os.readlink(best) if best.is_symlink() else None
     valid = 0
     for candidate in reversed(complete_checkpoints(run_dir)):
         try:
@@ -100,7 +115,7 @@ def prune(run_dir: Path, keep_last: int) -> None:
         except CheckpointError:
             continue  # left for a person to look at (resume reports it)
         valid += 1
-        if valid > keep_last:
+        if valid > keep_last and candidate.name != best_name:
             shutil.rmtree(candidate)
 
 

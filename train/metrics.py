@@ -11,7 +11,9 @@ For a set of generated images against the 10,000 MNIST test images:
 - `classes_present` (digits with at least 1% of the samples), `class_kl` (KL of the predicted-class
   histogram to uniform) and `inception_score` (with the MNIST classifier instead of Inception);
 - per digit (`per_digit`): the generated samples the classifier labels as that digit against the
-  test images of that digit: count, FD, recall.
+  test images of that digit: count, FD, recall; for a conditional generator also grouped by the
+  digit it was asked for, with `agreement` (the share the classifier labels as asked), and overall
+  `label_agreement`.
 
 Images are quantised to uint8 first, exactly as a saved PNG is, so the numbers describe the images
 one can look at. Real-set features are cached on disk, keyed by the test set and the classifier.
@@ -36,11 +38,13 @@ from torch import Tensor
 
 from train import classifier
 from train.data import read_idx_images, read_idx_labels
+from train.models import balanced_labels
 
 PRECISION_RECALL_K = 3
 DENSITY_COVERAGE_K = 5
 CLASS_PRESENT_SHARE = 0.01
 DISTANCE_CHUNK = 2048
+GENERATION_CHUNK = 1000  # latents per forward pass when generating samples
 MIN_PER_DIGIT = 20  # generated samples of a digit below which its FD and recall are left out
 KID_SUBSETS, KID_SUBSET_SIZE = 50, 1000  # subsets of 1000 as torchmetrics and clean-fid; 50 of them (1.4 s on 2 cores)
 
@@ -79,17 +83,20 @@ def extract(network: classifier.MnistClassifier, images: Tensor, batch_size: int
 
 @torch.no_grad()
 def generate_sharded(network: torch.nn.Module, count: int, seed: int, accelerator) -> Tensor:
-    """`count` uint8 images [count, 1, 28, 28] from latents drawn once from `seed`, so the sample set does not
-    depend on the number of processes: each rank generates its share in eval mode, and all ranks get all
-    of them. A collective."""
+    """`count` uint8 images [count, 1, 28, 28] from latents drawn once from `seed` (and, for a conditional
+    generator, the digits in turn: `balanced_labels`), so the sample set does not depend on the number of
+    processes: each rank generates its share in eval mode, and all ranks get all of them. A collective."""
     was_training = network.training
     network.eval()
     z = torch.randn(count, network.z_dim, generator=torch.Generator().manual_seed(seed))
+    labels = balanced_labels(count, network.num_classes)
     share = -(-count // accelerator.num_processes)
-    mine = torch.zeros(share, network.z_dim)
-    own = z[accelerator.process_index * share:(accelerator.process_index + 1) * share]
-    mine[: len(own)] = own  # the last rank's share is padded, and the padding dropped after the gather
-    images = torch.cat([to_uint8(network(chunk.to(accelerator.device)).float()) for chunk in mine.split(1000)])
+    own = slice(accelerator.process_index * share, (accelerator.process_index + 1) * share)
+    padding = share - len(z[own])  # the last rank's share is padded, and the padding dropped after the gather
+    z_chunks = torch.nn.functional.pad(z[own], (0, 0, 0, padding)).to(accelerator.device).split(GENERATION_CHUNK)
+    label_chunks = ([None] * len(z_chunks) if labels is None else
+                    torch.nn.functional.pad(labels[own], (0, padding)).to(accelerator.device).split(GENERATION_CHUNK))
+    images = torch.cat([to_uint8(network(*chunk).float()) for chunk in zip(z_chunks, label_chunks)])
     network.train(was_training)
     return accelerator.gather(images)[:count]
 
@@ -209,15 +216,21 @@ def compare(real: Features, fake: Features) -> dict[str, float]:
             **class_statistics(fake.probabilities)}
 
 
-def per_digit(real: Features, real_labels: Tensor, fake: Features) -> dict[int, dict[str, float]]:
-    """Each digit's generated samples (as the classifier labels them) against the test images of that digit:
-    their count, and where there are at least MIN_PER_DIGIT of them their FD and recall, which show the
-    digits a generator makes badly or misses."""
+def per_digit(real: Features, real_labels: Tensor, fake: Features, asked: Tensor | None = None
+              ) -> dict[int, dict[str, float]]:
+    """Each digit's generated samples against the test images of that digit: their count, and where there are
+    at least MIN_PER_DIGIT of them their FD and recall, which show the digits a generator makes badly or misses.
+    The samples are grouped by the classifier's label, or by `asked`, the labels a conditional generator was
+    given; then each digit also has `agreement`, the share of its samples the classifier labels as asked."""
     predicted, real_labels = fake.probabilities.argmax(1), real_labels.to(real.features.device)
+    groups = predicted if asked is None else asked.to(predicted.device)
     digits = {}
     for digit in range(10):
-        generated = fake.features[predicted == digit]
+        chosen = groups == digit
+        generated = fake.features[chosen]
         digits[digit] = {"count": len(generated)}
+        if asked is not None and len(generated):
+            digits[digit]["agreement"] = (predicted[chosen] == digit).double().mean().item()
         if len(generated) >= MIN_PER_DIGIT:
             own = real.features[real_labels == digit]
             digits[digit] |= {"fd": frechet_distance(own, generated), "recall": precision_recall(own, generated)[1]}
@@ -236,10 +249,17 @@ class Evaluator:
         """Metrics of uint8 images [N, 28, 28] against the MNIST test set."""
         return compare(self.real, extract(self.network, images))
 
-    def score_with_digits(self, images: Tensor) -> tuple[dict[str, float], dict[int, dict[str, float]]]:
-        """`score`'s metrics and `per_digit`'s, from one pass of the feature network."""
+    def report(self, images: Tensor, asked: Tensor | None = None) -> dict[str, dict]:
+        """`score`'s metrics and `per_digit`'s, from one pass of the feature network: {"metrics", "per_digit"};
+        with `asked` (a conditional generator's labels) also "per_asked_digit" and metrics' "label_agreement"."""
         fake = extract(self.network, images)
-        return compare(self.real, fake), per_digit(self.real, read_idx_labels(self.data_dir, "test"), fake)
+        test_labels = read_idx_labels(self.data_dir, "test")
+        report = {"metrics": compare(self.real, fake), "per_digit": per_digit(self.real, test_labels, fake)}
+        if asked is not None:
+            predicted = fake.probabilities.argmax(1).cpu()
+            report["metrics"]["label_agreement"] = (predicted == asked.cpu()).double().mean().item()
+            report["per_asked_digit"] = per_digit(self.real, test_labels, fake, asked)
+        return report
 
     def fd_interval(self, images: Tensor, resamples: int, seed: int = 0) -> dict:
         """The FD of uint8 images against the MNIST test set, with its bootstrap interval (`fd_interval`)."""

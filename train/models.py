@@ -3,6 +3,10 @@
 Generators map z ~ N(0, I) to images in [0, 1]; discriminators return one logit per image (the
 loss applies the sigmoid, which keeps it correct under autocast). Nothing here knows about
 processes, devices or precision.
+
+With `num_classes` > 0 both are class-conditional and take the labels as their second argument:
+the generator reads a learned embedding of the label beside z, the discriminator adds a
+projection of the label onto its features to its logit (Miyato & Koyama 2018).
 """
 
 from __future__ import annotations
@@ -10,6 +14,39 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+
+NUM_CLASSES = 10  # the digits: what a conditional network's labels range over
+LABEL_EMBEDDING_DIM = 32  # the size of the label code a conditional generator reads beside z
+
+
+def balanced_labels(count: int, num_classes: int, device: torch.device | str = "cpu") -> Tensor | None:
+    """0, 1, ..., num_classes - 1, 0, 1, ...: `count` labels with every class equally often, for the samples a
+    conditional generator is measured and shown with; None for an unconditional one (num_classes 0)."""
+    return torch.arange(count, device=device) % num_classes if num_classes else None
+
+
+class LabelledLatent(nn.Module):
+    """z with a learned embedding of each label beside it: how a conditional generator is told the digit."""
+
+    def __init__(self, num_classes: int):
+        super().__init__()
+        self.embedding = nn.Embedding(num_classes, LABEL_EMBEDDING_DIM)
+
+    def forward(self, z: Tensor, labels: Tensor) -> Tensor:
+        return torch.cat([z, self.embedding(labels)], dim=1)
+
+
+class Projection(nn.Module):
+    """The projection discriminator's class term: <embedding(label), features>, added to the logit."""
+
+    def __init__(self, num_classes: int, features: int):
+        super().__init__()
+        self.embedding = nn.Embedding(num_classes, features)
+        nn.init.xavier_uniform_(self.embedding.weight)  # as Miyato & Koyama's code: N(0, 1) would swamp the logit
+
+    def forward(self, features: Tensor, labels: Tensor) -> Tensor:
+        return (self.embedding(labels) * features.flatten(1)).sum(1)
 
 
 def conv_bn_relu(in_channels: int, out_channels: int, kernel_size: int = 3, padding: int = 1) -> nn.Sequential:
@@ -63,11 +100,11 @@ def upsample_conv3x3(x: Tensor, weight: Tensor, interpolation: Tensor) -> Tensor
 class SeedGenerator(nn.Module):
     """The blog's generator: Linear -> 256x7x7 -> (bilinear x2, conv) x2 -> 1x1 conv -> sigmoid."""
 
-    def __init__(self, z_dim: int = 100, upsample: str = "fused"):
+    def __init__(self, z_dim: int = 100, upsample: str = "fused", num_classes: int = 0):
         super().__init__()
-        self.z_dim = z_dim
+        self.z_dim, self.num_classes = z_dim, num_classes
         self.fused = upsample == "fused"  # else the blog's modules, op by op
-        self.fc = nn.Linear(z_dim, 7 * 7 * 256)
+        self.fc = nn.Linear(z_dim + (LABEL_EMBEDDING_DIM if num_classes else 0), 7 * 7 * 256)
         self.conv1 = conv_bn_relu(256, 128)
         self.conv2 = conv_bn_relu(128, 64)
         self.to_image = nn.Conv2d(64, 1, kernel_size=1, bias=True)
@@ -78,8 +115,11 @@ class SeedGenerator(nn.Module):
             self.register_buffer("interpolate_14", shifted_interpolation(14), persistent=False)
         else:
             self.upsample = nn.UpsamplingBilinear2d(scale_factor=2)  # align_corners=True, as in the blog
+        self.label = LabelledLatent(num_classes) if num_classes else None
 
-    def forward(self, z: Tensor) -> Tensor:
+    def forward(self, z: Tensor, labels: Tensor | None = None) -> Tensor:
+        if self.label is not None:
+            z = self.label(z, labels)
         x = self.fc(z).reshape(-1, 256, 7, 7)
         for block, size in ((self.conv1, 7), (self.conv2, 14)):
             convolution, batch_norm_relu = block[0], block[1:]
@@ -92,7 +132,7 @@ class SeedGenerator(nn.Module):
 class SeedDiscriminator(nn.Module):
     """The blog's discriminator without its final sigmoid: three conv blocks, two max-pools, Linear."""
 
-    def __init__(self):
+    def __init__(self, num_classes: int = 0):
         super().__init__()
         self.features = nn.Sequential(
             conv_bn_relu(1, 16), nn.MaxPool2d(2),
@@ -100,19 +140,23 @@ class SeedDiscriminator(nn.Module):
             conv_bn_relu(32, 64),
         )
         self.fc = nn.Linear(7 * 7 * 64, 1)
+        self.projection = Projection(num_classes, 7 * 7 * 64) if num_classes else None
 
-    def forward(self, image: Tensor) -> Tensor:
-        return self.fc(self.features(image).flatten(1)).squeeze(1)
+    def forward(self, image: Tensor, labels: Tensor | None = None) -> Tensor:
+        features = self.features(image).flatten(1)
+        logits = self.fc(features).squeeze(1)
+        return logits if self.projection is None else logits + self.projection(features, labels)
 
 
 class DCGANGenerator(nn.Module):
     """DCGAN (Radford et al. 2016) sized for 28x28: transposed convolutions with BN+ReLU."""
 
-    def __init__(self, z_dim: int = 100, width: int = 64):
+    def __init__(self, z_dim: int = 100, width: int = 64, num_classes: int = 0):
         super().__init__()
-        self.z_dim = z_dim
+        self.z_dim, self.num_classes = z_dim, num_classes
         self.net = nn.Sequential(
-            nn.ConvTranspose2d(z_dim, 2 * width, 7, 1, 0, bias=False),  # 7x7
+            nn.ConvTranspose2d(z_dim + (LABEL_EMBEDDING_DIM if num_classes else 0), 2 * width, 7, 1, 0,
+                               bias=False),  # 7x7
             nn.BatchNorm2d(2 * width),
             nn.ReLU(),
             nn.ConvTranspose2d(2 * width, width, 4, 2, 1, bias=False),  # 14x14
@@ -121,15 +165,18 @@ class DCGANGenerator(nn.Module):
             nn.ConvTranspose2d(width, 1, 4, 2, 1),  # 28x28
             nn.Sigmoid(),
         )
+        self.label = LabelledLatent(num_classes) if num_classes else None
 
-    def forward(self, z: Tensor) -> Tensor:
+    def forward(self, z: Tensor, labels: Tensor | None = None) -> Tensor:
+        if self.label is not None:
+            z = self.label(z, labels)
         return self.net(z[:, :, None, None])
 
 
 class DCGANDiscriminator(nn.Module):
     """DCGAN discriminator for 28x28: strided convolutions with LeakyReLU, BN after the first."""
 
-    def __init__(self, width: int = 64):
+    def __init__(self, width: int = 64, num_classes: int = 0):
         super().__init__()
         self.net = nn.Sequential(
             nn.Conv2d(1, width, 4, 2, 1),  # 14x14
@@ -139,21 +186,27 @@ class DCGANDiscriminator(nn.Module):
             nn.LeakyReLU(0.2),
             nn.Conv2d(2 * width, 1, 7, 1, 0),  # one logit
         )
+        self.projection = Projection(num_classes, 2 * width * 7 * 7) if num_classes else None
 
-    def forward(self, image: Tensor) -> Tensor:
-        return self.net(image).flatten()
+    def forward(self, image: Tensor, labels: Tensor | None = None) -> Tensor:
+        if self.projection is None:
+            return self.net(image).flatten()
+        features = self.net[:-1](image)
+        return self.net[-1](features).flatten() + self.projection(features, labels)
 
 
-def build_generator(arch: str, z_dim: int, upsample: str = "fused") -> nn.Module:
+def build_generator(arch: str, z_dim: int, upsample: str = "fused", conditional: bool = False) -> nn.Module:
     """The generator of `model.arch`; `upsample` picks the seed generator's implementation."""
+    num_classes = NUM_CLASSES if conditional else 0
     if arch == "seed":
-        return SeedGenerator(z_dim, upsample)
+        return SeedGenerator(z_dim, upsample, num_classes)
     if arch == "dcgan":
-        return DCGANGenerator(z_dim)
+        return DCGANGenerator(z_dim, num_classes=num_classes)
     raise ValueError(f"unknown model.arch {arch!r}")
 
 
-def build(arch: str, z_dim: int, upsample: str = "fused") -> tuple[nn.Module, nn.Module]:
+def build(arch: str, z_dim: int, upsample: str = "fused", conditional: bool = False) -> tuple[nn.Module, nn.Module]:
     """(generator, discriminator) for `model.arch`, built in that order (the order their weights are drawn in)."""
-    generator = build_generator(arch, z_dim, upsample)
-    return generator, SeedDiscriminator() if arch == "seed" else DCGANDiscriminator()
+    generator = build_generator(arch, z_dim, upsample, conditional)
+    num_classes = NUM_CLASSES if conditional else 0
+    return generator, SeedDiscriminator(num_classes) if arch == "seed" else DCGANDiscriminator(num_classes=num_classes)

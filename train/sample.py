@@ -2,6 +2,7 @@
 
 FILE ending in .png gets a grid; .npy gets the N samples as uint8 [N, 28, 28], rounded exactly as
 the PNG is. The checkpoint may be a checkpoint folder, a run directory or an exported generator.
+A conditional generator draws the digit `--label D`, or without it every digit, one row each.
 """
 
 import argparse
@@ -16,7 +17,8 @@ from torchvision.utils import make_grid, save_image
 from train.errors import EXIT_BAD_INPUT, EXIT_WRITE_FAILED, CheckpointError
 from train.export import load_generator
 from train.files import write_atomically
-from train.metrics import to_uint8
+from train.metrics import GENERATION_CHUNK, to_uint8
+from train.models import NUM_CLASSES
 
 
 def available_device(name: str) -> str:
@@ -31,12 +33,23 @@ def available_device(name: str) -> str:
     return name
 
 
+def digit(text: str) -> int:
+    """`--label`'s type: a digit 0-9, refused by argparse before any work."""
+    if text not in [str(d) for d in range(NUM_CLASSES)]:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a digit; give one of 0-{NUM_CLASSES - 1}")
+    return int(text)
+
+
 @torch.no_grad()
-def generate(generator: torch.nn.Module, num: int, seed: int, batch_size: int = 1000) -> torch.Tensor:
-    """`num` images in [0, 1] from z drawn on the CPU with `seed`: the same on any device."""
+def generate(generator: torch.nn.Module, num: int, seed: int, labels: torch.Tensor | None = None,
+             batch_size: int = GENERATION_CHUNK) -> torch.Tensor:
+    """`num` images in [0, 1] from z drawn on the CPU with `seed` (and `labels` for a conditional generator):
+    the same on any device."""
     z = torch.randn(num, generator.z_dim, generator=torch.Generator().manual_seed(seed))
     device = next(generator.parameters()).device
-    return torch.cat([generator(chunk.to(device)).float().cpu() for chunk in z.split(batch_size)])
+    label_chunks = [None] * -(-num // batch_size) if labels is None else labels.to(device).split(batch_size)
+    return torch.cat([generator(chunk.to(device), chunk_labels).float().cpu()
+                      for chunk, chunk_labels in zip(z.split(batch_size), label_chunks)])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -47,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="a .png (grid) or .npy (uint8 [N, 28, 28]) file")
     parser.add_argument("--device", type=available_device, default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--no-ema", action="store_true", help="sample the trained generator, not its EMA")
+    parser.add_argument("--label", type=digit, help="the digit a conditional generator draws (default: each in turn)")
     args = parser.parse_args(argv)
     out = Path(args.out)
     if out.suffix not in (".png", ".npy"):
@@ -58,11 +72,22 @@ def main(argv: list[str] | None = None) -> int:
     except CheckpointError as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    images = generate(generator, args.num, args.seed)
+    if args.label is not None and not generator.num_classes:
+        print(f"error: --label {args.label}: the generator of {args.checkpoint} is not conditional (trained without "
+              "model.conditional=true), so it cannot be asked for a digit; leave --label out", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    columns = int(np.ceil(np.sqrt(args.num)))
+    if not generator.num_classes:
+        labels = None
+    elif args.label is not None:
+        labels = torch.full((args.num,), args.label)
+    else:  # one row per digit
+        columns = -(-args.num // NUM_CLASSES)
+        labels = torch.arange(args.num) // columns
+    images = generate(generator, args.num, args.seed, labels)
     encoded = io.BytesIO()
     if out.suffix == ".png":
-        save_image(make_grid(images, nrow=int(np.ceil(np.sqrt(args.num))), padding=2, pad_value=1.0), encoded,
-                   format="png")
+        save_image(make_grid(images, nrow=columns, padding=2, pad_value=1.0), encoded, format="png")
     else:
         np.save(encoded, to_uint8(images).squeeze(1).numpy())
     try:

@@ -1,12 +1,16 @@
 """One training step on the device: update D on real and fake images, update G through the new D,
 average G.
 
-The step reads only tensors that stay at the same addresses (the batch and latent buffers that
-`sample` refills, the EMA weight, the networks and their optimizers' states) and leaves its
+The step reads only tensors that stay at the same addresses (the batch, label and latent buffers
+that `sample` refills, the EMA weight, the networks and their optimizers' states) and leaves its
 statistics in tensors that do too (the training window, the fault record), with no host
 synchronisation and no host-side decision inside it: on one GPU it runs as one replayed CUDA graph
 (train/cuda_graph.py). Each phase turns on gradients for its own network only; during the G phase
 D's gradients are neither computed nor all-reduced.
+
+Class-conditional (batches with labels): D sees each real image with its label, each fake with the
+label G was asked for; those are drawn uniformly from the noise stream, after the latents, so a
+resumed run draws the same ones.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from train import losses
 from train.data import ShardedBatches
 from train.ema import GeneratorEMA
 from train.faults import FaultMonitor
+from train.models import NUM_CLASSES
 from train.tracking import TrainingWindow
 
 
@@ -32,15 +37,25 @@ class GANStep:
         self.ema, self.faults, self.window = ema, faults, window
         self.real = batches.empty_batch()
         self.z = torch.empty(batches.batch_size, z_dim, device=self.real.device)
+        # The labels of the real batch and the ones G is asked for; None when unconditional.
+        self.real_labels, self.fake_labels = (
+            (torch.empty(batches.batch_size, dtype=torch.long, device=self.real.device) for _ in range(2))
+            if batches.labels is not None else (None, None))
 
     def sample(self, batches: ShardedBatches, noise: torch.Generator) -> None:
-        """This rank's next batch and latents, into the step's buffers (in place: a CUDA graph reads them there)."""
-        self.real.copy_(batches.next())
+        """This rank's next batch (and its labels) and latents (and the labels G is asked for), into the step's
+        buffers (in place: a CUDA graph reads them there)."""
+        images, labels = batches.next()
+        self.real.copy_(images)
         torch.randn(self.z.shape, device=self.z.device, generator=noise, out=self.z)
+        if labels is not None:
+            self.real_labels.copy_(labels)
+            torch.randint(NUM_CLASSES, self.fake_labels.shape, device=self.z.device, generator=noise,
+                          out=self.fake_labels)
 
     def __call__(self, r1_weight: float) -> None:
         """Update D, update G through the new D, average G; `r1_weight` > 0 adds the R1 penalty to D's loss."""
-        fake = self.generator(self.z)
+        fake = self.generator(self.z, self.fake_labels)
         d_loss, real_logits, fake_logits, r1_penalty = self.update_discriminator(fake, r1_weight)
         g_loss = self.update_generator(fake)
         self.ema.update(self.generator)
@@ -51,8 +66,8 @@ class GANStep:
         logits and, where `r1_weight` > 0, the R1 penalty before weighting (else None)."""
         self.discriminator.requires_grad_(True)
         real = self.real.detach().requires_grad_(True) if r1_weight else self.real  # a view: the buffer stays plain
-        real_logits = self.discriminator(real)
-        fake_logits = self.discriminator(fake.detach())
+        real_logits = self.discriminator(real, self.real_labels)
+        fake_logits = self.discriminator(fake.detach(), self.fake_labels)
         d_loss = losses.discriminator_loss(self.loss_kind, real_logits, fake_logits)
         r1_penalty = None
         if r1_weight:
@@ -69,7 +84,7 @@ class GANStep:
         """Update G through the just-updated D; D gets no gradients and DDP syncs none of its."""
         self.discriminator.requires_grad_(False)
         with self.accelerator.no_sync(self.discriminator):
-            fake_logits = self.discriminator(fake)
+            fake_logits = self.discriminator(fake, self.fake_labels)
         g_loss = losses.generator_loss(self.loss_kind, fake_logits)
         self.g_optimizer.zero_grad(set_to_none=True)
         self.accelerator.backward(g_loss)

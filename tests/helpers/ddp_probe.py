@@ -48,7 +48,7 @@ discriminator.register_comm_hook(None, counting("discriminator"))
 shard = batches.epoch_indices.clone()
 noise = torch.Generator().manual_seed(1000 + accelerator.process_index)
 for step in range(cfg.train.steps):
-    real = batches.next()
+    real, _ = batches.next()
     z = torch.randn(real.shape[0], cfg.model.z_dim, generator=noise)
     phase = "d_step"
     fake = generator(z)
