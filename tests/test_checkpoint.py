@@ -393,12 +393,12 @@ def test_resume_from_a_path_behind_its_run_dir_continues_the_run_dir_as_a_requeu
 
 
 def tool(name: str, *args) -> subprocess.CompletedProcess:
-    """`python -m train.NAME ARGS`: export, sample, evaluate or plots."""
+    """`python -m train.NAME ARGS`: export, sample, evaluate or plots, as a user runs it."""
     return subprocess.run([sys.executable, "-m", f"train.{name}", *map(str, args)], cwd=REPO, env=run_env(),
                           capture_output=True, text=True)
 
 
-def test_export_and_sample_give_the_same_images_from_every_form(finished_run, tmp_path):
+def test_export_and_sample_give_the_same_images_from_every_form(finished_run, tmp_path, tool_here):
     exported = tmp_path / "exported"
     result = tool("export", "--checkpoint", finished_run, "--out", exported)
     assert result.returncode == 0, result.stderr
@@ -410,9 +410,10 @@ def test_export_and_sample_give_the_same_images_from_every_form(finished_run, tm
     generator.load_state_dict(load_file(exported / "generator.safetensors"))
 
     arrays = []
-    for source in (exported, finished_run, finished_run / "checkpoints" / "step_00000006"):
+    for source, run in ((exported, tool), (finished_run, tool_here),
+                        (finished_run / "checkpoints" / "step_00000006", tool_here)):
         out = tmp_path / f"{len(arrays)}.npy"
-        result = tool("sample", "--checkpoint", source, "--num", 12, "--seed", 3, "--out", out, "--device", "cpu")
+        result = run("sample", "--checkpoint", source, "--num", 12, "--seed", 3, "--out", out, "--device", "cpu")
         assert result.returncode == 0, result.stderr
         arrays.append(np.load(out))
     assert arrays[0].shape == (12, 28, 28) and arrays[0].dtype == np.uint8
@@ -421,18 +422,27 @@ def test_export_and_sample_give_the_same_images_from_every_form(finished_run, tm
         direct = generator.eval()(torch.randn(12, 100, generator=torch.Generator().manual_seed(3)))
     assert np.array_equal(arrays[0], direct.mul(255).add(0.5).clamp(0, 255).to(torch.uint8).squeeze(1).numpy())
     png = tmp_path / "grid.png"
-    result = tool("sample", "--checkpoint", exported, "--num", 16, "--out", png)
+    result = tool_here("sample", "--checkpoint", exported, "--num", 16, "--out", png)
     assert result.returncode == 0 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_sample_refuses_a_label_for_an_unconditional_generator(finished_run, tmp_path, tool_here):
+    out = tmp_path / "seven.png"
+    result = tool_here("sample", "--checkpoint", finished_run, "--label", 7, "--out", out)
+    assert result.returncode == errors.EXIT_BAD_INPUT
+    assert (f"error: --label 7: the generator of {finished_run} is not conditional (trained without "
+            "model.conditional=true)") in result.stderr
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("name", ["sample", "evaluate", "export"])
-def test_each_tool_names_a_path_that_is_no_checkpoint_before_any_work(tmp_path, name):
+def test_each_tool_names_a_path_that_is_no_checkpoint_before_any_work(tmp_path, name, tool_here):
     wrong, out = tmp_path / "wrong", tmp_path / "out"
     wrong.mkdir()
     extra = {"sample": ["--out", out / "x.png"], "evaluate": ["--cache-dir", out, "--device", "cpu"],
              "export": ["--out", out]}[name]
-    result = tool(name, "--checkpoint", wrong, *extra)
-    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    result = tool_here(name, "--checkpoint", wrong, *extra)
+    assert result.returncode == 2, result.stderr[-2000:]
     assert f"error: {wrong} is neither a checkpoint folder (with manifest.json) nor a run directory" in result.stderr
     assert not out.exists()  # no samples, no test-set features extracted, no export folder
 
@@ -440,34 +450,35 @@ def test_each_tool_names_a_path_that_is_no_checkpoint_before_any_work(tmp_path, 
 @pytest.mark.parametrize("name, device, message", [  # both tools share --device's check: one case each
     ("sample", "cuda:99", "cuda:99 is not on this machine, which sees"),
     ("evaluate", "gpu", "'gpu' is not a device name (cpu, cuda, cuda:1, ...)")])
-def test_each_tool_refuses_a_device_this_machine_lacks_before_any_work(finished_run, tmp_path, name, device, message):
+def test_each_tool_refuses_a_device_this_machine_lacks_before_any_work(finished_run, tmp_path, name, device, message,
+                                                                      tool_here):
     out = tmp_path / "out"
     extra = {"sample": ["--out", out / "x.png"], "evaluate": ["--cache-dir", out]}[name]
-    result = tool(name, "--checkpoint", finished_run, "--device", device, *extra)
+    result = tool_here(name, "--checkpoint", finished_run, "--device", device, *extra)
     assert result.returncode == 2 and f"error: argument --device: {message}" in result.stderr, result.stderr[-2000:]
     assert not out.exists()
 
 
-def test_plots_names_a_run_dir_without_metrics(tmp_path):
-    result = tool("plots", "--run", tmp_path)
+def test_plots_names_a_run_dir_without_metrics(tmp_path, tool_here):
+    result = tool_here("plots", "--run", tmp_path)
     assert result.returncode == 2, result.stderr[-2000:]
     assert f"error: --run {tmp_path} holds no metrics.jsonl: point it at the run.dir of a run" in result.stderr
     assert list(tmp_path.iterdir()) == []
 
 
-def test_evaluate_refuses_too_few_samples_before_any_work(finished_run, tmp_path):
-    result = tool("evaluate", "--checkpoint", finished_run, "--num", 5, "--cache-dir", tmp_path / "cache")
+def test_evaluate_refuses_too_few_samples_before_any_work(finished_run, tmp_path, tool_here):
+    result = tool_here("evaluate", "--checkpoint", finished_run, "--num", 5, "--cache-dir", tmp_path / "cache")
     assert result.returncode == 2 and "error: --num must be at least 100" in result.stderr, result.stderr[-2000:]
     assert not (tmp_path / "cache").exists()
 
 
-def test_an_export_is_never_overwritten(finished_run, tmp_path):
+def test_an_export_is_never_overwritten(finished_run, tmp_path, tool_here):
     """Its checkpoint may be gone since (checkpoint.keep_last); a second export goes elsewhere."""
     exported = tmp_path / "exported"
     older = finished_run / "checkpoints" / "step_00000004"
-    assert tool("export", "--checkpoint", older, "--out", exported).returncode == 0
+    assert tool_here("export", "--checkpoint", older, "--out", exported).returncode == 0
     before = snapshot_files(exported)
-    result = tool("export", "--checkpoint", finished_run, "--out", exported)
+    result = tool_here("export", "--checkpoint", finished_run, "--out", exported)
     assert result.returncode == 2 and f"error: {exported} already holds an exported generator" in result.stderr
     assert snapshot_files(exported) == before and json.loads((exported / "generator.json").read_text())["step"] == 4
 
