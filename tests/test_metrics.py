@@ -80,6 +80,38 @@ def test_kid_is_near_zero_for_one_distribution_and_grows_with_the_distance():
         assert abs(metrics.kernel_inception_distance(real, same)[0]) < KID_NEAR_ZERO * shifted[0]
 
 
+class Features(torch.nn.Module):
+    """A 'feature network' for torchmetrics that hands back what it is given: our features go in as they are."""
+
+    def __init__(self, dimensions: int):
+        super().__init__()
+        self.num_features = dimensions
+
+    def forward(self, features):
+        return features
+
+
+@pytest.mark.slow  # importing torchmetrics takes seconds
+@pytest.mark.filterwarnings("ignore:Metric `Kernel Inception Distance` will save all extracted features")
+def test_fd_and_kid_agree_with_torchmetrics_on_the_same_features():
+    """torchmetrics' FID and KID take a custom feature network; on the same features they compute the same numbers.
+    KID with one subset of every sample (the subsets are random in both, drawn differently); ours divides the
+    features by the real set's RMS first, so they are handed over divided."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
+    from torchmetrics.image.kid import KernelInceptionDistance
+    real, fake = random_features(600, dim=16, seed=1).double(), random_features(600, dim=16, seed=2, shift=0.3).double()
+    fid = FrechetInceptionDistance(feature=Features(16))
+    fid.update(real, real=True)
+    fid.update(fake, real=False)
+    assert metrics.frechet_distance(real, fake) == pytest.approx(fid.compute().item(), rel=FD_TOLERANCE)
+    scale = real.pow(2).mean().sqrt()
+    kid = KernelInceptionDistance(feature=Features(16), subsets=1, subset_size=600)
+    kid.update(real / scale, real=True)
+    kid.update(fake / scale, real=False)
+    ours, _ = metrics.kernel_inception_distance(real, fake, subsets=1, subset_size=600)
+    assert ours == pytest.approx(kid.compute()[0].item(), rel=EXACT)
+
+
 def test_the_fd_interval_contains_the_fd_and_narrows_with_more_samples():
     """Resampling alone raises the FD (it is biased by the sample count); the interval is moved back by that
     bias, so it describes the spread of the FD actually measured."""
