@@ -43,7 +43,8 @@ def next_batch(self):
     elif fault == "die":
         os.kill(os.getpid(), signal.SIGKILL)
     elif fault == "nan":
-        batch = torch.full_like(batch, float("nan"))
+        images, labels = batch
+        batch = torch.full_like(images, float("nan")), labels
     return batch
 
 
