@@ -54,9 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         report["checkpoint"] = args.checkpoint
         asked = balanced_labels(args.num, generator.num_classes)
         images = to_uint8(generate(generator, args.num, args.seed, asked))
-        report |= evaluator.report(images, asked)
-        if args.bootstrap:
-            report["fd_interval"] = evaluator.fd_interval(images, args.bootstrap, seed=args.seed)
+        report |= evaluator.report(images, asked, bootstrap=args.bootstrap, seed=args.seed)
     if args.floor:
         report["training_set_floor"] = evaluator.training_set_floor(args.num, args.seed)
         if args.bootstrap:

@@ -249,9 +249,11 @@ class Evaluator:
         """Metrics of uint8 images [N, 28, 28] against the MNIST test set."""
         return compare(self.real, extract(self.network, images))
 
-    def report(self, images: Tensor, asked: Tensor | None = None) -> dict[str, dict]:
+    def report(self, images: Tensor, asked: Tensor | None = None, bootstrap: int = 0, seed: int = 0
+               ) -> dict[str, dict]:
         """`score`'s metrics and `per_digit`'s, from one pass of the feature network: {"metrics", "per_digit"};
-        with `asked` (a conditional generator's labels) also "per_asked_digit" and metrics' "label_agreement"."""
+        with `asked` (a conditional generator's labels) also "per_asked_digit" and metrics' "label_agreement";
+        with `bootstrap` resamples also "fd_interval" (`fd_interval`, seeded by `seed`)."""
         fake = extract(self.network, images)
         test_labels = read_idx_labels(self.data_dir, "test")
         report = {"metrics": compare(self.real, fake), "per_digit": per_digit(self.real, test_labels, fake)}
@@ -259,6 +261,8 @@ class Evaluator:
             predicted = fake.probabilities.argmax(1).cpu()
             report["metrics"]["label_agreement"] = (predicted == asked.cpu()).double().mean().item()
             report["per_asked_digit"] = per_digit(self.real, test_labels, fake, asked)
+        if bootstrap:
+            report["fd_interval"] = fd_interval(self.real.features, fake.features, bootstrap, seed=seed)
         return report
 
     def fd_interval(self, images: Tensor, resamples: int, seed: int = 0) -> dict:
