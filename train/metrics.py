@@ -22,6 +22,7 @@ one can look at. Real-set features are cached on disk, keyed by the test set and
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import math
 import os
@@ -245,6 +246,11 @@ class Evaluator:
         self.data_dir, self.cache_dir = Path(data_dir), Path(cache_dir)
         self.real = self._real_features(self.cache_dir)
 
+    @functools.cached_property
+    def real_labels(self) -> Tensor:
+        """The test images' labels, for the metrics per digit: read once, when first needed."""
+        return read_idx_labels(self.data_dir, "test")
+
     def score(self, images: Tensor) -> dict[str, float]:
         """Metrics of uint8 images [N, 28, 28] against the MNIST test set."""
         return compare(self.real, extract(self.network, images))
@@ -255,12 +261,11 @@ class Evaluator:
         with `asked` (a conditional generator's labels) also "per_asked_digit" and metrics' "label_agreement";
         with `bootstrap` resamples also "fd_interval" (`fd_interval`, seeded by `seed`)."""
         fake = extract(self.network, images)
-        test_labels = read_idx_labels(self.data_dir, "test")
-        report = {"metrics": compare(self.real, fake), "per_digit": per_digit(self.real, test_labels, fake)}
+        report = {"metrics": compare(self.real, fake), "per_digit": per_digit(self.real, self.real_labels, fake)}
         if asked is not None:
             predicted = fake.probabilities.argmax(1).cpu()
             report["metrics"]["label_agreement"] = (predicted == asked.cpu()).double().mean().item()
-            report["per_asked_digit"] = per_digit(self.real, test_labels, fake, asked)
+            report["per_asked_digit"] = per_digit(self.real, self.real_labels, fake, asked)
         if bootstrap:
             report["fd_interval"] = fd_interval(self.real.features, fake.features, bootstrap, seed=seed)
         return report
