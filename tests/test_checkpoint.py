@@ -191,6 +191,11 @@ def bad_checkpoint(kind, finished_run, tmp_path):
         state["progress"]["step"] = "six"
         (folder / "state.json").write_text(json.dumps(state))
         message = "state.json is damaged: progress.step is 'six', not a count"
+    elif kind == "a best FD that is no number":
+        state = json.loads((folder / "state.json").read_text())
+        state["progress"]["best_fd"] = "low"
+        (folder / "state.json").write_text(json.dumps(state))
+        message = "state.json is damaged: progress.best_fd is 'low'"
     elif kind == "rng state of the wrong size":
         tensors = load_file(folder / "rank_0.safetensors")
         size = len(tensors["noise"])
@@ -242,7 +247,8 @@ def test_a_bad_checkpoint_is_named_and_nothing_is_overwritten(finished_run, tmp_
 
 
 @pytest.mark.parametrize("kind", ["manifest without hashes", "format version as text", "hashes as a list",
-                                  "huge safetensors header", "state not json", "state of the wrong kind"])
+                                  "huge safetensors header", "state not json", "state of the wrong kind",
+                                  "a best FD that is no number"])
 def test_a_malformed_checkpoint_is_refused_by_verify(finished_run, tmp_path, kind):
     """The run's own refusal of any CheckpointError (exit 2, nothing written) is the test above; here the cases
     that verify, before torch, must catch (each a traceback, or a damaged file loaded, before)."""
@@ -270,6 +276,24 @@ def test_tensors_that_do_not_fit_are_refused_before_anything_is_restored(finishe
     assert_bitwise_equal({f"{name}/{k}": v for name, state in before.items() for k, v in state.items()},
                          {f"{name}/{k}": v for name, network in networks.items()
                           for k, v in network.state_dict().items()})
+
+
+def test_a_checkpoint_without_a_best_fd_is_valid_and_resumes(finished_run, tmp_path):
+    """progress.best_fd may be absent from state.json: such a checkpoint verifies and restores, with no best yet."""
+    folder = copy_run(finished_run, tmp_path) / "checkpoints" / "step_00000006"
+    state = json.loads((folder / "state.json").read_text())
+    del state["progress"]["best_fd"]
+    (folder / "state.json").write_text(json.dumps(state))
+    rehash(folder)
+    manifest.verify(folder)
+    generator, discriminator = models.build("dcgan", 100)
+    networks = {"generator": generator, "discriminator": discriminator,
+                "generator_ema": models.build_generator("dcgan", 100)}
+    progress = Progress()
+    restore(folder, Snapshot(networks=networks, optimizers={
+        name: torch.optim.Adam(networks[name].parameters(), amsgrad=True) for name in ("generator", "discriminator")},
+        noise=torch.Generator(), progress=progress, config={}), rank=0, world_size=1)
+    assert progress.step == 6 and progress.best_fd is None
 
 
 def test_a_malformed_manifest_is_skipped_like_a_damaged_one(finished_run, tmp_path):

@@ -30,10 +30,10 @@ STATE = "state.json"
 # Besides each rank's rank_<r>.safetensors and rank_<r>.json (state.json says how many ranks wrote one).
 REQUIRED_FILES = (STATE, "generator.safetensors", "discriminator.safetensors", "generator_ema.safetensors",
                   "optimizers.safetensors", "optimizers.json")
-# What the loaders read from the JSON files; `int` stands for a count (0 or more).
+# What the loaders read from the JSON files; `int` stands for a count (0 or more), a key ending in "?" may be absent.
 STATE_SCHEMA = {
     "progress": {"step": int, "images_seen": int, "data": {"epoch": int, "step_in_epoch": int}, "seed_offset": int,
-                 "wandb_run_id": (str, type(None))},
+                 "wandb_run_id": (str, type(None)), "best_fd?": (float, int, type(None))},
     "world_size": int, "global_batch": int, "scaler": (dict, type(None)),
     "config": {"model": {"arch": str, "z_dim": int}},
 }
@@ -199,7 +199,10 @@ def _schema_problem(value, schema, where: str) -> str | None:
         if not isinstance(value, dict):
             return f"{where or 'it'} is not an object"
         for key, inner in schema.items():
+            optional, key = key.endswith("?"), key.removesuffix("?")
             if key not in value:
+                if optional:
+                    continue
                 return f"{where + key} is missing"
             if (problem := _schema_problem(value[key], inner, f"{where}{key}.")) is not None:
                 return problem
