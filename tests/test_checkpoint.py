@@ -278,6 +278,15 @@ def test_tensors_that_do_not_fit_are_refused_before_anything_is_restored(finishe
                           for k, v in network.state_dict().items()})
 
 
+def test_a_folder_planted_where_the_best_link_goes_is_refused_and_left_alone(finished_run, tmp_path):
+    run_dir = copy_run(finished_run, tmp_path)
+    planted = run_dir / "checkpoints" / "best"
+    (planted / "mine").mkdir(parents=True)
+    with pytest.raises(errors.RunError, match="is not the link a run keeps to its best checkpoint; move it away"):
+        manifest.mark_best(run_dir, run_dir / "checkpoints" / "step_00000006")
+    assert planted.is_dir() and not planted.is_symlink() and (planted / "mine").is_dir()
+
+
 def test_a_checkpoint_without_a_best_fd_is_valid_and_resumes(finished_run, tmp_path):
     """progress.best_fd may be absent from state.json: such a checkpoint verifies and restores, with no best yet."""
     folder = copy_run(finished_run, tmp_path) / "checkpoints" / "step_00000006"

@@ -36,7 +36,7 @@ from torch import nn
 from train.data import DataPosition
 from train.files import fsync, write_atomically, write_file
 from train.errors import CheckpointError
-from train.manifest import (LATEST, STATE, checkpoint_name, checkpoints_dir, mark_best, prune, read_state,
+from train.manifest import (BEST, LATEST, STATE, checkpoint_name, checkpoints_dir, mark_best, prune, read_state,
                             stop_on_write_failure, verify, write_manifest)
 
 @dataclass
@@ -88,9 +88,10 @@ def save(accelerator, run_dir: Path, snapshot: Snapshot, keep_last: int = 0, bes
             os.rename(staging, final)
             fsync(folder)
     if accelerator.is_main_process:
-        write_atomically(folder / LATEST, final.name + "\n")
-        if best:
-            mark_best(run_dir, final)
+        with stop_on_write_failure(f"pointing {LATEST}{' and ' + BEST if best else ''} at {final.name}", run_dir):
+            write_atomically(folder / LATEST, final.name + "\n")
+            if best:
+                mark_best(run_dir, final)
         if keep_last:
             prune(run_dir, keep_last)
     accelerator.wait_for_everyone()

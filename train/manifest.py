@@ -16,7 +16,7 @@ import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
-from train.errors import CheckpointError, ConfigError, RunWriteError
+from train.errors import CheckpointError, ConfigError, RunError, RunWriteError
 from train.files import fsync, write_file
 from train.run_lock import LOCK_FILE
 
@@ -95,6 +95,9 @@ def write_manifest(folder: Path) -> None:
 def mark_best(run_dir: Path, checkpoint: Path) -> None:
     """Point checkpoints/best at `checkpoint` (a folder beside it): a relative link, replaced atomically."""
     folder = checkpoints_dir(run_dir)
+    if (folder / BEST).exists() and not (folder / BEST).is_symlink():
+        raise RunError(f"{folder / BEST} is not the link a run keeps to its best checkpoint; move it away (it is "
+                       f"left as it is) and resume: the new best is {checkpoint.name}")
     staging = folder / f".incomplete_{BEST}"
     staging.unlink(missing_ok=True)
     os.symlink(checkpoint.name, staging)
