@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from train.models import balanced_labels
+from train.models import balanced_labels, split_like
 
 STATISTICS_CHUNK = 512  # latents per forward pass when measuring statistics: bounded memory, same chunks everywhere
 
@@ -75,9 +75,9 @@ class GeneratorEMA:
             norm.momentum = None
         self.network.train()
         chunks = -(-len(self.statistics_latents) // STATISTICS_CHUNK)
-        labels = [None] * chunks if self.statistics_labels is None else self.statistics_labels.tensor_split(chunks)
-        for latents, chunk_labels in zip(self.statistics_latents.tensor_split(chunks), labels):
-            self.network(latents, chunk_labels)
+        latents = self.statistics_latents.tensor_split(chunks)
+        for chunk, labels in zip(latents, split_like(self.statistics_labels, latents)):
+            self.network(chunk, labels)
         self.network.eval()
         for norm, momentum in zip(self.norms, momenta):
             norm.momentum = momentum

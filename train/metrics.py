@@ -39,7 +39,7 @@ from torch import Tensor
 
 from train import classifier
 from train.data import read_idx_images, read_idx_labels
-from train.models import balanced_labels
+from train.models import balanced_labels, split_like
 
 PRECISION_RECALL_K = 3
 DENSITY_COVERAGE_K = 5
@@ -95,8 +95,9 @@ def generate_sharded(network: torch.nn.Module, count: int, seed: int, accelerato
     own = slice(accelerator.process_index * share, (accelerator.process_index + 1) * share)
     padding = share - len(z[own])  # the last rank's share is padded, and the padding dropped after the gather
     z_chunks = torch.nn.functional.pad(z[own], (0, 0, 0, padding)).to(accelerator.device).split(GENERATION_CHUNK)
-    label_chunks = ([None] * len(z_chunks) if labels is None else
-                    torch.nn.functional.pad(labels[own], (0, padding)).to(accelerator.device).split(GENERATION_CHUNK))
+    if labels is not None:
+        labels = torch.nn.functional.pad(labels[own], (0, padding)).to(accelerator.device)
+    label_chunks = split_like(labels, z_chunks)
     images = torch.cat([to_uint8(network(*chunk).float()) for chunk in zip(z_chunks, label_chunks)])
     network.train(was_training)
     return accelerator.gather(images)[:count]

@@ -26,6 +26,11 @@ def balanced_labels(count: int, num_classes: int, device: torch.device | str = "
     return torch.arange(count, device=device) % num_classes if num_classes else None
 
 
+def split_like(labels: Tensor | None, latents: tuple[Tensor, ...]) -> list[Tensor | None]:
+    """`labels` cut into the sizes of the latent chunks they go with, or a None for each chunk (unconditional)."""
+    return [None] * len(latents) if labels is None else list(labels.split([len(chunk) for chunk in latents]))
+
+
 class LabelledLatent(nn.Module):
     """z with a learned embedding of each label beside it: how a conditional generator is told the digit."""
 

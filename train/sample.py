@@ -18,7 +18,7 @@ from train.errors import EXIT_BAD_INPUT, EXIT_WRITE_FAILED, CheckpointError
 from train.export import load_generator
 from train.files import write_atomically
 from train.metrics import GENERATION_CHUNK, to_uint8
-from train.models import NUM_CLASSES
+from train.models import NUM_CLASSES, split_like
 
 
 def available_device(name: str) -> str:
@@ -47,9 +47,10 @@ def generate(generator: torch.nn.Module, num: int, seed: int, labels: torch.Tens
     the same on any device."""
     z = torch.randn(num, generator.z_dim, generator=torch.Generator().manual_seed(seed))
     device = next(generator.parameters()).device
-    label_chunks = [None] * -(-num // batch_size) if labels is None else labels.to(device).split(batch_size)
+    chunks = z.split(batch_size)
+    label_chunks = split_like(labels.to(device) if labels is not None else None, chunks)
     return torch.cat([generator(chunk.to(device), chunk_labels).float().cpu()
-                      for chunk, chunk_labels in zip(z.split(batch_size), label_chunks)])
+                      for chunk, chunk_labels in zip(chunks, label_chunks)])
 
 
 def main(argv: list[str] | None = None) -> int:
