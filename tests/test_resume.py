@@ -1,6 +1,7 @@
 """Preempted at any step, a run resumes to bitwise the same weights and optimizer states."""
 
 import json
+import os
 
 import pytest
 
@@ -122,3 +123,21 @@ def test_another_global_batch_is_refused_with_the_fix(tiny_mnist, tmp_path):
     assert result.returncode == 2
     assert "global batch of 8; this launch has data.batch_size=4 x 1 processes = 4: set data.batch_size=8" in result.stderr
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+
+
+def test_a_preemption_right_after_a_new_best_evaluation_keeps_its_checkpoint_as_best(tiny_mnist, tmp_path,
+                                                                                      eval_cache):
+    """SIGTERM in step 10, whose evaluation sets the lowest FD so far. Before: the preemption's checkpoint was not
+    made `best` while its state.json carried that FD as the best, so no later run could beat it, and a resumed run
+    with keep_last=1 deleted it."""
+    evaluating = ["eval.every=10", "eval.num_samples=100", f"eval.cache_dir={eval_cache}"]
+    first = preempt(tiny_mnist, tmp_path, "signal:TERM", 10, 0, 1, *evaluating)
+    assert "preempted: checkpoint step_00000010 (now best) written" in first.stderr
+    best = tmp_path / "checkpoints" / "best"
+    assert os.readlink(best) == "step_00000010"
+    logged_fd = next(line["eval/fd"] for line in logged_metrics(tmp_path) if line["step"] == 10)
+    assert json.loads((best / "state.json").read_text())["progress"]["best_fd"] == logged_fd
+    finish(tiny_mnist, tmp_path, 1, "eval.num_samples=0", "checkpoint.keep_last=1")
+    assert os.readlink(best) == "step_00000010"
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [
+        "best", "latest", "step_00000010", f"step_{STEPS:08d}"]

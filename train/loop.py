@@ -42,10 +42,11 @@ def train(cfg: Config, resume_from: Path | None) -> int:
         check_ranks_agree(training.snapshot.networks, accelerator.process_index)  # after the final save's sync
         return 0
     except Preempted as preempted:
+        best = training.unsaved_best_fd is not None  # an evaluation of this step set a new best: keep it
         path = training.save_checkpoint()
         preempted.flag.report_saved(path.name)
-        training.log.message(f"preempted: checkpoint {path.name} written; exiting with {EXIT_PREEMPTED} so the job "
-                             "can be requeued (the run resumes from it)")
+        training.log.message(f"preempted: checkpoint {path.name}{f' (now {manifest.BEST})' if best else ''} written; "
+                             f"exiting with {EXIT_PREEMPTED} so the job can be requeued (the run resumes from it)")
         return EXIT_PREEMPTED
     except NonFiniteError as stop:
         newest = manifest.newest_valid(training.run_dir, accelerator.print)
@@ -69,6 +70,9 @@ class Training:
     def __init__(self, cfg: Config, accelerator, resume_from: Path | None):
         self.cfg, self.accelerator, self.run_dir = cfg, accelerator, Path(cfg.run.dir)
         self.progress = Progress()
+        # The lowest FD so far, measured but not yet saved: it enters the progress with the checkpoint that becomes
+        # checkpoints/best, whichever way that checkpoint is written (when due, or on a preemption).
+        self.unsaved_best_fd: float | None = None
         self.batches = ShardedBatches(data.load_images(cfg.data), cfg.data.batch_size, accelerator.process_index,
                                       accelerator.num_processes, cfg.run.seed, accelerator.device,
                                       position=self.progress.data, channels_last=cfg.train.channels_last,
@@ -98,7 +102,8 @@ class Training:
         self.log = tracking.RunLog(accelerator, cfg, self.run_dir, self.progress.step, self.progress.wandb_run_id)
         self.progress.wandb_run_id = self.log.wandb_run_id  # kept in the checkpoints: a resumed run continues it
         self.faults = FaultMonitor(cfg.train.on_nonfinite, accelerator.device,
-                                   check_gradients=accelerator.scaler is None, check_every=cfg.train.check_every)
+                                   check_gradients=accelerator.scaler is None, check_every=cfg.train.check_every,
+                                   timeout_s=cfg.train.timeout_s)
         self.window = tracking.TrainingWindow(accelerator.device, r1_penalty=cfg.loss.r1_gamma > 0)
         self.gan = GANStep(accelerator, cfg.loss.kind, generator, discriminator, g_optimizer, d_optimizer, self.ema,
                            self.faults, self.window, self.batches, cfg.model.z_dim)
@@ -127,27 +132,28 @@ class Training:
             progress.step, progress.images_seen = step, progress.images_seen + global_batch
             self.bar.update()
             self.profiler.step()
-            new_best = self.log_if_due(step, last)  # the training statistics, with an evaluation where one is due
+            self.log_if_due(step, last)  # the training statistics, with an evaluation where one is due
             if due(cfg.logging.samples_every, step, last):
                 with self.window.paused():
                     self.log.samples(step, self.render_samples())
+            new_best = self.unsaved_best_fd is not None
             checkpoint_due = due(cfg.checkpoint.every, step, last) or new_best
             if (checkpoint_due or step % cfg.train.check_every == 0) and self.check_faults():
                 continue  # a non-finite step with train.on_nonfinite=rollback: the newest valid checkpoint is back
             if checkpoint_due:
                 with self.window.paused():
-                    path = self.save_checkpoint(best=new_best)
+                    path = self.save_checkpoint()
                 if new_best:
                     self.log.message(f"step {step}: the lowest FD so far; checkpoints/{manifest.BEST} is now "
                                      f"{path.name}")
 
-    def log_if_due(self, step: int, last: bool) -> bool:
+    def log_if_due(self, step: int, last: bool) -> None:
         """Every `logging.every` steps and with every evaluation: the means over the window, the learning rates.
-        Returns whether an evaluation found the lowest FD of the run so far (on every rank)."""
+        An evaluation that finds the lowest FD of the run so far (on every rank) sets `unsaved_best_fd`."""
         cfg = self.cfg
         evaluation_due = cfg.eval.num_samples and due(cfg.eval.every, step, last)
         if not (evaluation_due or due(cfg.logging.every, step, last)):
-            return False
+            return
         g_optimizer, d_optimizer = self.gan.g_optimizer, self.gan.d_optimizer
         record = self.window.read(self.accelerator, self.batches.global_batch) | {
             "lr/g": g_optimizer.param_groups[0]["lr"], "lr/d": d_optimizer.param_groups[0]["lr"],
@@ -164,17 +170,16 @@ class Training:
                                                               for key, value in quality.items()
                                                               if key.startswith("eval/")))
         self.log.metrics(step, record)
-        return bool(evaluation_due) and self.is_new_best(quality)
+        if evaluation_due:
+            self.note_if_best(quality)
 
-    def is_new_best(self, quality: dict[str, float]) -> bool:
-        """Whether the FD just measured (on the main process, shared with every rank) is the lowest of the run so
-        far; kept in the progress, so that a resumed run goes on comparing with the same best."""
+    def note_if_best(self, quality: dict[str, float]) -> None:
+        """Keep the FD just measured (on the main process, shared with every rank) as `unsaved_best_fd` where it
+        is the lowest of the run so far."""
         fd = torch.tensor(quality.get("eval/fd", math.nan), dtype=torch.float64, device=self.accelerator.device)
         fd = broadcast(fd).item()
-        if not math.isfinite(fd) or (self.progress.best_fd is not None and fd >= self.progress.best_fd):
-            return False
-        self.progress.best_fd = fd
-        return True
+        if math.isfinite(fd) and (self.progress.best_fd is None or fd < self.progress.best_fd):
+            self.unsaved_best_fd = fd
 
     def check_faults(self) -> bool:
         """The collective check; True where it rolled back (`train.on_nonfinite=rollback` with a valid checkpoint)."""
@@ -221,10 +226,14 @@ class Training:
         generator.train()
         return panels
 
-    def save_checkpoint(self, best: bool = False) -> Path:
-        """A collective: rank 0's BatchNorm statistics everywhere, then every rank writes its part; `best`: it
-        becomes checkpoints/best."""
+    def save_checkpoint(self) -> Path:
+        """A collective: rank 0's BatchNorm statistics everywhere, then every rank writes its part. After an
+        evaluation with a new lowest FD, this checkpoint records it and becomes checkpoints/best: the best FD a
+        resumed run compares with is always the FD of its `best` link."""
         share_buffers(self.snapshot.networks, self.ema)
+        best = self.unsaved_best_fd is not None
+        if best:
+            self.progress.best_fd, self.unsaved_best_fd = self.unsaved_best_fd, None
         return checkpoint.save(self.accelerator, self.run_dir, self.snapshot, self.cfg.checkpoint.keep_last, best)
 
     def restore(self, path: Path, rollback: bool) -> None:
@@ -235,6 +244,7 @@ class Training:
                                         self.accelerator.num_processes)
         self.batches.seek(self.progress.data)
         if rollback:
+            self.unsaved_best_fd = None  # measured on the steps being undone
             self.progress.seed_offset = offset
             self.reseed_noise(salt=f"rollback{offset}")
             self.update.reset()  # the restored optimizer states are new tensors
