@@ -68,19 +68,23 @@ def test_a_dead_rank_ends_the_launch(tiny_mnist, tmp_path):
     assert time.monotonic() - started < 120
 
 
-def test_without_a_supervising_launcher_the_survivor_times_out(tiny_mnist, tmp_path):
-    """Ranks started directly (as srun does, one process each): rank 0 must not wait forever."""
+def start_ranks_directly(tiny_mnist, run_dir, fault: str) -> list[subprocess.Popen]:
+    """Two ranks started directly (as srun does, one process each), with `fault` (FAULT STEP RANK) on rank 1."""
     port = free_port()
     processes = []
     for rank in (0, 1):
         env = run_env(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        fault = ["die", "6", "1"]
-        command = [sys.executable, str(REPO / "tests" / "helpers" / "interrupt.py"), *fault,
-                   *tiny_run(tiny_mnist, tmp_path, "train.steps=400", "train.timeout_s=10")]
+        command = [sys.executable, str(REPO / "tests" / "helpers" / "interrupt.py"), *fault.split(),
+                   *tiny_run(tiny_mnist, run_dir, "train.steps=400", "train.timeout_s=10")]
         processes.append(subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE,
                                           stderr=subprocess.PIPE, text=True))
-    survivor, dead = processes
+    return processes
+
+
+def survivor_errors(processes: list[subprocess.Popen]) -> tuple[str, float]:
+    """Rank 0's stderr and the seconds until it exited; the other rank is killed then, if it has not exited."""
+    survivor = processes[0]
     started = time.monotonic()
     try:
         _, errors = survivor.communicate(timeout=120)
@@ -88,7 +92,23 @@ def test_without_a_supervising_launcher_the_survivor_times_out(tiny_mnist, tmp_p
         for process in processes:
             if process.poll() is None:
                 process.kill()
-    assert dead.wait() == -9
-    assert survivor.returncode != 0
-    assert time.monotonic() - started < 90
+    return errors, time.monotonic() - started
+
+
+def test_without_a_supervising_launcher_the_survivor_times_out(tiny_mnist, tmp_path):
+    """Rank 0 must not wait forever for a rank that died."""
+    processes = start_ranks_directly(tiny_mnist, tmp_path, "die 6 1")
+    errors, seconds = survivor_errors(processes)
+    assert processes[1].wait() == -9
+    assert processes[0].returncode != 0
+    assert seconds < 90
     assert "Traceback" in errors  # a collective raised instead of blocking
+
+
+def test_a_rank_stopped_in_the_fault_check_fails_the_other_after_train_timeout_s(tiny_mnist, tmp_path):
+    """Before: the fault check's own gloo group had torch's 30-minute default, not train.timeout_s (10 s here)."""
+    processes = start_ranks_directly(tiny_mnist, tmp_path, "stop-in-check 6 1")
+    errors, seconds = survivor_errors(processes)
+    assert processes[0].returncode != 0
+    assert seconds < 90, errors[-3000:]
+    assert "Traceback" in errors and "all_gather" in errors  # the check's collective raised

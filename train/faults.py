@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -53,12 +54,15 @@ class NonFinite:
 class FaultMonitor:
     """Per-step recording on the device, and the collective check at least every `check_every` steps."""
 
-    def __init__(self, action: str, device: torch.device, check_gradients: bool, check_every: int):
+    def __init__(self, action: str, device: torch.device, check_gradients: bool, check_every: int, timeout_s: int):
         self.action = action
         self.check_gradients = check_gradients
         self.preemption = preemption.install()
-        # A CPU group for control messages, so a check never waits on the accelerator's stream.
-        self.group = dist.new_group(backend="gloo") if is_distributed() else None
+        # A CPU group for control messages, so a check never waits on the accelerator's stream. A group takes
+        # torch's 30-minute default, not the default group's, unless told: a stopped rank must fail the check
+        # after train.timeout_s like any other collective.
+        self.group = (dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s)) if is_distributed()
+                      else None)
         # This step's [network, (loss, largest gradient norm)], written inside the step at a fixed
         # address (a CUDA graph replays the same writes), then filed by `end_step` into the steps
         # since the last check. NaN or inf marks a bad step.

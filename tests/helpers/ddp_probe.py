@@ -25,7 +25,8 @@ cfg = config.load(None, overrides)
 accelerator, cfg = setup.set_up(cfg, resume_from=None)
 batches = data.ShardedBatches(data.load_images(cfg.data), cfg.data.batch_size, accelerator.process_index,
                               accelerator.num_processes, cfg.run.seed, accelerator.device)
-faults = FaultMonitor("stop", accelerator.device, check_gradients=True, check_every=cfg.train.steps)
+faults = FaultMonitor("stop", accelerator.device, check_gradients=True, check_every=cfg.train.steps,
+                      timeout_s=cfg.train.timeout_s)
 generator, discriminator, g_optimizer, d_optimizer = accelerator.prepare(*loop.build_networks(cfg))
 
 phase = "setup"

@@ -9,6 +9,7 @@ also when a rollback redoes steps):
   double-signal               as signal:TERM, and a second SIGTERM while the checkpoint is written
   kill-in-save                the rank is SIGKILLed halfway through writing the next checkpoint
   die                         the rank is SIGKILLed at the start of STEP
+  stop-in-check               the rank stops itself (SIGSTOP) in STEP's collective fault check, before its part
   nan                         the rank's real batch at STEP is all NaN
 """
 
@@ -18,13 +19,14 @@ import sys
 
 import torch
 
-from train import checkpoint, data
+from train import checkpoint, data, faults
 from train.__main__ import main
 
 fault, fault_step, fault_rank = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 rank = int(os.environ.get("RANK", "0"))
 draw = data.ShardedBatches.next
 write_tensors = checkpoint._write_tensors
+check = faults.FaultMonitor.check
 state = {"step": 0, "armed": False}
 
 
@@ -55,6 +57,13 @@ def write_tensors_then_fault(path, tensors):
         os.kill(os.getpid(), signal.SIGTERM if fault == "double-signal" else signal.SIGKILL)
 
 
+def check_or_stop(self):
+    if fault == "stop-in-check" and rank == fault_rank and state["step"] == fault_step:
+        os.kill(os.getpid(), signal.SIGSTOP)
+    check(self)
+
+
 data.ShardedBatches.next = next_batch
+faults.FaultMonitor.check = check_or_stop
 checkpoint._write_tensors = write_tensors_then_fault
 sys.exit(main(sys.argv[4:]))
