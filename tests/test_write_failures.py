@@ -4,6 +4,7 @@ and a message naming what failed and the checkpoint to resume from; nothing writ
 and the same command resumes once there is room."""
 
 import json
+import re
 import resource
 import shutil
 import subprocess
@@ -12,6 +13,7 @@ import sys
 import pytest
 
 from conftest import REPO, TINY, logged_metrics, run_env, run_train, snapshot_files
+from helpers.mounts import tmpfs
 from train import errors
 
 EVERY_STEP_LOGGED = TINY + ["logging.every=1", "checkpoint.every=2", "checkpoint.keep_last=0"]
@@ -123,3 +125,34 @@ def test_a_profile_that_cannot_be_written_is_reported_and_the_training_goes_on(t
     assert list((run_dir / "profile").iterdir()) == []  # no partial trace
     assert limited.returncode == errors.EXIT_WRITE_FAILED
     assert "error: writing checkpoint step_00000006 failed" in limited.stderr  # after the profile's steps 3 and 4
+
+
+@pytest.mark.parametrize("options, failure, fix", [
+    ("nr_inodes=1", "[Errno 28] No space left on device", "make room (or raise the quota)"),
+    ("ro", "[Errno 30] Read-only file system", "the file system is mounted read-only: make it writable"),
+])
+def test_a_checkpoints_folder_without_inodes_or_read_only_stops_the_run_with_what_to_do(tmp_path, options, failure,
+                                                                                       fix):
+    """Before: the staging folder was made outside the write guard (a traceback), and every failed write said
+    "make room" whatever its cause."""
+    run_dir = tmp_path / "run"
+    with tmpfs(run_dir / "checkpoints", options):
+        result = run_train(TINY + [f"run.dir={run_dir}"])
+    assert result.returncode == errors.EXIT_WRITE_FAILED, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    assert f"error: writing checkpoint step_00000006 failed ({failure}" in result.stderr
+    assert f"There is no checkpoint yet: {fix}" in result.stderr
+
+
+def test_a_full_wandb_folder_stops_the_run_with_exit_74(tmp_path):
+    """W&B copies each sample grid into its run folder in this process; 300 kB hold its logs and the first grid
+    only. Before: a traceback, before the first checkpoint."""
+    pytest.importorskip("wandb")
+    run_dir = tmp_path / "run"
+    with tmpfs(run_dir / "wandb", "size=300k"):
+        result = run_train(TINY + [f"run.dir={run_dir}", "logging.wandb=offline", "logging.samples_every=2"])
+    assert result.returncode == errors.EXIT_WRITE_FAILED, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    assert re.search(rf"error: logging step_0000000[46].png to W&B in {run_dir / 'wandb'} failed \(\[Errno 28\] No "
+                     "space left on device", result.stderr), result.stderr[-2000:]
+    assert "make room (or raise the quota) and start the same command again" in result.stderr

@@ -15,7 +15,7 @@ import sys  # noqa: E402
 from contextlib import nullcontext  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from train import run_lock  # noqa: E402
+from train import layout, run_lock  # noqa: E402
 from train.config import Config, changed_settings, parse_args  # noqa: E402
 from train.errors import EXIT_BAD_INPUT, EXIT_WRITE_FAILED, ConfigError, RunError, RunWriteError  # noqa: E402
 from train.launch import EXIT_CODES_ENV  # noqa: E402
@@ -47,6 +47,7 @@ def run(argv: list[str] | None) -> int:
 
 def start(cfg: Config, report) -> int:
     """Train from the resume point, unless its checkpoint already reached train.steps."""
+    layout.check(Path(cfg.run.dir))
     resume_from = resume_point(cfg.resume, Path(cfg.run.dir), report)
     if resume_from is not None:
         state = read_state(resume_from)

@@ -73,14 +73,13 @@ def save(accelerator, run_dir: Path, snapshot: Snapshot, keep_last: int = 0, bes
     folder = checkpoints_dir(run_dir)
     final = folder / checkpoint_name(snapshot.progress.step)
     staging = folder / f".incomplete_{final.name}"
-    if accelerator.is_main_process:
-        if final.exists():
-            _set_aside_damaged(final, accelerator.print)
-        shutil.rmtree(staging, ignore_errors=True)  # left by a crash: never valid, safe to discard
-        staging.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-
     with stop_on_write_failure(f"writing checkpoint {final.name}", run_dir, partial_folder=staging):
+        if accelerator.is_main_process:
+            if final.exists() or final.is_symlink():
+                _set_aside_damaged(final, accelerator.print)
+            _discard(staging)  # left by a crash (or planted): never valid, safe to discard
+            staging.mkdir(parents=True)
+        accelerator.wait_for_everyone()
         _write_parts(accelerator, staging, snapshot)
         if accelerator.is_main_process:
             write_manifest(staging)
@@ -93,9 +92,18 @@ def save(accelerator, run_dir: Path, snapshot: Snapshot, keep_last: int = 0, bes
             if best:
                 mark_best(run_dir, final)
         if keep_last:
-            prune(run_dir, keep_last)
+            with stop_on_write_failure(f"deleting the checkpoints before the newest {keep_last}", run_dir):
+                prune(run_dir, keep_last)
     accelerator.wait_for_everyone()
     return final
+
+
+def _discard(staging: Path) -> None:
+    """Remove whatever stands at a staging name: a folder, or a file or link (unlinked, never followed)."""
+    if staging.is_symlink() or staging.is_file():
+        staging.unlink()
+    else:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _write_parts(accelerator, staging: Path, snapshot: Snapshot) -> None:
@@ -121,8 +129,11 @@ def _write_parts(accelerator, staging: Path, snapshot: Snapshot) -> None:
 
 
 def _set_aside_damaged(final: Path, report) -> None:
-    """A valid checkpoint is never overwritten; a damaged one (skipped on resume) is kept aside, renamed."""
+    """A valid checkpoint is never overwritten; a damaged one (skipped on resume) or a link planted at its name
+    (never followed) is kept aside, renamed."""
     try:
+        if final.is_symlink():
+            raise CheckpointError("a symbolic link, not a checkpoint of this run")
         verify(final)
     except CheckpointError as error:
         aside = final.with_name(f"damaged_{final.name}")

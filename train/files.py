@@ -20,9 +20,13 @@ def open_in_place(path: Path, flags: int, mode: int = 0o644) -> int:
         return os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
     except OSError as error:
         if error.errno == errno.ELOOP:
-            raise RunError(f"{path} is a symbolic link; a run writes its files in place, never through a link (it "
-                           "could overwrite a file elsewhere): delete the link, or choose another run.dir") from None
+            raise link_refused(path) from None
         raise
+
+
+def link_refused(path: Path) -> RunError:
+    return RunError(f"{path} is a symbolic link; a run writes its files in place, never through a link (it could "
+                    "overwrite a file elsewhere): delete the link, or choose another run.dir")
 
 
 def write_file(path: Path, content: str | bytes) -> None:

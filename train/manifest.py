@@ -7,6 +7,7 @@ Kept apart from train/checkpoint.py (the tensors) so that `python -m train` can 
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
@@ -16,15 +17,13 @@ import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
-from train.errors import CheckpointError, ConfigError, RunError, RunWriteError
+from train.errors import CheckpointError, ConfigError, RunWriteError
 from train.files import fsync, write_file
+from train.layout import BEST, CHECKPOINTS, LATEST, check_best_link
 from train.run_lock import LOCK_FILE
 
 FORMAT_VERSION = 1
-CHECKPOINTS = "checkpoints"
 CHECKPOINT_FOLDER = re.compile(r"step_(\d{8,})")
-LATEST = "latest"
-BEST = "best"  # a link to the checkpoint with the lowest FD of the run; keep_last never deletes it
 MANIFEST = "manifest.json"
 STATE = "state.json"
 # Besides each rank's rank_<r>.safetensors and rank_<r>.json (state.json says how many ranks wrote one).
@@ -45,10 +44,25 @@ SAFETENSORS_DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2":
                            "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
 
 
+# What to do about a failed write, by its errno; anything else: find the cause in the error and start again.
+WRITE_FAILURE_FIXES = {
+    errno.ENOSPC: "make room (or raise the quota)", errno.EDQUOT: "make room (or raise the quota)",
+    errno.EFBIG: "make room (or raise the file-size limit)",
+    errno.EROFS: "the file system is mounted read-only: make it writable, or resume with a copy of run.dir on a "
+                 "writable one,",
+    errno.EACCES: "this user may not write there: fix the permissions,", errno.EPERM: "fix the permissions,",
+    errno.ENOENT: "a folder of the run went missing while it ran (removed by hand?): put it back,",
+    errno.EISDIR: "a folder stands where the run writes a file: move it away,",
+    errno.ENOTDIR: "a file stands where the run keeps a folder: move it away,",
+    errno.EEXIST: "something stands where the run makes a folder: move it away,",
+}
+
+
 @contextmanager
 def stop_on_write_failure(what: str, run_dir: Path, partial_folder: Path | None = None):
-    """Turn a failed write (`what`: "writing <file>") into a RunWriteError that names the newest intact
-    checkpoint; `partial_folder`, which the failed write leaves incomplete, is removed to give the space back."""
+    """Turn a failed write (`what`: "writing <file>") into a RunWriteError that says what to do about that failure
+    and names the newest intact checkpoint; `partial_folder`, which the failed write leaves incomplete, is removed
+    to give the space back."""
     try:
         yield
     except RunWriteError:
@@ -57,10 +71,11 @@ def stop_on_write_failure(what: str, run_dir: Path, partial_folder: Path | None 
         if partial_folder is not None:
             shutil.rmtree(partial_folder, ignore_errors=True)
         newest = newest_valid(run_dir, report=lambda _: None)
+        fix = WRITE_FAILURE_FIXES.get(error.errno, "remove the cause")
         raise RunWriteError(
             f"{what} failed ({error}){'; its partial folder is removed' if partial_folder else ''}. "
             + (f"The newest intact checkpoint is {newest}: " if newest else "There is no checkpoint yet: ")
-            + "make room (or raise the quota) and start the same command again") from error
+            + f"{fix} and start the same command again") from error
 
 
 def checkpoint_name(step: int) -> str:
@@ -73,12 +88,13 @@ def checkpoints_dir(run_dir: Path) -> Path:
 
 def complete_checkpoints(run_dir: Path) -> list[Path]:
     """Folders named as checkpoints (`step_<N>`), by step, oldest first. Hidden `.incomplete_*` folders,
-    `damaged_*` ones set aside and anything else a person put there are not checkpoints."""
+    `damaged_*` ones set aside, links (never followed, so never deleted through) and anything else a person put
+    there are not checkpoints."""
     folder = checkpoints_dir(run_dir)
     if not folder.is_dir():
         return []
     named = [(int(match[1]), path) for path in folder.iterdir()
-             if (match := CHECKPOINT_FOLDER.fullmatch(path.name)) and path.is_dir()]
+             if (match := CHECKPOINT_FOLDER.fullmatch(path.name)) and path.is_dir() and not path.is_symlink()]
     return [path for _, path in sorted(named)]
 
 
@@ -95,9 +111,7 @@ def write_manifest(folder: Path) -> None:
 def mark_best(run_dir: Path, checkpoint: Path) -> None:
     """Point checkpoints/best at `checkpoint` (a folder beside it): a relative link, replaced atomically."""
     folder = checkpoints_dir(run_dir)
-    if (folder / BEST).exists() and not (folder / BEST).is_symlink():
-        raise RunError(f"{folder / BEST} is not the link a run keeps to its best checkpoint; move it away (it is "
-                       f"left as it is) and resume: the new best is {checkpoint.name}")
+    check_best_link(run_dir, new_best=checkpoint.name)
     staging = folder / f".incomplete_{BEST}"
     staging.unlink(missing_ok=True)
     os.symlink(checkpoint.name, staging)

@@ -19,11 +19,12 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile, schedule
 
 from train.config import ProfileConfig
+from train.layout import PROFILE_DIR
 
 
 class StepProfiler:
     def __init__(self, cfg: ProfileConfig, run_dir: Path, device: torch.device, enabled: bool):
-        self.folder = run_dir / "profile"
+        self.folder = run_dir / PROFILE_DIR
         self.steps = cfg.steps
         self.profiler = None
         if cfg.steps and enabled:

@@ -24,14 +24,10 @@ from torchvision.utils import make_grid, save_image
 from train.config import Config, to_dict, to_yaml
 from train.errors import ConfigError
 from train.files import open_in_place, write_atomically
+from train.layout import CONFIG_FILE, CURVES_FILE, METRICS_FILE, SAMPLES_DIR, WANDB_DIR
 from train.manifest import stop_on_write_failure
 from train.metrics import to_uint8
 from train.plots import plot_curves, read_metrics
-
-CONFIG_FILE = "config.yaml"
-METRICS_FILE = "metrics.jsonl"
-CURVES_FILE = "curves.png"
-SAMPLES_DIR = "samples"
 
 
 class TrainingWindow:
@@ -104,7 +100,8 @@ class RunLog:
             run_dir.mkdir(parents=True, exist_ok=True)
         if self.use_wandb:
             self.wandb_run_id = wandb_run_id or secrets.token_hex(4)
-            _start_wandb(accelerator, cfg, run_dir, self.wandb_run_id)
+            with stop_on_write_failure(f"starting W&B in {run_dir / WANDB_DIR}", run_dir):
+                _start_wandb(accelerator, cfg, run_dir, self.wandb_run_id)
         self.metrics_descriptor = None
         if accelerator.is_main_process:
             with stop_on_write_failure(f"rewriting {run_dir / METRICS_FILE}", run_dir):
@@ -112,7 +109,8 @@ class RunLog:
                 if _drop_lines_after(run_dir / METRICS_FILE, step, accelerator.print):
                     os.close(self.metrics_descriptor)
                     self.metrics_descriptor = self._open_metrics()  # the file that replaced it
-            (run_dir / SAMPLES_DIR).mkdir(exist_ok=True)
+            with stop_on_write_failure(f"making {run_dir / SAMPLES_DIR}", run_dir):
+                (run_dir / SAMPLES_DIR).mkdir(exist_ok=True)
             with stop_on_write_failure(f"writing {run_dir / CONFIG_FILE}", run_dir):
                 write_atomically(run_dir / CONFIG_FILE, to_yaml(cfg))  # what this run uses, resolved
 
@@ -134,7 +132,8 @@ class RunLog:
             while line:  # unbuffered: a write that fails leaves nothing behind to be retried at exit
                 line = line[os.write(self.metrics_descriptor, line):]
         if self.use_wandb:
-            self.accelerator.log(values, step=step)
+            with stop_on_write_failure(f"logging step {step} to W&B in {self.run_dir / WANDB_DIR}", self.run_dir):
+                self.accelerator.log(values, step=step)
 
     def samples(self, step: int, panels: dict[str, torch.Tensor]) -> Path | None:
         """Save grids of each panel's images (in [0, 1]) side by side as one PNG, and send it to W&B."""
@@ -148,9 +147,10 @@ class RunLog:
         save_image(picture, encoded, format="png")
         with stop_on_write_failure(f"writing {path}", self.run_dir):
             write_atomically(path, encoded.getvalue())
-        if self.use_wandb:
+        if self.use_wandb:  # W&B copies the picture into its run folder, in this process
             pixels = to_uint8(picture).permute(1, 2, 0).numpy()
-            self.accelerator.get_tracker("wandb").log_images({"samples": [pixels]}, step=step)
+            with stop_on_write_failure(f"logging {path.name} to W&B in {self.run_dir / WANDB_DIR}", self.run_dir):
+                self.accelerator.get_tracker("wandb").log_images({"samples": [pixels]}, step=step)
         return path
 
     def close(self) -> None:
