@@ -480,9 +480,11 @@ def test_each_tool_names_a_path_that_is_no_checkpoint_before_any_work(tmp_path, 
     assert not out.exists()  # no samples, no test-set features extracted, no export folder
 
 
-@pytest.mark.parametrize("name, device, message", [  # both tools share --device's check: one case each
-    ("sample", "cuda:99", "cuda:99 is not on this machine, which sees"),
-    ("evaluate", "gpu", "'gpu' is not a device name (cpu, cuda, cuda:1, ...)")])
+@pytest.mark.parametrize("name, device, message", [  # both tools share --device's check
+    ("sample", "cuda:99", "cuda:99 is not a device this machine can generate on: it has the CPU and"),
+    ("evaluate", "gpu", "'gpu' is not a device name (cpu, cuda, cuda:1, ...)"),
+    ("sample", "mps", "mps is not a device this machine can generate on"),  # before: a traceback
+    ("evaluate", "meta", "meta is not a device this machine can generate on")])  # before: "damaged" checkpoint
 def test_each_tool_refuses_a_device_this_machine_lacks_before_any_work(finished_run, tmp_path, name, device, message,
                                                                       tool_here):
     out = tmp_path / "out"

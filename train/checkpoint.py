@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import safetensors.torch
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
@@ -211,6 +212,15 @@ def restore(path: Path, snapshot: Snapshot, rank: int, world_size: int) -> bool:
 def _load(path: Path, device: str = "cpu") -> dict[str, torch.Tensor]:
     try:
         return load_file(path, device=device)
+    except Exception as error:  # safetensors' own error type, for anything its reader refuses
+        raise CheckpointError(f"{path} is damaged: {error}") from None
+
+
+def tensor_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """The shape of each tensor in a safetensors file, read from its header: nothing is allocated."""
+    try:
+        with safe_open(path, "pt") as file:
+            return {key: tuple(file.get_slice(key).get_shape()) for key in file.keys()}
     except Exception as error:  # safetensors' own error type, for anything its reader refuses
         raise CheckpointError(f"{path} is damaged: {error}") from None
 

@@ -11,24 +11,31 @@ for the ten digits in equal numbers, and scored also per asked digit with the cl
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
 import torch
 
+from train.classifier import FEATURE_DIM
 from train.config import MIN_EVAL_SAMPLES, SHIPPED_MNIST, EvalConfig
+from train.data import IMAGE_SHAPE
 from train.errors import EXIT_BAD_INPUT, CheckpointError
 from train.export import load_generator
-from train.metrics import Evaluator, to_uint8
-from train.models import balanced_labels
-from train.sample import available_device, generate
+from train.metrics import DISTANCE_CHUNK, Evaluator, to_uint8
+from train.models import NUM_CLASSES, balanced_labels
+from train.sample import available_device, check_fits_in_memory, generate, seed
+
+# Memory per scored sample: its image in float32 and uint8, its features and class probabilities, and its column
+# of the neighbour-distance blocks (DISTANCE_CHUNK rows of float32, and as much for their ordering).
+BYTES_PER_SAMPLE = (4 + 1) * math.prod(IMAGE_SHAPE) + 4 * (FEATURE_DIM + NUM_CLASSES) + 2 * 4 * DISTANCE_CHUNK
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m train.evaluate", description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", help="checkpoint folder, run directory or exported generator")
     parser.add_argument("--num", type=int, default=10000)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=seed, default=0)
     parser.add_argument("--no-ema", action="store_true", help="score the trained generator, not its EMA")
     parser.add_argument("--floor", action="store_true",
                         help="also score real training images: as they are (the floor) and slightly degraded")
@@ -41,8 +48,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("give --checkpoint, --floor, or both")
     if args.num < MIN_EVAL_SAMPLES:
         parser.error(f"--num must be at least {MIN_EVAL_SAMPLES}")
-    if 0 < args.bootstrap < 20:
-        parser.error("--bootstrap needs at least 20 resamples (1000 for a stable 95% interval)")
+    if args.bootstrap < 0 or 0 < args.bootstrap < 20:
+        parser.error("--bootstrap needs at least 20 resamples (1000 for a stable 95% interval), or 0 for none")
+    check_fits_in_memory(parser, args.num, BYTES_PER_SAMPLE)
     try:  # before the test set's features: a wrong path costs no work
         generator = load_generator(args.checkpoint, args.device, use_ema=not args.no_ema) if args.checkpoint else None
     except CheckpointError as error:

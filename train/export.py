@@ -13,16 +13,21 @@ import json
 import sys
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from train import models
-from train.checkpoint import load_network
+from train.checkpoint import load_network, tensor_shapes
+from train.config import CHOICES
 from train.errors import EXIT_BAD_INPUT, EXIT_WRITE_FAILED, CheckpointError
 from train.files import write_atomically
-from train.manifest import read_state, resolve, sha256
+from train.manifest import checked_json, read_state, resolve, sha256
 
 WEIGHTS = "generator.safetensors"
 DESCRIPTION = "generator.json"
+# What `load_generator` reads from generator.json (a description without "conditional" is of an unconditional one).
+DESCRIPTION_SCHEMA = {"arch": str, "z_dim": int, "conditional?": bool, "weights": str, "step": int, "source": str,
+                      "sha256": str}
 
 
 def export_generator(path: Path, out: Path, use_ema: bool = True) -> Path:
@@ -58,18 +63,37 @@ def load_generator(path: Path, device: str = "cpu", use_ema: bool = True) -> nn.
     """The generator of an exported folder, a checkpoint, or a run directory, in eval mode."""
     path = Path(path)
     if (path / DESCRIPTION).is_file():
-        description = json.loads((path / DESCRIPTION).read_text())
+        description = checked_json(path / DESCRIPTION, DESCRIPTION_SCHEMA)
         if sha256(path / WEIGHTS) != description["sha256"]:
             raise CheckpointError(f"{path / WEIGHTS} is damaged: its SHA-256 does not match {DESCRIPTION}")
-        model, folder, name = description, path, WEIGHTS.removesuffix(".safetensors")
+        model, folder, name, described_in = description, path, WEIGHTS.removesuffix(".safetensors"), DESCRIPTION
     else:
-        folder = resolve(path)
-        model, name = read_state(folder)["config"]["model"], _generator_name(use_ema)
-    # A description or config without "conditional" is of an unconditional generator.
-    network = models.build_generator(model["arch"], model["z_dim"], conditional=model.get("conditional", False))
-    network = network.to(device)
+        folder = resolve(path)  # verified: state.json follows its schema
+        model, name, described_in = read_state(folder)["config"]["model"], _generator_name(use_ema), "state.json"
+    network = _build_to_fit(model, folder / f"{name}.safetensors", folder / described_in).to(device)
     load_network(folder, name, network)
     return network.eval()
+
+
+def _build_to_fit(model: dict, weights: Path, described_in: Path) -> nn.Module:
+    """The generator `model` describes, built once its shapes are known to match the tensors in `weights`: they are
+    compared on a network without memory (the meta device), so an edited description (an unknown arch, an absurd
+    z_dim) is refused by name instead of being allocated."""
+    arch, z_dim, conditional = model["arch"], model["z_dim"], model.get("conditional", False)
+    if arch not in CHOICES["model.arch"]:
+        raise CheckpointError(f"{described_in} names the architecture {arch!r}; this code builds "
+                              f"{', '.join(CHOICES['model.arch'])}")
+    with torch.device("meta"):
+        skeleton = models.build_generator(arch, z_dim, conditional=conditional)
+    needed = {key: tuple(value.shape) for key, value in skeleton.state_dict().items()}
+    saved = tensor_shapes(weights)
+    if saved != needed:
+        different = sorted(key for key in needed.keys() | saved.keys() if needed.get(key) != saved.get(key))
+        raise CheckpointError(f"{weights} does not fit the generator {described_in} describes (arch {arch}, z_dim "
+                              f"{z_dim}, conditional {str(conditional).lower()}): " + "; ".join(
+                                  f"{key}: file {saved.get(key, 'missing')}, network {needed.get(key, 'missing')}"
+                                  for key in different[:3]))
+    return models.build_generator(arch, z_dim, conditional=conditional)
 
 
 def _generator_name(use_ema: bool) -> str:
@@ -82,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="folder to write generator.safetensors and generator.json into")
     parser.add_argument("--no-ema", action="store_true", help="export the trained generator, not its EMA")
     args = parser.parse_args(argv)
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        parser.error(f"--out {args.out} is a file; give the folder to write the generator into")
     try:
         out = export_generator(args.checkpoint, args.out, use_ema=not args.no_ema)
     except CheckpointError as error:

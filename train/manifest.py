@@ -34,7 +34,7 @@ STATE_SCHEMA = {
     "progress": {"step": int, "images_seen": int, "data": {"epoch": int, "step_in_epoch": int}, "seed_offset": int,
                  "wandb_run_id": (str, type(None)), "best_fd?": (float, int, type(None))},
     "world_size": int, "global_batch": int, "scaler": (dict, type(None)),
-    "config": {"model": {"arch": str, "z_dim": int}},
+    "config": {"model": {"arch": str, "z_dim": int, "conditional?": bool}},
 }
 OPTIMIZERS_SCHEMA = {"generator": {"param_groups": [{"params": [int]}]},
                      "discriminator": {"param_groups": [{"params": [int]}]}}
@@ -175,16 +175,16 @@ def verify(path: Path) -> dict:
             raise CheckpointError(f"{path / name} is damaged: its SHA-256 does not match {MANIFEST}")
         if name.endswith(".safetensors"):
             _check_safetensors_header(path / name, raw)
-    state = _checked_json(path / STATE, STATE_SCHEMA) if STATE in hashes else {}
+    state = checked_json(path / STATE, STATE_SCHEMA) if STATE in hashes else {}
     needed = REQUIRED_FILES + tuple(f"rank_{r}{suffix}" for r in range(state.get("world_size", 0))
                                     for suffix in (".safetensors", ".json"))
     unlisted = [name for name in needed if name not in hashes]
     if unlisted:
         raise CheckpointError(f"{manifest_path} does not list {', '.join(unlisted)}: the checkpoint is incomplete "
                               "or its manifest was edited, and only files it lists and verifies are loaded")
-    _checked_json(path / "optimizers.json", OPTIMIZERS_SCHEMA)
+    checked_json(path / "optimizers.json", OPTIMIZERS_SCHEMA)
     for rank in range(state["world_size"]):
-        _checked_json(path / f"rank_{rank}.json", RNG_SCHEMA)
+        checked_json(path / f"rank_{rank}.json", RNG_SCHEMA)
     return manifest
 
 
@@ -202,7 +202,8 @@ def _json_file(path: Path) -> dict:
     return value
 
 
-def _checked_json(path: Path, schema: dict) -> dict:
+def checked_json(path: Path, schema: dict) -> dict:
+    """The JSON object in `path`, or a CheckpointError naming where it departs from `schema` (see _schema_problem)."""
     value = _json_file(path)
     if (problem := _schema_problem(value, schema, "")) is not None:
         raise CheckpointError(f"{path} is damaged: {problem}")

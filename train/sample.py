@@ -7,6 +7,8 @@ A conditional generator draws the digit `--label D`, or without it every digit, 
 
 import argparse
 import io
+import math
+import os
 import sys
 from pathlib import Path
 
@@ -14,6 +16,7 @@ import numpy as np
 import torch
 from torchvision.utils import make_grid, save_image
 
+from train.data import IMAGE_SHAPE
 from train.errors import EXIT_BAD_INPUT, EXIT_WRITE_FAILED, CheckpointError
 from train.export import load_generator
 from train.files import write_atomically
@@ -22,15 +25,51 @@ from train.models import NUM_CLASSES, split_like
 
 
 def available_device(name: str) -> str:
-    """`--device`'s type: a device this machine has, refused by argparse before any work."""
+    """`--device`'s type: the CPU or an accelerator this machine has, refused by argparse before any work."""
     try:
         device = torch.device(name)
     except RuntimeError:
         raise argparse.ArgumentTypeError(f"{name!r} is not a device name (cpu, cuda, cuda:1, ...)") from None
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise argparse.ArgumentTypeError(f"{name} is not on this machine, which sees {torch.cuda.device_count()} "
-                                         "CUDA GPU(s); use --device cpu")
+    if device.type == "cpu":
+        return name
+    accelerator = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else None
+    count = torch.accelerator.device_count() if accelerator is not None else 0
+    if accelerator is None or device.type != accelerator.type or (device.index or 0) >= count:
+        seen = f"{count} {accelerator.type} device(s)" if accelerator is not None else "no accelerator"
+        raise argparse.ArgumentTypeError(f"{name} is not a device this machine can generate on: it has the CPU and "
+                                         f"{seen}; use --device cpu")
     return name
+
+
+def seed(text: str) -> int:
+    """`--seed`'s type: a whole number that a random generator takes (0 to 2**63 - 1)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if not 0 <= value < 2 ** 63:
+        raise argparse.ArgumentTypeError(f"{text} is outside 0 to 2**63 - 1")
+    return value
+
+
+def check_fits_in_memory(parser: argparse.ArgumentParser, count: int, bytes_each: int) -> None:
+    """Refuse `--num count` (through argparse: exit 2) where its `bytes_each` per sample exceed the memory this
+    machine has available now, before any of it is allocated."""
+    available = available_memory()
+    if count * bytes_each > available:
+        parser.error(f"--num {count} needs about {count * bytes_each / 2 ** 30:.3g} GiB of memory, and this machine "
+                     f"has {available / 2 ** 30:.3g} GiB available: ask for at most {available // bytes_each}")
+
+
+def available_memory() -> int:
+    """Bytes of memory available to a new allocation without swapping (Linux's MemAvailable), else all of it."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def digit(text: str) -> int:
@@ -57,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m train.sample", description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", required=True, help="checkpoint folder, run directory or exported generator")
     parser.add_argument("--num", type=int, default=64)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=seed, default=0)
     parser.add_argument("--out", required=True, help="a .png (grid) or .npy (uint8 [N, 28, 28]) file")
     parser.add_argument("--device", type=available_device, default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--no-ema", action="store_true", help="sample the trained generator, not its EMA")
@@ -66,8 +105,12 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     if out.suffix not in (".png", ".npy"):
         parser.error(f"--out {out} must end in .png or .npy")
+    if out.is_dir():
+        parser.error(f"--out {out} is a folder; give the file to write, e.g. {out / ('samples' + out.suffix)}")
     if args.num < 1:
         parser.error("--num must be at least 1")
+    # The samples in float32 and uint8, and as much again for the PNG's grid or the .npy's buffer.
+    check_fits_in_memory(parser, args.num, 2 * (4 + 1) * math.prod(IMAGE_SHAPE))
     try:
         generator = load_generator(args.checkpoint, args.device, use_ema=not args.no_ema)
     except CheckpointError as error:
