@@ -46,6 +46,8 @@ def test_overrides_take_dotted_keys_and_convert_types():
                                       "at most a year"),
     ([f"run.dir=runs/{'a' * 300}"], "config key 'run.dir' has a path component of 300 bytes (aaaaaaaaaaaaaaaaaaaa...)"
                                     "; file systems allow at most 255"),
+    (["run.dir=''"], "config key 'run.dir' is empty; give a path (the default is runs/default)"),
+    ([f"run.dir={'/a' * 2100}"], "config key 'run.dir' is a path of 4200 bytes once absolute; Linux allows fewer"),
     (["eval.cache_dir=${nonexistent.key}"],
      "config key 'eval.cache_dir': Interpolation key 'nonexistent.key' not found"),
 ])

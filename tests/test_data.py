@@ -73,6 +73,23 @@ def test_bad_magic_truncation_and_a_cut_gzip_file_are_reported(tmp_path, mnist_d
         (2051).to_bytes(4, "big") + (10).to_bytes(4, "big") + (28).to_bytes(4, "big") * 2 + bytes(100))
     with pytest.raises(DataError, match="holds 100 bytes of data, its header promises 7840"):
         read_idx_images(tmp_path, "train")
+    # 2^31 x 2^31 x 4 bytes with no data: numpy's product wrapped to 0 and matched the empty data (a traceback).
+    (tmp_path / "train-images-idx3-ubyte").write_bytes(
+        (2051).to_bytes(4, "big") + (2 ** 31).to_bytes(4, "big") * 2 + (4).to_bytes(4, "big"))
+    with pytest.raises(DataError, match=f"holds 0 bytes of data, its header promises {2 ** 64} for shape"):
+        read_idx_images(tmp_path, "train")
+
+
+@pytest.mark.parametrize("listing, message", [
+    (b"0123abcd\n", "SHA256SUMS line 1 is '0123abcd', not '<SHA-256>  <file name>'"),
+    (b"\xff\xfe not text\n", "SHA256SUMS is not UTF-8 text, so not a sha256sum listing"),
+])
+def test_a_malformed_checksum_listing_is_named(tmp_path, mnist_dir, listing, message):
+    """Before: a ValueError or UnicodeDecodeError traceback."""
+    folder = copy_mnist(mnist_dir, tmp_path / "mnist")
+    (folder / "SHA256SUMS").write_bytes(listing)
+    with pytest.raises(DataError, match=message):
+        read_idx_images(folder, "train")
 
 
 def test_images_of_another_size_or_a_labels_file_are_refused_before_training(tmp_path, mnist_dir):
@@ -97,6 +114,17 @@ def test_hf_datasets_source_reads_a_local_parquet_dataset(tmp_path, mnist_train)
     datasets.Dataset.from_dict(records, features=features).to_parquet(str(tmp_path / "train.parquet"))
     images = load_images(DataConfig(source="hf", path=str(tmp_path)))
     assert torch.equal(images, torch.from_numpy(subset))
+
+
+def test_an_hf_image_column_without_images_or_string_labels_are_named(tmp_path):
+    """Before: tracebacks ('int' object has no attribute 'convert'; torch.tensor of strings)."""
+    pytest.importorskip("datasets")
+    import datasets
+    datasets.Dataset.from_dict({"image": list(range(8)), "label": ["seven"] * 8}).to_parquet(str(tmp_path / "t.parquet"))
+    with pytest.raises(DataError, match="has an 'image' column of Value\\('int64'.*not of images"):
+        load_images(DataConfig(source="hf", path=str(tmp_path)))
+    with pytest.raises(DataError, match="has a 'label' column of Value\\('string'.*needs whole-number labels 0-9"):
+        load_labels(DataConfig(source="hf", path=str(tmp_path)))
 
 
 def test_hf_hub_id_without_network_says_how_to_use_local_files():

@@ -60,6 +60,8 @@ def test_command_fills_in_what_the_environment_knows():
 @pytest.mark.parametrize("environment, gpus, per_machine, message", [
     ({"SLURM_JOB_ID": "7", "SLURM_JOB_NUM_NODES": "2", "SLURM_JOB_NODELIST": "n[1-2]"}, 0, None, "srun"),
     ({}, 2, 4, "only 2 GPUs"),
+    ({"SLURM_JOB_ID": "7", "SLURM_JOB_NUM_NODES": "abc"}, 0, None,
+     "SLURM_JOB_NUM_NODES='abc' is not a whole number; Slurm sets it inside a job"),
 ])
 def test_topologies_it_cannot_launch_are_refused_with_the_fix(environment, gpus, per_machine, message):
     with pytest.raises(LaunchError, match=message):

@@ -18,6 +18,13 @@ def test_a_run_dir_that_cannot_be_written_is_named(tmp_path):
     assert f"error: cannot write into run.dir '{tmp_path / 'file' / 'run'}' (Not a directory)" in result.stderr
 
 
+def test_a_refused_run_leaves_none_of_the_folders_it_made(tmp_path):
+    """`a/stray/../b` makes `a/stray` on the way to `a/b`. Before: bad data left an empty `stray/` behind."""
+    result = run_train(TINY + [f"run.dir={tmp_path}/a/stray/../b", f"data.path={tmp_path / 'no_data'}"])
+    assert result.returncode == 2 and "data.path" in result.stderr, result.stderr[-2000:]
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("name", [".lock", "metrics.jsonl"])
 def test_a_link_planted_in_run_dir_is_refused_and_its_target_left_alone(tmp_path, name):
     """Before: a `.lock` link made the run overwrite its target, a `metrics.jsonl` link made it append there."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -173,6 +174,7 @@ RULES = {
 
 PATHS = ("run.dir", "data.path", "eval.cache_dir")
 NAME_MAX = 255  # bytes in one file or folder name, on Linux's file systems
+PATH_MAX = 4096  # bytes in a whole path, with its terminating zero, on Linux
 
 
 def load(config_path: str | None, overrides: list[str]) -> Config:
@@ -252,7 +254,15 @@ def validate(cfg: Config) -> None:
         if not holds(value):
             raise ConfigError(f"config key '{key}' is {value!r}; it must be {rule}")
     for key in PATHS:
-        too_long = [part for part in Path(OmegaConf.select(node, key)).parts if len(part.encode()) > NAME_MAX]
+        path = OmegaConf.select(node, key)
+        if not path.strip():
+            raise ConfigError(f"config key '{key}' is empty; give a path (the default is "
+                              f"{OmegaConf.select(OmegaConf.structured(Config), key)})")
+        absolute = len(os.fsencode(os.path.abspath(path)))
+        if absolute >= PATH_MAX:
+            raise ConfigError(f"config key '{key}' is a path of {absolute} bytes once absolute; Linux allows fewer than "
+                              f"{PATH_MAX}: choose a shorter one")
+        too_long = [part for part in Path(path).parts if len(part.encode()) > NAME_MAX]
         if too_long:
             raise ConfigError(f"config key '{key}' has a path component of {len(too_long[0].encode())} bytes "
                               f"({too_long[0][:20]}...); file systems allow at most {NAME_MAX}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import math
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +50,11 @@ def load_labels(cfg: DataConfig, split: str = "train") -> torch.Tensor:
         if "label" not in dataset.column_names:
             raise DataError(f"Hugging Face dataset {cfg.path!r} has columns {dataset.column_names}; model.conditional="
                             "true needs a 'label' column of digits 0-9")
+        column = dataset.features["label"]
+        if getattr(column, "dtype", None) not in ("int8", "int16", "int32", "int64", "uint8", "uint16", "uint32",
+                                                  "uint64"):
+            raise DataError(f"Hugging Face dataset {cfg.path!r} has a 'label' column of {column}; model.conditional="
+                            "true needs whole-number labels 0-9 (int or ClassLabel)")
         labels = torch.tensor(dataset["label"])
     else:
         labels = _torchvision_dataset(cfg.path, cfg.torchvision_name, train=split == "train").targets
@@ -100,7 +106,7 @@ def parse_idx(raw: bytes, path: Path) -> np.ndarray:
     ndim = IDX_MAGIC[magic]
     header = 4 + 4 * ndim
     shape = struct.unpack(f">{ndim}I", raw[4:header])
-    expected = int(np.prod(shape))
+    expected = math.prod(shape)  # Python's integers: numpy's would wrap to 0 for 2^31 x 2^31 x 4
     if len(raw) - header != expected:
         raise DataError(f"{path} holds {len(raw) - header} bytes of data, its header promises {expected} for shape {shape}")
     return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape).copy()
@@ -111,7 +117,7 @@ def _verify_checksum(path: Path, raw: bytes) -> None:
     sums_file = path.parent / CHECKSUM_FILE
     if not sums_file.is_file():
         return
-    expected = dict(reversed(line.split(maxsplit=1)) for line in sums_file.read_text().splitlines() if line.strip())
+    expected = read_checksums(sums_file)
     if path.name not in expected:
         raise DataError(f"{path.name} is not listed in {sums_file}; add its SHA-256 there or remove the file")
     actual = hashlib.sha256(raw).hexdigest()
@@ -122,11 +128,33 @@ def _verify_checksum(path: Path, raw: bytes) -> None:
         )
 
 
+def read_checksums(sums_file: Path) -> dict[str, str]:
+    """{file name: SHA-256} from a `sha256sum` listing: a line per file, the hash, white space, the name."""
+    try:
+        lines = sums_file.read_bytes().decode("utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise DataError(f"{sums_file} is not UTF-8 text, so not a sha256sum listing; restore it, or remove it to "
+                        "read the data unchecked") from None
+    checksums = {}
+    for number, line in enumerate(lines, 1):
+        if line.strip():
+            fields = line.split(maxsplit=1)
+            if len(fields) != 2:
+                raise DataError(f"{sums_file} line {number} is {line.strip()!r}, not '<SHA-256>  <file name>'; "
+                                "restore it, or remove it to read the data unchecked")
+            checksums[fields[1].strip().removeprefix("*")] = fields[0]  # `*`: sha256sum's binary mode
+    return checksums
+
+
 def _hf_images(source: str, split: str) -> torch.Tensor:
     """A `datasets` dataset with an `image` column: hub id, local folder, or parquet file(s)."""
     dataset = _hf_dataset(source, split)
     if "image" not in dataset.column_names:
         raise DataError(f"Hugging Face dataset {source!r} has columns {dataset.column_names}; it needs an 'image' column")
+    import datasets
+    if not isinstance(dataset.features["image"], datasets.Image):
+        raise DataError(f"Hugging Face dataset {source!r} has an 'image' column of {dataset.features['image']}, not "
+                        "of images (datasets.Image): give the pictures themselves in that column")
     images = np.stack([np.asarray(image.convert("L"), dtype=np.uint8) for image in dataset["image"]])
     return torch.from_numpy(images)
 

@@ -71,14 +71,23 @@ def detect(environ: dict[str, str], gpus: int, processes_per_machine: int | None
                           f"use at most {gpus} (one process per GPU)")
     if "SLURM_JOB_ID" not in environ:
         return Topology(1, 0, per_machine, gpus > 0, "127.0.0.1", free_port())
-    machines = int(environ.get("SLURM_JOB_NUM_NODES", environ.get("SLURM_NNODES", "1")))
+    machines = _whole_number(environ, "SLURM_JOB_NUM_NODES" if "SLURM_JOB_NUM_NODES" in environ else "SLURM_NNODES")
     if machines > 1 and "SLURM_STEP_ID" not in environ:
         raise LaunchError(f"this job has {machines} nodes: start one launcher per node with "
                           "`srun --ntasks-per-node=1 python -m train.launch ...` (see slurm/train_multinode.sbatch)")
     # A port of this job's own, so two jobs sharing a node do not collide.
-    port = 20000 + int(environ["SLURM_JOB_ID"]) % 20000
-    return Topology(machines, int(environ.get("SLURM_NODEID", "0")), per_machine, gpus > 0,
+    port = 20000 + _whole_number(environ, "SLURM_JOB_ID") % 20000
+    return Topology(machines, _whole_number(environ, "SLURM_NODEID", default=0), per_machine, gpus > 0,
                     first_host(environ["SLURM_JOB_NODELIST"]) if machines > 1 else "127.0.0.1", port)
+
+
+def _whole_number(environ: dict[str, str], name: str, default: int = 1) -> int:
+    """A count Slurm sets in the environment; anything else there is named."""
+    value = environ.get(name, str(default))
+    if not value.isdigit():
+        raise LaunchError(f"{name}={value!r} is not a whole number; Slurm sets it inside a job: run this helper from "
+                          f"the job's script, or unset {name} outside one")
+    return int(value)
 
 
 def first_host(nodelist: str) -> str:

@@ -47,10 +47,11 @@ def exclusive(run_dir: Path, report) -> Iterator[None]:
 
 
 def _remove_empty(folders: list[Path]) -> None:
+    """Each folder in turn, deepest first, where empty: all of them, also past one that is not (`a/stray/../b`
+    made `a/stray` and `a/b`, and `a/stray/..` is `a`, not yet empty when its turn comes)."""
     for folder in folders:
-        if not folder.is_dir() or any(folder.iterdir()):
-            return
-        folder.rmdir()
+        if folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
 
 
 def _lock(path: Path, report) -> int | None:
