@@ -39,12 +39,22 @@ run_requeueable() {
     return "$status"
 }
 
-# The training command line from the documented variables (see the templates' headers).
+# The training command line from the documented variables (see the templates' headers), into the array
+# `arguments`. A variable holding a newline is refused (status 2): GAN_ARGS is split at blanks on one line, so
+# whatever followed a newline would be dropped without a word, and in GAN_RUN_DIR it would become an override.
 training_arguments() {
-    local -a arguments=(--config "${GAN_CONFIG:-configs/default.yaml}")
-    [[ -n ${GAN_RUN_DIR:-} ]] && arguments+=("run.dir=$GAN_RUN_DIR")
-    [[ -n ${GAN_WANDB:-} ]] && arguments+=("logging.wandb=$GAN_WANDB")
+    local name
+    for name in GAN_CONFIG GAN_RUN_DIR GAN_WANDB GAN_ARGS; do
+        if [[ ${!name:-} == *$'\n'* ]]; then
+            echo "error: $name holds a newline; give it on one line (GAN_ARGS: key=value overrides separated by" \
+                "spaces)" >&2
+            return 2
+        fi
+    done
+    arguments=(--config "${GAN_CONFIG:-configs/default.yaml}")
+    if [[ -n ${GAN_RUN_DIR:-} ]]; then arguments+=("run.dir=$GAN_RUN_DIR"); fi
+    if [[ -n ${GAN_WANDB:-} ]]; then arguments+=("logging.wandb=$GAN_WANDB"); fi
     local -a extra=()
     read -r -a extra <<< "${GAN_ARGS:-}"
-    printf '%s\n' "${arguments[@]}" "${extra[@]}"
+    arguments+=("${extra[@]}")
 }

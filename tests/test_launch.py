@@ -147,3 +147,47 @@ def test_shell_scripts_pass_shellcheck():
     assert "slurm/train.sbatch" in SHELL_SCRIPTS and "slurm/train_multinode.sbatch" in SHELL_SCRIPTS
     result = subprocess.run(["shellcheck", "-x", *SHELL_SCRIPTS], cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout
+
+
+def alive(pid: int) -> bool:
+    """Whether `pid` runs (a zombie, exited but not yet reaped by its new parent, does not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("processes", [1, 2])
+def test_a_killed_helper_leaves_no_training_behind_and_its_ranks_checkpoint(tmp_path, tiny_mnist, processes):
+    """SIGKILL of `python -m train.launch`: the kernel's parent-death signal reaches the launcher (torchrun, or
+    Accelerate's one-process launcher, which dies of it) and, through it, the training. Before: they trained on
+    unattended."""
+    run_dir = tmp_path / "run"
+    output = (tmp_path / "out.txt").open("w")
+    helper = subprocess.Popen(
+        [sys.executable, "-m", "train.launch", "--processes-per-node", str(processes), "--", *TINY,
+         "train.steps=100000", "logging.every=2", f"data.path={tiny_mnist}", f"run.dir={run_dir}"],
+        cwd=REPO, env=run_env(), stdout=output, stderr=subprocess.STDOUT)
+    started = []
+    try:
+        deadline = time.monotonic() + 120
+        while not (run_dir / "metrics.jsonl").exists():
+            assert helper.poll() is None and time.monotonic() < deadline, (tmp_path / "out.txt").read_text()
+            time.sleep(0.2)
+        started = descendants(helper.pid)  # the launcher and the training processes
+        assert len(started) >= 1 + processes
+        helper.kill()
+        helper.wait()
+        deadline = time.monotonic() + 90
+        while any(alive(pid) for pid in started):
+            assert time.monotonic() < deadline, (tmp_path / "out.txt").read_text()[-3000:]
+            time.sleep(0.2)
+    finally:  # a failed test leaves nothing running
+        for pid in [helper.pid, *started, *descendants(helper.pid)]:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        helper.wait()
+    log = (tmp_path / "out.txt").read_text()
+    assert log.count("SIGTERM received: checkpointing at the next step boundary") >= processes, log[-3000:]
+    manifest.verify(manifest.newest_valid(run_dir, print))

@@ -141,3 +141,11 @@ def test_a_preemption_right_after_a_new_best_evaluation_keeps_its_checkpoint_as_
     assert os.readlink(best) == "step_00000010"
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [
         "best", "latest", "step_00000010", f"step_{STEPS:08d}"]
+
+
+def test_ctrl_c_checkpoints_and_exits_as_a_preemption_does(tiny_mnist, tmp_path):
+    """Before: a KeyboardInterrupt traceback and exit 130, without a checkpoint."""
+    result = preempt(tiny_mnist, tmp_path, "signal:INT", 7, 0, 1)
+    assert "SIGINT received: checkpointing at the next step boundary (Ctrl-\\ stops at once, without it)" \
+        in result.stderr
+    assert "Traceback" not in result.stderr and "KeyboardInterrupt" not in result.stderr

@@ -72,7 +72,7 @@ class Job:
     def __init__(self, cluster: LocalSlurm, template: str, folder: Path, sbatch_options: list[str],
                  variables: dict[str, str]):
         self.cluster, self.run_dir, self.output = cluster, folder / "run", folder / "slurm.out"
-        env = run_env(SLURM_CONF=str(cluster.conf), GAN_RUN_DIR=str(self.run_dir), **variables)
+        env = run_env(**{"SLURM_CONF": str(cluster.conf), "GAN_RUN_DIR": str(self.run_dir), **variables})
         submitted = subprocess.run(["sbatch", "--parsable", f"--output={self.output}", *sbatch_options, template],
                                    cwd=REPO, env=env, capture_output=True, text=True, check=True)
         self.id = submitted.stdout.strip().split(";")[0]
@@ -203,3 +203,19 @@ def test_second_preemption_also_survives(preempted_twice):
     # Three starts of the job, one W&B run: each start wrote an offline folder for the same run id.
     run_ids = {folder.name.rsplit("-", 1)[1] for folder in (job.run_dir / "wandb").glob("offline-run-*")}
     assert len(list((job.run_dir / "wandb").glob("offline-run-*"))) == 3 and len(run_ids) == 1
+
+
+@pytest.mark.parametrize("variable, value", [("GAN_ARGS", f"{SHORT}\neval.num_samples=0"),
+                                             ("GAN_RUN_DIR", "runs/a\ntrain.steps=1")])
+def test_a_variable_holding_a_newline_fails_the_job_before_any_work(cluster, tmp_path, variable, value):
+    """Before: GAN_ARGS was read up to its first newline, silently dropping the overrides after it; a newline in
+    GAN_RUN_DIR made an override of what followed it."""
+    job = Job(cluster, "slurm/train.sbatch", tmp_path, ["--cpus-per-task=1"], NO_EVAL | {variable: value})
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    while (state := job.state())["JobState"] in ("PENDING", "CONFIGURING", "RUNNING", "COMPLETING"):
+        assert time.monotonic() < deadline, job.log()
+        time.sleep(0.5)
+    assert state["JobState"] == "FAILED" and state["ExitCode"] == "2:0", (state, job.log())
+    assert (f"error: {variable} holds a newline; give it on one line (GAN_ARGS: key=value overrides separated by "
+            "spaces)") in job.log()
+    assert "accelerate.commands.launch" not in job.log() and not job.run_dir.exists()

@@ -18,12 +18,14 @@ from pathlib import Path  # noqa: E402
 from train import layout, run_lock  # noqa: E402
 from train.config import Config, changed_settings, parse_args  # noqa: E402
 from train.errors import EXIT_BAD_INPUT, EXIT_WRITE_FAILED, ConfigError, RunError, RunWriteError  # noqa: E402
-from train.launch import EXIT_CODES_ENV  # noqa: E402
+from train.launch import EXIT_CODES_ENV, stop_with_parent  # noqa: E402
 from train.manifest import read_state, resume_point  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
     """The exit code; also left where `python -m train.launch` asked, as the launcher in between replaces it."""
+    if os.environ.get(EXIT_CODES_ENV):  # started by `python -m train.launch`: stop (checkpoint) should it die
+        stop_with_parent()
     code = run(argv)
     if os.environ.get(EXIT_CODES_ENV):
         Path(os.environ[EXIT_CODES_ENV], f"rank_{os.environ.get('RANK', '0')}").write_text(str(code))

@@ -4,11 +4,13 @@ It reads the topology (Slurm's variables, the GPUs this process can see, or a pl
 picks the matching file in launch/accelerate/, fills in what only the environment knows (machine
 rank, main address and port, process counts), prints the line and runs it.
 
-While it runs it stays the parent of everything it started: SIGTERM or SIGUSR1 (Slurm's warning)
-is passed on as SIGTERM to the launcher and to every training process, and this helper returns
-only when all of them have exited, so a caller that waits for it knows the checkpoint is
-written. (torchrun itself dies on SIGUSR1, and Accelerate's one-process launcher does not pass
-signals on at all.)
+While it runs it stays the parent of everything it started: SIGTERM, SIGUSR1 (Slurm's warning) or
+SIGINT (Ctrl-C) is passed on as SIGTERM to the launcher and to every training process, and this
+helper returns only when all of them have exited, so a caller that waits for it knows the checkpoint
+is written. (torchrun itself dies on SIGUSR1, and Accelerate's one-process launcher does not pass
+signals on at all.) Should this helper itself be killed (SIGKILL, the OOM killer), the launcher and the
+training processes get SIGTERM from the kernel (a parent-death signal), checkpoint and exit, instead of
+training on unattended.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ ACCELERATE_CONFIGS = REPO_ROOT / "launch" / "accelerate"
 # A folder where each training process leaves its exit code (`rank_<r>`): torchrun and Accelerate's
 # one-process launcher exit with 1 whatever their processes' codes were.
 EXIT_CODES_ENV = "GAN_EXIT_CODES_DIR"
+PR_SET_PDEATHSIG = 1  # prctl option: the signal this process gets when its parent exits
 PR_SET_CHILD_SUBREAPER = 36  # prctl option: orphaned descendants are re-parented to this process
 
 
@@ -125,14 +128,25 @@ def run(line: list[str], environment: dict[str, str]) -> int:
     return int(agreed.pop()) if code != 0 and len(agreed) == 1 else code
 
 
+def stop_with_parent() -> None:
+    """Have the kernel send this process SIGTERM when its parent exits (Linux; elsewhere nothing): for the
+    processes this helper starts, which must not outlive it. One whose parent is gone already stops now."""
+    if not sys.platform.startswith("linux"):
+        return
+    parent = os.getppid()
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() != parent:  # the parent exited before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def _run_and_wait(line: list[str], environment: dict[str, str]) -> int:
     if sys.platform.startswith("linux"):
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
-    launcher = subprocess.Popen(line, env=environment, start_new_session=True)
+    launcher = subprocess.Popen(line, env=environment, start_new_session=True, preexec_fn=stop_with_parent)
 
     def forward(signum, frame) -> None:
-        try:  # Ctrl-C stays an interrupt; a preemption warning becomes the SIGTERM everyone handles
-            os.killpg(launcher.pid, signal.SIGINT if signum == signal.SIGINT else signal.SIGTERM)
+        try:  # each of them means "checkpoint and stop": the SIGTERM every process handles
+            os.killpg(launcher.pid, signal.SIGTERM)
         except ProcessLookupError:
             pass
 

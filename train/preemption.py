@@ -1,5 +1,8 @@
 """Preemption: SIGTERM or SIGUSR1 (Slurm's warning before a time limit, a preempting job, `scancel
---signal`) sets a flag that the training loop acts on at its next check (train/faults.py).
+--signal`), or SIGINT (Ctrl-C), sets a flag that the training loop acts on at its next check
+(train/faults.py): a checkpoint, then exit 75, and the same command resumes. Later signals are ignored,
+so that a save is never cut short: launchers pass a Ctrl-C on to processes that had it from the terminal
+already. SIGQUIT (Ctrl-\\) still stops at once, the newest checkpoint intact.
 
 `python -m train` installs the handler before anything slow (imports, the process group, the data),
 so a signal during the start-up is a preemption like any other and not the default death by
@@ -12,11 +15,11 @@ import signal
 import sys
 import time
 
-PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
 class PreemptionFlag:
-    """Remembers the first SIGTERM/SIGUSR1; later ones are ignored so a save is never cut short."""
+    """Remembers the first SIGTERM/SIGUSR1/SIGINT; later ones are ignored so a save is never cut short."""
 
     def __init__(self):
         self.signal_name: str | None = None
@@ -26,7 +29,8 @@ class PreemptionFlag:
         name = signal.Signals(signum).name
         if self.signal_name is None:
             self.signal_name, self.received_at = name, time.monotonic()
-            print(f"\n{name} received: checkpointing at the next step boundary", file=sys.stderr, flush=True)
+            at_once = " (Ctrl-\\ stops at once, without it)" if signum == signal.SIGINT else ""
+            print(f"\n{name} received: checkpointing at the next step boundary{at_once}", file=sys.stderr, flush=True)
         else:
             print(f"\n{name} received while already stopping: ignored", file=sys.stderr, flush=True)
 
