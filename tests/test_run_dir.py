@@ -19,13 +19,13 @@ def plant(run_dir, name, kind, outside):
     elif kind == "file":
         path.write_text("planted\n")
     else:
-        path.symlink_to(outside, target_is_directory=True)
+        path.symlink_to(outside if kind == "link" else outside / "gone", target_is_directory=True)
     return path
 
 
 @pytest.mark.parametrize("name, kind, message", [
     ("samples", "link", LINK_MESSAGE),
-    ("checkpoints", "link", LINK_MESSAGE),
+    ("checkpoints", "dangling link", "is a link to "),
     ("wandb", "link", LINK_MESSAGE),
     ("samples", "file", "is a file where the run keeps a folder"),
     ("checkpoints", "file", "is a file where the run keeps a folder"),
@@ -85,3 +85,14 @@ def test_a_staging_name_taken_by_a_link_or_file_is_cleared_without_following_it(
     assert not planted.is_symlink() and not planted.exists()
     assert (outside / "keep.txt").read_text() == "not the run's\n"
     manifest.verify(run_dir / "checkpoints" / "step_00000006")
+
+
+def test_checkpoints_may_be_a_link_to_another_file_system(tmp_path):
+    """The one link a run writes through, made on purpose: its checkpoints kept on a scratch space."""
+    run_dir, scratch = tmp_path / "run", tmp_path / "scratch"
+    scratch.mkdir()
+    plant(run_dir, "checkpoints", "link", scratch)
+    result = run_train(TINY + [f"run.dir={run_dir}", "checkpoint.every=2", "checkpoint.keep_last=1"])
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert sorted(p.name for p in scratch.iterdir()) == ["latest", "step_00000006"]
+    manifest.verify(scratch / "step_00000006")

@@ -1,11 +1,13 @@
 """What a run directory holds, and the check, before any work, that each of its names is what the run will
-write into: a file where it writes a file, a folder where it keeps a folder, and never a link that would carry
-a write outside run.dir or let pruning delete through it. Without torch, like the other modules `python -m
+write into: a file where it writes a file, a folder where it keeps a folder, and no link that would carry a
+write outside run.dir. The one link allowed is `checkpoints/` itself, to keep the heavy files on another file
+system (a scratch space): a link a person makes on purpose. Without torch, like the other modules `python -m
 train` reads before it imports anything slow.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from train.errors import RunError
@@ -23,6 +25,7 @@ BEST = "best"  # checkpoints/best: a link to the checkpoint with the lowest FD o
 
 FILES = (CONFIG_FILE, METRICS_FILE, CURVES_FILE, f"{CHECKPOINTS}/{LATEST}")
 FOLDERS = (SAMPLES_DIR, PROFILE_DIR, WANDB_DIR, CHECKPOINTS)
+MAY_BE_A_LINK = (CHECKPOINTS,)
 
 
 def check(run_dir: Path) -> None:
@@ -30,8 +33,11 @@ def check(run_dir: Path) -> None:
     run_dir = Path(run_dir)
     for name in FILES + FOLDERS:
         path = run_dir / name
-        if path.is_symlink():
+        if path.is_symlink() and name not in MAY_BE_A_LINK:
             raise link_refused(path)
+        if path.is_symlink() and not path.exists():
+            raise RunError(f"{path} is a link to {os.readlink(path)}, which does not exist: make that folder, or "
+                           "remove the link")
         if name in FILES and path.is_dir():
             raise RunError(f"{path} is a folder where the run writes a file: move it away, or choose another run.dir")
         if name in FOLDERS and path.exists() and not path.is_dir():
