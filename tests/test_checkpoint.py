@@ -42,7 +42,8 @@ def test_a_checkpoint_is_safetensors_and_json_named_in_its_manifest(finished_run
     assert sorted(written["sha256"]) == [n for n in names if n != "manifest.json"]
     state = json.loads((folder / "state.json").read_text())
     assert state["progress"] == {"step": 6, "images_seen": 48, "data": {"epoch": 0, "step_in_epoch": 6},
-                                 "seed_offset": 0, "wandb_run_id": None, "best_fd": None}
+                                 "seed_offset": 0, "wandb_run_id": None, "best_fd": None,
+                                 "evaluations_since_best": 0}
     assert state["config"]["model"]["arch"] == "dcgan"
     optimizer_state = load_file(folder / "optimizers.safetensors")
     assert {key.rsplit(".", 1)[1] for key in optimizer_state} == {"step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"}

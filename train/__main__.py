@@ -58,11 +58,27 @@ def start(cfg: Config, report) -> int:
             report(f"nothing to train: {resume_from} is at step {state['progress']['step']} and "
                    f"train.steps={cfg.train.steps}; to train on, raise train.steps")
             return 0
+        if (met := quality_target_met(state["progress"], cfg)) is not None:
+            report(f"nothing to train: {resume_from} {met}")
+            return 0
         state["config"]["model"].setdefault("conditional", False)  # a checkpoint without the key is unconditional
         report_changed_settings(changed_settings(state["config"], cfg), report)
     from train.loop import train  # loaded only for a run that can start
 
     return train(cfg, resume_from)
+
+
+def quality_target_met(progress: dict, cfg: Config) -> str | None:
+    """What a checkpoint's progress already met of train.stop_at_fd and train.patience (with the fix), or None."""
+    best, target, patience = progress.get("best_fd"), cfg.train.stop_at_fd, cfg.train.patience
+    if target is not None and best is not None and best <= target:
+        return (f"has an FD of {best:.4g}, at or below train.stop_at_fd={target:g}; to train on, lower "
+                "train.stop_at_fd or set it to null")
+    waited = progress.get("evaluations_since_best", 0)
+    if patience is not None and waited >= patience:
+        return (f"ended {waited} evaluations without a lower FD (train.patience={patience}); to train on, raise "
+                "train.patience or set it to null")
+    return None
 
 
 # Settings the checkpoint's tensors were made for: another value cannot resume from them.

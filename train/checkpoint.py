@@ -50,6 +50,7 @@ class Progress:
     seed_offset: int = 0  # bumped by each non-finite rollback, so the redone steps draw fresh noise
     wandb_run_id: str | None = None
     best_fd: float | None = None  # the lowest FD of the evaluations so far: that checkpoint is checkpoints/best
+    evaluations_since_best: int = 0  # evaluations in a row that did not lower the FD (train.patience)
 
 
 @dataclass

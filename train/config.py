@@ -76,6 +76,8 @@ class TrainConfig:
     check_every: int = 10  # steps between the collective checks for signals and non-finite numbers
     on_nonfinite: str = "stop"  # stop | skip | rollback
     timeout_s: int = 600  # a collective waiting longer than this (a rank died) fails the run
+    stop_at_fd: float | None = None  # end the run (exit 0) at the first evaluation with an FD at or below this
+    patience: int | None = None  # end the run after this many evaluations in a row without a new lowest FD
 
 
 @dataclass
@@ -266,6 +268,16 @@ def validate(cfg: Config) -> None:
         if too_long:
             raise ConfigError(f"config key '{key}' has a path component of {len(too_long[0].encode())} bytes "
                               f"({too_long[0][:20]}...); file systems allow at most {NAME_MAX}")
+    for key, value, rule in (("train.stop_at_fd", cfg.train.stop_at_fd, "greater than 0"),
+                             ("train.patience", cfg.train.patience, "1 or more")):
+        if value is None:
+            continue
+        if value <= 0:
+            raise ConfigError(f"config key '{key}' is {value!r}; it must be {rule} (or null: off)")
+        if not (cfg.eval.num_samples and cfg.eval.every):
+            raise ConfigError(f"{key}={value} needs evaluations during training: set eval.every (steps between "
+                              f"them; it is {cfg.eval.every}) and eval.num_samples (it is {cfg.eval.num_samples}), "
+                              f"or {key}=null")
     if cfg.loss.r1_gamma and cfg.train.compile:
         raise ConfigError("loss.r1_gamma > 0 needs train.compile=false: the R1 penalty backpropagates through D's "
                           "gradient, and torch.compile (AOTAutograd) has no double backward")

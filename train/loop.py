@@ -73,6 +73,7 @@ class Training:
         # The lowest FD so far, measured but not yet saved: it enters the progress with the checkpoint that becomes
         # checkpoints/best, whichever way that checkpoint is written (when due, or on a preemption).
         self.unsaved_best_fd: float | None = None
+        self.stop_reason: str | None = None  # the quality target is met (train.stop_at_fd, train.patience)
         self.batches = ShardedBatches(data.load_images(cfg.data), cfg.data.batch_size, accelerator.process_index,
                                       accelerator.num_processes, cfg.run.seed, accelerator.device,
                                       position=self.progress.data, channels_last=cfg.train.channels_last,
@@ -133,11 +134,12 @@ class Training:
             self.bar.update()
             self.profiler.step()
             self.log_if_due(step, last)  # the training statistics, with an evaluation where one is due
-            if due(cfg.logging.samples_every, step, last):
+            stopping = self.stop_reason is not None  # this step's evaluation met the quality target
+            if due(cfg.logging.samples_every, step, last or stopping):
                 with self.window.paused():
                     self.log.samples(step, self.render_samples())
             new_best = self.unsaved_best_fd is not None
-            checkpoint_due = due(cfg.checkpoint.every, step, last) or new_best
+            checkpoint_due = due(cfg.checkpoint.every, step, last) or new_best or stopping
             if (checkpoint_due or step % cfg.train.check_every == 0) and self.check_faults():
                 continue  # a non-finite step with train.on_nonfinite=rollback: the newest valid checkpoint is back
             if checkpoint_due:
@@ -146,6 +148,10 @@ class Training:
                 if new_best:
                     self.log.message(f"step {step}: the lowest FD so far; checkpoints/{manifest.BEST} is now "
                                      f"{path.name}")
+            if stopping:
+                self.log.message(f"step {step}: {self.stop_reason}: stopping; checkpoints/{manifest.LATEST} is "
+                                 f"{path.name}, checkpoints/{manifest.BEST} the lowest FD")
+                return
 
     def log_if_due(self, step: int, last: bool) -> None:
         """Every `logging.every` steps and with every evaluation: the means over the window, the learning rates.
@@ -171,15 +177,23 @@ class Training:
                                                               if key.startswith("eval/")))
         self.log.metrics(step, record)
         if evaluation_due:
-            self.note_if_best(quality)
+            self.note_evaluation(quality)
 
-    def note_if_best(self, quality: dict[str, float]) -> None:
+    def note_evaluation(self, quality: dict[str, float]) -> None:
         """Keep the FD just measured (on the main process, shared with every rank) as `unsaved_best_fd` where it
-        is the lowest of the run so far."""
+        is the lowest of the run so far, and set `stop_reason` where it meets the quality target."""
         fd = torch.tensor(quality.get("eval/fd", math.nan), dtype=torch.float64, device=self.accelerator.device)
         fd = broadcast(fd).item()
-        if math.isfinite(fd) and (self.progress.best_fd is None or fd < self.progress.best_fd):
-            self.unsaved_best_fd = fd
+        progress, target, patience = self.progress, self.cfg.train.stop_at_fd, self.cfg.train.patience
+        if math.isfinite(fd) and (progress.best_fd is None or fd < progress.best_fd):
+            self.unsaved_best_fd, progress.evaluations_since_best = fd, 0
+        else:
+            progress.evaluations_since_best += 1
+        if target is not None and fd <= target:
+            self.stop_reason = f"FD {fd:.4g} reached train.stop_at_fd={target:g}"
+        elif patience is not None and progress.evaluations_since_best >= patience:
+            self.stop_reason = (f"{progress.evaluations_since_best} evaluations without a lower FD "
+                                f"(train.patience={patience})")
 
     def check_faults(self) -> bool:
         """The collective check; True where it rolled back (`train.on_nonfinite=rollback` with a valid checkpoint)."""
@@ -244,7 +258,7 @@ class Training:
                                         self.accelerator.num_processes)
         self.batches.seek(self.progress.data)
         if rollback:
-            self.unsaved_best_fd = None  # measured on the steps being undone
+            self.unsaved_best_fd = self.stop_reason = None  # measured on the steps being undone
             self.progress.seed_offset = offset
             self.reseed_noise(salt=f"rollback{offset}")
             self.update.reset()  # the restored optimizer states are new tensors

@@ -32,7 +32,8 @@ REQUIRED_FILES = (STATE, "generator.safetensors", "discriminator.safetensors", "
 # What the loaders read from the JSON files; `int` stands for a count (0 or more), a key ending in "?" may be absent.
 STATE_SCHEMA = {
     "progress": {"step": int, "images_seen": int, "data": {"epoch": int, "step_in_epoch": int}, "seed_offset": int,
-                 "wandb_run_id": (str, type(None)), "best_fd?": (float, int, type(None))},
+                 "wandb_run_id": (str, type(None)), "best_fd?": (float, int, type(None)),
+                 "evaluations_since_best?": int},
     "world_size": int, "global_batch": int, "scaler": (dict, type(None)),
     "config": {"model": {"arch": str, "z_dim": int, "conditional?": bool}},
 }
