@@ -4,14 +4,18 @@
                through a DataLoader (workers 0), native bilinear upsampling, Sigmoid + BCELoss, an
                `.item()` per step, batch 64
   (b) project  `python -m train` on configs/seed.yaml: same networks, batch and maths
-  (c) fastest  `python -m train` on configs/fast.yaml
-  (d) dcgan    `python -m train` on configs/dcgan.yaml
+  (c) default  `python -m train` on configs/default.yaml (`make train`)
+  (d) fastest  `python -m train` on configs/fast.yaml
+  (e) dcgan    `python -m train` on configs/dcgan.yaml
 
-Prints images/s, steps/s and the ratio to (a), and writes them as JSON (--out). `--processes 1,2`
-adds the scaling table of (b) under `accelerate launch`; `--time-to-quality` trains seed.yaml and
-fast.yaml, and each `--ttq-custom` another recipe, with evaluation, and reports the training
-seconds until the Fréchet distance falls below 10x and 3x the training-set floor. No W&B, no
-network: data comes from the repository.
+Prints images/s, steps/s and the ratio to (a), and writes them as JSON (--out). With (c) it also
+reports how close the step comes to the machine's limit: its floating-point operations (counted by
+torch's FlopCounterMode on the real step) per second, as a share of what a large matrix product
+reaches in the same precision, measured in the same run. `--processes 1,2` adds the scaling table
+of (b) under `accelerate launch`; `--time-to-quality` trains default.yaml and fast.yaml, and each
+`--ttq-custom` another recipe, with evaluation, and reports the training seconds until the Fréchet
+distance falls below 10x and 3x the training-set floor (3x: FD 12). No W&B, no network: data comes
+from the repository.
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import flop_registry
 
 from train import models
 from train.config import REPO_ROOT, SHIPPED_MNIST, EvalConfig
@@ -39,7 +45,9 @@ from train.launch import free_port
 from train.metrics import Evaluator
 from train.plots import read_metrics
 
-BUILT_IN_VARIANTS = ("blog", "project", "fastest", "dcgan")  # (a)-(d)
+BUILT_IN_VARIANTS = ("blog", "project", "default", "fastest", "dcgan")  # (a)-(e)
+DEFAULT_CONFIG = "configs/default.yaml"
+MATMUL_SIZE = 2048  # the square matrix product whose speed is the machine's limit here
 STOP_GRACE_S = 60  # a quality run stopped by its time limit gets this long to checkpoint and exit
 QUIET = ["logging.wandb=disabled", "eval.num_samples=0", "checkpoint.every=0", "logging.samples_every=0",
          "resume=none"]
@@ -93,6 +101,71 @@ def blog_loop(device: torch.device, steps: int, warmup: int) -> dict:
                 done += 1
         seconds = time.perf_counter() - started
     return {"images_per_second": steps * 64 / seconds, "steps_per_second": steps / seconds, "global_batch": 64}
+
+
+class CountedFlops(TorchDispatchMode):
+    """The floating-point operations of what runs inside it, by torch's own formulas (matrix products and
+    convolutions, forward and backward: `torch.utils.flop_counter.flop_registry`). Not FlopCounterMode itself:
+    its module tracking hooks refuse the R1 penalty's `autograd.grad`."""
+
+    def __init__(self):
+        super().__init__()
+        self.total = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        formula = flop_registry.get(func._overloadpacket)
+        if formula is not None:
+            self.total += formula(*args, **kwargs, out_val=out)
+        return out
+
+
+def step_flops(config_path: str, overrides: list[str]) -> tuple[float, str]:
+    """Floating-point operations of one training step of the config (D's and G's updates; with lazy R1, the mean
+    over its period), counted on the real step (`CountedFlops`: element-wise work is not counted), and the
+    step's precision."""
+    from train import config, losses, loop, setup
+    with tempfile.TemporaryDirectory() as run_dir:
+        cfg = config.load(config_path, [*overrides, *QUIET, f"run.dir={run_dir}", "logging.curves=false"])
+        accelerator, cfg = setup.set_up(cfg, None)
+        training = loop.Training(cfg, accelerator, None)
+        period = cfg.loss.r1_every if cfg.loss.r1_gamma else 1
+        total = 0
+        for step in range(1, period + 1):
+            training.gan.sample(training.batches, training.snapshot.noise)
+            with CountedFlops() as counter:
+                training.update(losses.r1_weight(cfg.loss.r1_gamma, cfg.loss.r1_every, step))
+            total += counter.total
+        training.bar.close()
+        training.log.close()
+    return total / period, {"no": "fp32"}.get(accelerator.mixed_precision, accelerator.mixed_precision)
+
+
+def matmul_flops_per_second(device: torch.device, precision: str, repeats: int = 20) -> float:
+    """What this device reaches on a large square matrix product in `precision` (fp32 or bf16), on all its threads."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    a, b = (torch.randn(MATMUL_SIZE, MATMUL_SIZE, device=device, dtype=dtype) for _ in range(2))
+    a @ b  # the first product picks and warms the kernel
+    if device.type != "cpu":
+        torch.accelerator.synchronize()
+    started = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    if device.type != "cpu":
+        torch.accelerator.synchronize()
+    return 2 * MATMUL_SIZE ** 3 * repeats / (time.perf_counter() - started)
+
+
+def utilisation(device: torch.device, throughput: dict, overrides: list[str]) -> dict:
+    """The default config's step: FLOP per step, FLOP/s at the measured steps/s, and their share of the matrix
+    product's FLOP/s in the same precision."""
+    flops, precision = step_flops(DEFAULT_CONFIG, overrides)
+    achieved = flops * throughput["steps_per_second"]
+    peak = matmul_flops_per_second(device, precision)
+    return {"config": DEFAULT_CONFIG, "precision": precision, "flop_per_step": flops,
+            "achieved_flop_per_second": achieved, "matmul_flop_per_second": peak, "matmul_size": MATMUL_SIZE,
+            "share_of_matmul": achieved / peak}
 
 
 def run_checked(command: list[str], timeout: float | None = None) -> None:
@@ -209,12 +282,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.bench", description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=300, help="timed steps per variant")
     parser.add_argument("--warmup", type=int, default=50, help="untimed steps first (also the log window)")
-    parser.add_argument("--variants", default=",".join(BUILT_IN_VARIANTS), help="which of (a)-(d) to time")
+    parser.add_argument("--variants", default=",".join(BUILT_IN_VARIANTS), help="which of (a)-(e) to time")
     parser.add_argument("--custom", action="append", default=[], metavar="NAME=CONFIG[:key=value,...]",
                         help="also time `python -m train` on CONFIG with these overrides (repeatable)")
     parser.add_argument("--variant-timeout", type=float, help="seconds after which a variant counts as failed")
     parser.add_argument("--processes", default="", help="comma-separated process counts for the scaling table")
-    parser.add_argument("--time-to-quality", action="store_true", help="quality runs of seed.yaml and fast.yaml")
+    parser.add_argument("--time-to-quality", action="store_true", help="quality runs of default.yaml and fast.yaml")
     parser.add_argument("--ttq-seconds", type=float, default=300.0, help="wall-time limit of each quality run")
     parser.add_argument("--ttq-custom", action="append", default=[], metavar="NAME=CONFIG[:key=value,...]",
                         help="also time a quality run of CONFIG with these overrides, evaluated every 250 steps")
@@ -236,6 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     variants = {
         "blog": lambda: blog_loop(device, steps, args.warmup),
         "project": lambda: timed("configs/seed.yaml", ["train.mixed_precision=fp32"]),
+        "default": lambda: timed(DEFAULT_CONFIG, []),
         "fastest": lambda: timed("configs/fast.yaml", []),
         "dcgan": lambda: timed("configs/dcgan.yaml", []),
     }
@@ -260,9 +334,16 @@ def main(argv: list[str] | None = None) -> int:
         write_report()
         if "failed" in measured:
             print(f"{name:8s} FAILED: {measured['failed'][-500:]}", flush=True)
-        else:
-            print(f"{name:8s} {measured['images_per_second']:10.0f} images/s {measured['steps_per_second']:8.1f} "
-                  "steps/s" + (f" x{measured['ratio_to_blog']:.2f} vs blog" if blog else ""), flush=True)
+            continue
+        print(f"{name:8s} {measured['images_per_second']:10.0f} images/s {measured['steps_per_second']:8.1f} "
+              "steps/s" + (f" x{measured['ratio_to_blog']:.2f} vs blog" if blog else ""), flush=True)
+        if name == "default":
+            report["utilisation"] = used = utilisation(device, measured, [])
+            write_report()
+            print(f"default  {used['achieved_flop_per_second'] / 1e9:.1f} GFLOP/s of {used['precision']} "
+                  f"({used['flop_per_step'] / 1e9:.2f} GFLOP a step), {100 * used['share_of_matmul']:.1f}% of a "
+                  f"{MATMUL_SIZE}x{MATMUL_SIZE} matrix product's {used['matmul_flop_per_second'] / 1e9:.0f} GFLOP/s",
+                  flush=True)
     if args.processes:
         report["scaling"] = {}
         for count in (int(n) for n in args.processes.split(",")):
@@ -279,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
             write_report()
             print(f"{count} processes: {measured['images_per_second']:.0f} images/s in total, "
                   f"{measured['per_process_images_per_second']:.0f} per process", flush=True)
-    shipped = [("configs/seed.yaml", "configs/seed.yaml", [], 500),
+    shipped = [(DEFAULT_CONFIG, DEFAULT_CONFIG, [], 250),
                ("configs/fast.yaml", "configs/fast.yaml", [], 1000)]
     recipes = [*(shipped if args.time_to_quality else []),
                *((name, config, overrides, 250) for name, config, overrides in ttq_custom)]

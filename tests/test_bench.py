@@ -44,6 +44,27 @@ def test_bench_times_the_blogs_loop_against_the_project_custom_variants_and_the_
 
 
 @pytest.mark.slow
+def test_bench_reports_the_default_configs_flops_as_a_share_of_a_matrix_products(tmp_path):
+    """FLOP per step are counted on the real step (R1's double backward included): a step with the penalty costs
+    more than one without, and the mean over default.yaml's lazy period lies between them."""
+    out = tmp_path / "bench.json"
+    result = subprocess.run([sys.executable, "-m", "benchmarks.bench", "--variants", "default", "--steps", "4",
+                             "--warmup", "2", "--out", str(out)], cwd=REPO, env=run_env(), capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    used, measured = (json.loads(out.read_text())[key] for key in ("utilisation", "throughput"))
+    assert used["config"] == "configs/default.yaml" and used["precision"] == "fp32"
+    assert used["achieved_flop_per_second"] == pytest.approx(used["flop_per_step"] *
+                                                              measured["default"]["steps_per_second"])
+    assert used["share_of_matmul"] == pytest.approx(used["achieved_flop_per_second"] / used["matmul_flop_per_second"])
+    assert 0 < used["share_of_matmul"] < 1.5  # a fused step could beat a 2048^2 product, a counting slip would not
+    plain, penalised = (bench.step_flops("configs/default.yaml", [setting])[0]
+                         for setting in ("loss.r1_gamma=0", "loss.r1_every=1"))
+    assert plain < used["flop_per_step"] < penalised
+    assert "% of a 2048x2048 matrix product's" in result.stdout
+
+
+@pytest.mark.slow
 def test_time_to_quality_reads_each_runs_evaluations_and_records_one_that_fails(tmp_path, eval_cache):
     """A quality run cut by the time limit stops cleanly; one that cannot run is `failed` with its error, not
     'not reached' (on a GPU, a capture that fails must not read as a slow recipe)."""
@@ -98,7 +119,7 @@ def test_every_config_of_the_cuda_graph_check_is_valid(monkeypatch):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--variants", "blog,fastset"], "--variants: no variant fastset; choose from blog, project, fastest, dcgan"),
+    (["--variants", "blog,fastset"], "--variants: no variant fastset; choose from blog, project, default, fastest, dcgan"),
     (["--processes", "1,0"], "--processes 1,0: give process counts of 1 or more"),
     (["--ttq-custom", "r1=configs/seed-r1.yaml"], "--custom/--ttq-custom r1=configs/seed-r1.yaml: give NAME=CONFIG"),
 ])
