@@ -1,9 +1,9 @@
 """GPU check: `train.cuda_graph=true` trains the same weights as the eager loop.
 
-For each config (seed fp32; seed_r1.yaml, the recipe of `make train`, with deterministic kernels;
-fast.yaml bf16 without and with the lazy R1 penalty, which alternates two graphs; seed fp32
-with torch.compile, whose graph replays the compiled kernels; and conditional.yaml, whose label
-embeddings' backward must have deterministic kernels), three short runs of `python -m
+For each config (seed fp32; seed_r1.yaml with deterministic kernels; fast.yaml bf16 without and
+with the lazy R1 penalty, which alternates two graphs; seed fp32 with torch.compile, whose graph
+replays the compiled kernels; and default.yaml, the class-conditional recipe of `make train`, whose
+label embeddings' backward must have deterministic kernels), three short runs of `python -m
 train` from the same seed, side by side: eager twice (how far apart the GPU's own non-determinism
 puts two eager runs) and once as a replayed CUDA graph (the first steps run eagerly, the rest
 replay the graph). Prints the largest weight difference of each pair; the graph run passes when it
@@ -29,14 +29,14 @@ from benchmarks.bench import QUIET, run_checked  # noqa: E402
 SEED = ["--config", "configs/seed.yaml", "train.mixed_precision=fp32"]
 # With lazy R1 on every 3rd step, steps 3, 6, 9 warm the R1 step's graph up, 12 captures it, 15 and 18 replay it.
 CONFIGS = {"seed fp32": SEED,
-           "seed_r1 (make train's recipe), lazy R1 every 3rd step, deterministic": [
+           "seed_r1, lazy R1 every 3rd step, deterministic": [
                "--config", "configs/seed_r1.yaml", "loss.r1_every=3", "train.deterministic=true"],
            "fast (dcgan bf16)": ["--config", "configs/fast.yaml"],
            "fast with lazy R1 (two graphs, one with a double backward)": [
                "--config", "configs/fast.yaml", "loss.r1_gamma=1", "loss.r1_every=3"],
            "seed fp32 compiled": [*SEED, "train.compile=true"],
-           "conditional (dcgan, label embeddings), lazy R1 every 3rd step, deterministic": [
-               "--config", "configs/conditional.yaml", "loss.r1_every=3", "train.deterministic=true"]}
+           "default (make train's: conditional dcgan bf16), lazy R1 every 3rd step, deterministic": [
+               "--config", "configs/default.yaml", "loss.r1_every=3", "train.deterministic=true"]}
 RUN_TIMEOUT_S = 180  # a capture that hangs fails its config; the others are still checked
 
 

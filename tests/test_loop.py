@@ -182,3 +182,16 @@ def test_a_config_or_resume_mistake_is_reported_before_torch_is_loaded(tmp_path)
         assert result.stdout.split() == ["2", "False"], result.stderr[-2000:]
         assert message in result.stderr
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["metrics.jsonl", "used"]  # nothing written
+
+
+def test_auto_precision_takes_fp32_where_the_cpu_would_emulate_bf16(tmp_path):
+    """`train.mixed_precision=auto` (make train's): bf16 only where the kernels torch runs have it natively. A CPU
+    limited to AVX2 kernels (ATEN_CPU_CAPABILITY=avx2, as on a CPU without AVX-512) trains default.yaml's bf16
+    step 30 to 50 times slower than on AMX (docs/performance.md); config.yaml records what was chosen."""
+    run_dir = tmp_path / "run"
+    result = run_train(TINY + [f"run.dir={run_dir}", "train.mixed_precision=auto"],
+                       env=run_env(ATEN_CPU_CAPABILITY="avx2", ONEDNN_MAX_CPU_ISA="AVX2"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "  mixed_precision: fp32\n" in (run_dir / "config.yaml").read_text()
+    given = config.load("configs/smoke.yaml", ["train.mixed_precision=bf16"])
+    assert setup._precision(given, cpu=True) == "bf16"  # a value other than auto is used as given

@@ -66,7 +66,7 @@ class OptimConfig:
 @dataclass
 class TrainConfig:
     steps: int = 5000
-    mixed_precision: str | None = None  # fp32 | bf16 | fp16; null: what `accelerate launch` was told
+    mixed_precision: str | None = None  # fp32 | bf16 | fp16 | auto; null: what `accelerate launch` was told
     cpu: bool = False  # force the CPU even where a GPU is present
     compile: bool = False  # torch.compile both networks (inductor), through Accelerate
     channels_last: bool = False  # NHWC memory format for both networks and the batches
@@ -139,7 +139,7 @@ CHOICES = {
     "model.arch": ("seed", "dcgan"),
     "model.upsample": ("fused", "native"),
     "loss.kind": ("bce", "hinge"),
-    "train.mixed_precision": (None, "fp32", "bf16", "fp16"),
+    "train.mixed_precision": (None, "fp32", "bf16", "fp16", "auto"),
     "logging.wandb": ("online", "offline", "disabled"),
     "train.on_nonfinite": ("stop", "skip", "rollback"),
 }
@@ -298,13 +298,17 @@ def _leaves(tree: dict, prefix: str = ""):
             yield f"{prefix}{key}", value
 
 
+RESOLVED_AT_START = (None, "auto")  # values a run resolves for its machine; config.yaml records what it chose
+
+
 def changed_settings(saved: dict, cfg: Config) -> dict[str, tuple]:
     """{key: (the checkpoint's value, this run's)} for each setting a resumed run changes. Not changes: run.dir and
-    resume (where, not what), a null this run resolves at its start (the checkpoint holds the resolved value),
-    and a key the checkpoint's config lacks."""
+    resume (where, not what), a null or auto this run resolves at its start (the checkpoint holds the resolved
+    value), and a key the checkpoint's config lacks."""
     before = dict(_leaves(saved))
     return {key: (before[key], value) for key, value in _leaves(to_dict(cfg))
-            if key in before and before[key] != value and value is not None and key not in ("run.dir", "resume")}
+            if key in before and before[key] != value and value not in RESOLVED_AT_START
+            and key not in ("run.dir", "resume")}
 
 
 def to_yaml(cfg: Config) -> str:

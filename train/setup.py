@@ -27,6 +27,7 @@ def set_up(cfg: Config, resume_from: Path | None) -> tuple[Accelerator, Config]:
     # Without an accelerator, say so to Accelerate: processes started by `accelerate launch
     # --multi_gpu` (torchrun) then form one gloo group instead of each believing it is alone.
     cpu = cfg.train.cpu or not torch.accelerator.is_available()
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, mixed_precision=_precision(cfg, cpu)))
     if cfg.train.mixed_precision == "fp16" and cpu:
         raise ConfigError("train.mixed_precision=fp16 needs a GPU; on the CPU use bf16 or fp32")
     # cuDNN's float32 convolutions use TF32 by default; this extends it to the matrix products (the
@@ -59,6 +60,19 @@ def set_up(cfg: Config, resume_from: Path | None) -> tuple[Accelerator, Config]:
     if resume_from is not None:
         check_global_batch(resume_from, cfg.data.batch_size, accelerator.num_processes)
     return accelerator, cfg
+
+
+def _precision(cfg: Config, cpu: bool) -> str | None:
+    """`train.mixed_precision` as given, or where auto: bf16 where this device runs it natively, else fp32. A CPU
+    without AVX512-BF16 or AMX emulates bf16 at a fraction of fp32's speed (docs/performance.md)."""
+    if cfg.train.mixed_precision != "auto":
+        return cfg.train.mixed_precision
+    if not cpu:
+        return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
+    native = (torch.backends.cpu.get_cpu_capability() == "AVX512"  # the kernels torch dispatches to here
+              and any(getattr(torch.cpu, probe, lambda: False)()
+                      for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")))
+    return "bf16" if native else "fp32"
 
 
 def _cuda_graph(cfg: Config, accelerator: Accelerator) -> bool:
