@@ -9,9 +9,9 @@
   (e) dcgan    `python -m train` on configs/dcgan.yaml
 
 Prints images/s, steps/s and the ratio to (a), and writes them as JSON (--out). With (c) it also
-reports how close the step comes to the machine's limit: its floating-point operations (counted by
-torch's FlopCounterMode on the real step) per second, as a share of what a large matrix product
-reaches in the same precision, measured in the same run. `--processes 1,2` adds the scaling table
+reports how close the step comes to the machine's limit: its floating-point operations (counted on
+the real step with torch's own formulas, `CountedFlops`) per second, as a share of what a large
+matrix product reaches in the same precision, measured in the same run. `--processes 1,2` adds the scaling table
 of (b) under `accelerate launch`; `--time-to-quality` trains default.yaml and fast.yaml, and each
 `--ttq-custom` another recipe, with evaluation, and reports the training seconds until the Fréchet
 distance falls below 10x and 3x the training-set floor (3x: FD 12). No W&B, no network: data comes
@@ -157,10 +157,10 @@ def matmul_flops_per_second(device: torch.device, precision: str, repeats: int =
     return 2 * MATMUL_SIZE ** 3 * repeats / (time.perf_counter() - started)
 
 
-def utilisation(device: torch.device, throughput: dict, overrides: list[str]) -> dict:
+def utilisation(device: torch.device, throughput: dict) -> dict:
     """The default config's step: FLOP per step, FLOP/s at the measured steps/s, and their share of the matrix
     product's FLOP/s in the same precision."""
-    flops, precision = step_flops(DEFAULT_CONFIG, overrides)
+    flops, precision = step_flops(DEFAULT_CONFIG, [])
     achieved = flops * throughput["steps_per_second"]
     peak = matmul_flops_per_second(device, precision)
     return {"config": DEFAULT_CONFIG, "precision": precision, "flop_per_step": flops,
@@ -338,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:8s} {measured['images_per_second']:10.0f} images/s {measured['steps_per_second']:8.1f} "
               "steps/s" + (f" x{measured['ratio_to_blog']:.2f} vs blog" if blog else ""), flush=True)
         if name == "default":
-            report["utilisation"] = used = utilisation(device, measured, [])
+            report["utilisation"] = used = utilisation(device, measured)
             write_report()
             print(f"default  {used['achieved_flop_per_second'] / 1e9:.1f} GFLOP/s of {used['precision']} "
                   f"({used['flop_per_step'] / 1e9:.2f} GFLOP a step), {100 * used['share_of_matmul']:.1f}% of a "

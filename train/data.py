@@ -51,8 +51,7 @@ def load_labels(cfg: DataConfig, split: str = "train") -> torch.Tensor:
             raise DataError(f"Hugging Face dataset {cfg.path!r} has columns {dataset.column_names}; model.conditional="
                             "true needs a 'label' column of digits 0-9")
         column = dataset.features["label"]
-        if getattr(column, "dtype", None) not in ("int8", "int16", "int32", "int64", "uint8", "uint16", "uint32",
-                                                  "uint64"):
+        if not str(getattr(column, "dtype", "")).startswith(("int", "uint")):  # int8..uint64, and ClassLabel's
             raise DataError(f"Hugging Face dataset {cfg.path!r} has a 'label' column of {column}; model.conditional="
                             "true needs whole-number labels 0-9 (int or ClassLabel)")
         labels = torch.tensor(dataset["label"])
