@@ -119,6 +119,20 @@ def test_fused_upsample_conv_is_the_native_function_forward_and_backward(batch, 
         assert relative_error(ours, reference) < UPSAMPLE_TOLERANCE
 
 
+def test_dcgans_first_layer_is_the_transposed_convolution_it_replaces_forward_and_backward():
+    torch.manual_seed(5)
+    ours = models.LatentToMap(132, 128, 7, bias=False)
+    reference = nn.ConvTranspose2d(132, 128, 7, bias=False)
+    reference.load_state_dict(ours.state_dict())  # the same parameter, in the same layout
+    z = torch.randn(6, 132, requires_grad=True)
+    upstream = torch.randn(6, 128, 7, 7)
+    mine, theirs = ours(z), reference(z[:, :, None, None])
+    assert relative_error(mine, theirs) < UPSAMPLE_TOLERANCE
+    for a, b in zip(torch.autograd.grad(mine, (z, ours.weight), upstream),
+                    torch.autograd.grad(theirs, (z, reference.weight), upstream)):
+        assert relative_error(a, b) < UPSAMPLE_TOLERANCE
+
+
 def test_both_seed_generators_compute_the_same_function_from_the_same_weights():
     torch.manual_seed(4)
     fused, native = models.build("seed", 100, "fused")[0], models.build("seed", 100, "native")[0]

@@ -153,6 +153,15 @@ class SeedDiscriminator(nn.Module):
         return logits if self.projection is None else logits + self.projection(features, labels)
 
 
+class LatentToMap(nn.ConvTranspose2d):
+    """DCGAN's first layer, a transposed convolution of a 1x1 input to a k x k map, computed as the matrix
+    product it is: oneDNN's deconvolution takes about ten times as long for it on a CPU (docs/performance.md).
+    The weight keeps ConvTranspose2d's layout, so checkpoints and exports read the same."""
+
+    def forward(self, z: Tensor) -> Tensor:
+        return (z.flatten(1) @ self.weight.flatten(1)).view(len(z), self.out_channels, *self.kernel_size)
+
+
 class DCGANGenerator(nn.Module):
     """DCGAN (Radford et al. 2016) sized for 28x28: transposed convolutions with BN+ReLU."""
 
@@ -160,8 +169,7 @@ class DCGANGenerator(nn.Module):
         super().__init__()
         self.z_dim, self.num_classes = z_dim, num_classes
         self.net = nn.Sequential(
-            nn.ConvTranspose2d(z_dim + (LABEL_EMBEDDING_DIM if num_classes else 0), 2 * width, 7, 1, 0,
-                               bias=False),  # 7x7
+            LatentToMap(z_dim + (LABEL_EMBEDDING_DIM if num_classes else 0), 2 * width, 7, bias=False),  # 7x7
             nn.BatchNorm2d(2 * width),
             nn.ReLU(),
             nn.ConvTranspose2d(2 * width, width, 4, 2, 1, bias=False),  # 14x14
@@ -175,7 +183,7 @@ class DCGANGenerator(nn.Module):
     def forward(self, z: Tensor, labels: Tensor | None = None) -> Tensor:
         if self.label is not None:
             z = self.label(z, labels)
-        return self.net(z[:, :, None, None])
+        return self.net(z)
 
 
 class DCGANDiscriminator(nn.Module):
