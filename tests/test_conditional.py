@@ -85,8 +85,13 @@ def test_resuming_a_conditional_checkpoint_unconditionally_is_refused_before_any
     assert snapshot_files(run_dir) == before
 
 
-def test_a_label_that_is_not_a_digit_is_refused_before_any_work(conditional_run, tmp_path, tool_here):
-    result = tool_here("sample", "--checkpoint", conditional_run, "--label", 10, "--out", tmp_path / "x.png")
+@pytest.mark.parametrize("label, message", [
+    ("10", "error: --label 10: the generator of {run} draws classes 0-9; give one of those"),
+    ("seven", "error: argument --label: 'seven' is not a class number (0, 1, ...; for MNIST the digit)"),
+])
+def test_a_label_the_generator_does_not_draw_is_refused_before_any_output(conditional_run, tmp_path, tool_here,
+                                                                           label, message):
+    result = tool_here("sample", "--checkpoint", conditional_run, "--label", label, "--out", tmp_path / "x.png")
     assert result.returncode == 2
-    assert "error: argument --label: '10' is not a digit; give one of 0-9" in result.stderr
+    assert message.format(run=conditional_run) in result.stderr
     assert list(tmp_path.iterdir()) == []

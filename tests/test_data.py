@@ -9,7 +9,8 @@ import torch
 
 from conftest import write_idx_images, write_idx_labels
 from train.config import DataConfig
-from train.data import DataPosition, ShardedBatches, load_images, load_labels, read_idx_images
+from train.data import DataPosition, ShardedBatches, load, read_idx_images
+from train.images import MNIST, MNIST_DATASET, ImageSpec
 from train.errors import DataError
 
 CPU = torch.device("cpu")
@@ -92,16 +93,16 @@ def test_a_malformed_checksum_listing_is_named(tmp_path, mnist_dir, listing, mes
         read_idx_images(folder, "train")
 
 
-def test_images_of_another_size_or_a_labels_file_are_refused_before_training(tmp_path, mnist_dir):
-    """A folder of 32x32 images once trained DCGAN on them; MNIST's labels given as images ended in a traceback."""
+def test_images_say_their_size_and_a_labels_file_is_refused_before_training(tmp_path, mnist_dir):
+    """The data describes itself (the networks are built for it); MNIST's labels given as images are named."""
     write_idx_images(tmp_path, "train", torch.zeros(64, 32, 32, dtype=torch.uint8))
-    with pytest.raises(DataError, match=r"gave torch.uint8 data of shape \(64, 32, 32\); the networks need grey "
-                                        r"images of 28x28 pixels"):
-        load_images(DataConfig(path=str(tmp_path)))
+    spec = load(DataConfig(path=str(tmp_path))).spec
+    assert (spec.shape, spec.num_classes, spec.dataset.startswith("sha256:")) == ((1, 32, 32), 10, True)
     shutil.copy(mnist_dir / "train-labels-idx1-ubyte.gz", tmp_path / "train-images-idx3-ubyte.gz")
     (tmp_path / "train-images-idx3-ubyte").unlink()
-    with pytest.raises(DataError, match=r"shape \(60000,\); the networks need .* not its labels"):
-        load_images(DataConfig(path=str(tmp_path)))
+    with pytest.raises(DataError, match=r"shape \(60000, 1\) .*the networks need uint8 grey or RGB images .*not its "
+                                        "labels"):
+        load(DataConfig(path=str(tmp_path)))
 
 
 def test_hf_datasets_source_reads_a_local_parquet_dataset(tmp_path, mnist_train):
@@ -112,8 +113,9 @@ def test_hf_datasets_source_reads_a_local_parquet_dataset(tmp_path, mnist_train)
     records = {"image": [Image.fromarray(image) for image in subset], "label": list(range(300))}
     features = datasets.Features({"image": datasets.Image(), "label": datasets.Value("int64")})
     datasets.Dataset.from_dict(records, features=features).to_parquet(str(tmp_path / "train.parquet"))
-    images = load_images(DataConfig(source="hf", path=str(tmp_path)))
-    assert torch.equal(images, torch.from_numpy(subset))
+    loaded = load(DataConfig(source="hf", path=str(tmp_path)), labelled=True)
+    assert torch.equal(loaded.images, torch.from_numpy(subset)[:, None]) and torch.equal(loaded.labels, torch.arange(300))
+    assert loaded.spec == ImageSpec(1, 28, 28, 300, MNIST_DATASET)  # MNIST's images; classes up to the largest label
 
 
 def test_an_hf_image_column_without_images_or_string_labels_are_named(tmp_path):
@@ -122,15 +124,19 @@ def test_an_hf_image_column_without_images_or_string_labels_are_named(tmp_path):
     import datasets
     datasets.Dataset.from_dict({"image": list(range(8)), "label": ["seven"] * 8}).to_parquet(str(tmp_path / "t.parquet"))
     with pytest.raises(DataError, match="has an 'image' column of Value\\('int64'.*not of images"):
-        load_images(DataConfig(source="hf", path=str(tmp_path)))
-    with pytest.raises(DataError, match="has a 'label' column of Value\\('string'.*needs whole-number labels 0-9"):
-        load_labels(DataConfig(source="hf", path=str(tmp_path)))
+        load(DataConfig(source="hf", path=str(tmp_path)))
+    from PIL import Image
+    pictures = [Image.fromarray(np.zeros((28, 28), np.uint8))] * 8
+    datasets.Dataset.from_dict({"image": pictures, "label": ["seven"] * 8}).to_parquet(str(tmp_path / "t.parquet"))
+    assert load(DataConfig(source="hf", path=str(tmp_path))).spec.num_classes == 0  # unconditional: no classes
+    with pytest.raises(DataError, match="has a 'label' column of Value\\('string'.*class labels are whole numbers"):
+        load(DataConfig(source="hf", path=str(tmp_path)), labelled=True)
 
 
 def test_hf_hub_id_without_network_says_how_to_use_local_files():
     pytest.importorskip("datasets")
     with pytest.raises(DataError, match="could not load Hugging Face dataset 'ylecun/mnist'.*local folder or parquet"):
-        load_images(DataConfig(source="hf", path="ylecun/mnist"))
+        load(DataConfig(source="hf", path="ylecun/mnist"))
 
 
 def test_torchvision_source_reads_files_already_in_place(tmp_path, mnist_dir, mnist_train):
@@ -138,13 +144,13 @@ def test_torchvision_source_reads_files_already_in_place(tmp_path, mnist_dir, mn
     raw.mkdir(parents=True)
     for path in mnist_dir.glob("*.gz"):
         (raw / path.stem).write_bytes(gzip.decompress(path.read_bytes()))
-    images = load_images(DataConfig(source="torchvision", path=str(tmp_path)))
-    assert torch.equal(images, mnist_train)
+    loaded = load(DataConfig(source="torchvision", path=str(tmp_path)))
+    assert torch.equal(loaded.images, mnist_train[:, None]) and loaded.spec == MNIST
 
 
 def deal(num_images, batch_size, world_size, seed=0, epochs=2):
     """Every rank's batches, as index lists, for `epochs` epochs."""
-    images = torch.arange(num_images).view(num_images, 1, 1).to(torch.uint8)  # index encoded in the pixel
+    images = torch.arange(num_images).view(num_images, 1, 1, 1).to(torch.uint8)  # index encoded in the pixel
     ranks = [ShardedBatches(images, batch_size, rank, world_size, seed, CPU) for rank in range(world_size)]
     steps = ranks[0].steps_per_epoch * epochs
     return [[(r.next()[0].flatten() * 255).round().long().tolist() for _ in range(steps)] for r in ranks], ranks[0]
@@ -182,7 +188,7 @@ def test_global_batches_do_not_depend_on_the_number_of_processes():
 
 
 def test_position_resumes_mid_epoch_exactly():
-    images = torch.arange(96).view(96, 1, 1).to(torch.uint8)
+    images = torch.arange(96).view(96, 1, 1, 1).to(torch.uint8)
     straight = ShardedBatches(images, 4, 1, 2, 5, CPU)
     expected = [straight.next()[0] for _ in range(20)]
     first = ShardedBatches(images, 4, 1, 2, 5, CPU)
@@ -194,7 +200,7 @@ def test_position_resumes_mid_epoch_exactly():
 
 def test_each_rank_gets_the_labels_of_its_own_images():
     """Image i is filled with the value i and has label 7i mod 10: every label must arrive with its image."""
-    images = torch.arange(200, dtype=torch.uint8).view(200, 1, 1).expand(200, 28, 28).contiguous()
+    images = torch.arange(200, dtype=torch.uint8).view(200, 1, 1, 1).expand(200, 1, 28, 28).contiguous()
     labels = torch.arange(200) * 7 % 10
     ranks = [ShardedBatches(images, 8, rank, 2, 3, CPU, labels=labels) for rank in range(2)]
     first_epoch = []
@@ -208,20 +214,21 @@ def test_each_rank_gets_the_labels_of_its_own_images():
 
 
 def test_labels_that_are_not_digits_or_not_one_per_image_are_refused(tmp_path):
+    write_idx_images(tmp_path, "train", torch.zeros(3, 28, 28, dtype=torch.uint8))
     write_idx_labels(tmp_path, "train", torch.tensor([3, 12, 5], dtype=torch.uint8))
     with pytest.raises(DataError, match=r"labels of shape \(3,\) from 3 to 12; model.conditional=true needs one "
-                                        r"digit label \(0-9\) per image"):
-        load_labels(DataConfig(path=str(tmp_path)))
+                                        r"class label \(0-9\) per image"):
+        load(DataConfig(path=str(tmp_path)), labelled=True)
     with pytest.raises(DataError, match="the data set has 96 images but 95 labels"):
-        ShardedBatches(torch.zeros(96, 28, 28, dtype=torch.uint8), 8, 0, 1, 0, CPU, labels=torch.zeros(95))
+        ShardedBatches(torch.zeros(96, 1, 28, 28, dtype=torch.uint8), 8, 0, 1, 0, CPU, labels=torch.zeros(95))
 
 
 def test_more_processes_than_samples_is_refused():
     with pytest.raises(DataError, match="fewer than one global batch of 64 .*data.batch_size=8 x 8 processes"):
-        ShardedBatches(torch.zeros(50, 28, 28, dtype=torch.uint8), 8, 0, 8, 0, CPU)
+        ShardedBatches(torch.zeros(50, 1, 28, 28, dtype=torch.uint8), 8, 0, 8, 0, CPU)
 
 
 def test_batches_are_float_images_in_unit_range(mnist_train):
-    batch, _ = ShardedBatches(mnist_train, 16, 0, 1, 0, CPU).next()
+    batch, _ = ShardedBatches(mnist_train[:, None], 16, 0, 1, 0, CPU).next()
     assert batch.shape == (16, 1, 28, 28) and batch.dtype == torch.float32
     assert batch.min() >= 0 and batch.max() <= 1 and np.isclose(batch.max().item(), 1.0)

@@ -6,6 +6,8 @@ from torch import nn
 
 from helpers.blog_reference import Discriminator as BlogDiscriminator, Generator as BlogGenerator, blog_losses
 from train import losses, models
+from train.errors import DataError
+from train.images import ImageSpec
 
 LOSS_TOLERANCE = 1e-5  # float32 BCE on probabilities vs softplus on logits
 UPSAMPLE_TOLERANCE = 1e-5  # float32, relative to the reference's norm: the same sums, in another order
@@ -102,6 +104,37 @@ def test_dcgan_shapes():
     assert images.shape == (3, 1, 28, 28)
     assert images.min() >= 0 and images.max() <= 1
     assert discriminator(images).shape == (3,)
+
+
+@pytest.mark.parametrize("channels, size", [(1, 28), (3, 32), (3, 64), (1, 48)])
+def test_dcgan_is_built_for_the_datas_size_channels_and_classes(channels, size):
+    images = ImageSpec(channels, size, size, 4, "sha256:test")
+    generator, discriminator = models.build("dcgan", z_dim=16, conditional=True, images=images)
+    labels = torch.tensor([0, 3, 1])
+    drawn = generator(torch.randn(3, 16), labels)
+    assert drawn.shape == (3, channels, size, size) and generator.images == images and generator.num_classes == 4
+    assert discriminator(drawn, labels).shape == (3,)
+
+
+def test_mnists_dcgan_keeps_its_parameter_names_and_shapes():
+    """Checkpoints and exports written before the networks were built from the data load into today's."""
+    shapes = {name: tuple(p.shape) for name, p in models.build_generator("dcgan", 100).state_dict().items()}
+    assert shapes == {"net.0.weight": (100, 128, 7, 7), "net.1.weight": (128,), "net.1.bias": (128,),
+                      "net.1.running_mean": (128,), "net.1.running_var": (128,), "net.1.num_batches_tracked": (),
+                      "net.3.weight": (128, 64, 4, 4), "net.4.weight": (64,), "net.4.bias": (64,),
+                      "net.4.running_mean": (64,), "net.4.running_var": (64,), "net.4.num_batches_tracked": (),
+                      "net.6.weight": (64, 1, 4, 4), "net.6.bias": (1,)}
+
+
+@pytest.mark.parametrize("arch, images, message", [
+    ("dcgan", ImageSpec(1, 30, 30, 0, "x"), "square images of a size that halves to at most 8 .* these are 30x30"),
+    ("dcgan", ImageSpec(3, 32, 64, 0, "x"), "these are 32x64"),
+    ("seed", ImageSpec(3, 32, 32, 0, "x"), "model.arch=seed .* draws 1x28x28 images; these are 3x32x32: use "
+                                          "model.arch=dcgan"),
+])
+def test_networks_that_cannot_draw_the_data_are_refused_by_name(arch, images, message):
+    with pytest.raises(DataError, match=message):
+        models.build(arch, 100, images=images)
 
 
 @pytest.mark.parametrize("batch, channels_in, channels_out, size", [(2, 256, 128, 7), (3, 128, 64, 14), (1, 3, 2, 5)])

@@ -37,6 +37,7 @@ from torch import nn
 from train.data import DataPosition
 from train.files import fsync, write_atomically, write_file
 from train.errors import CheckpointError
+from train.images import ImageSpec, recorded
 from train.manifest import (BEST, LATEST, STATE, checkpoint_name, checkpoints_dir, mark_best, prune, read_state,
                             stop_on_write_failure, verify, write_manifest)
 
@@ -178,6 +179,15 @@ def _write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
 
 
 # ---------------------------------------------------------------------------------------- loading
+
+
+def check_images(path: Path, images: ImageSpec) -> None:
+    """A checkpoint resumes only on the images it was trained on (its networks are made for their shape, and its
+    quality numbers are measured against their test set)."""
+    saved = recorded(read_state(path))
+    if saved != images:
+        raise CheckpointError(f"checkpoint {path} was trained on {saved.describe()}; this data is {images.describe()}: "
+                              "resume with the data it was trained on (data.*), or start a new run.dir")
 
 
 def restore(path: Path, snapshot: Snapshot, rank: int, world_size: int) -> bool:

@@ -17,10 +17,12 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from train.data import read_idx_images, read_idx_labels
+from train.images import MNIST
 
 WEIGHTS = Path(__file__).resolve().parent / "assets" / "mnist_classifier.safetensors"
 WEIGHTS_SHA256 = "dcae5711397f827fdeaae79fcf73c7433363aab82b61a4559c5e2428755c28e3"
 FEATURE_DIM = 128
+IMAGES = MNIST  # what it was trained on, and so the only images its features describe
 
 
 class MnistClassifier(nn.Module):
@@ -29,14 +31,14 @@ class MnistClassifier(nn.Module):
     def __init__(self):
         super().__init__()
         self.features = nn.Sequential(
-            nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(IMAGES.channels, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
             nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Flatten(), nn.Linear(64 * 7 * 7, FEATURE_DIM), nn.ReLU(),
+            nn.Flatten(), nn.Linear(64 * (IMAGES.height // 4) * (IMAGES.width // 4), FEATURE_DIM), nn.ReLU(),
         )
-        self.head = nn.Linear(FEATURE_DIM, 10)
+        self.head = nn.Linear(FEATURE_DIM, IMAGES.num_classes)
 
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
-        """(penultimate features, class logits) for float images [N, 1, 28, 28] in [0, 1]."""
+        """(penultimate features, class logits) for float images [N, 1, 28, 28] (IMAGES) in [0, 1]."""
         features = self.features(images)
         return features, self.head(features)
 

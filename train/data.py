@@ -1,6 +1,6 @@
-"""MNIST-like data: reading it (IDX files, Hugging Face `datasets`, torchvision) and dealing it to ranks.
+"""Image data: reading it (IDX files, Hugging Face `datasets`, torchvision) and dealing it to ranks.
 
-Every source ends as one uint8 tensor [N, 28, 28] (and, for class-conditional training, int64
+Every source ends as one uint8 tensor [N, C, H, W] (and, for class-conditional training, int64
 labels [N]). Training keeps them on the device and draws batches by indexing them with an epoch
 permutation, so a step costs no host-to-device copy.
 """
@@ -17,56 +17,81 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from train.config import DataConfig
+from train.config import SHIPPED_MNIST, DataConfig
 from train.errors import DataError
+from train.images import MNIST, MNIST_DATASET, ImageSpec
 
 IDX_MAGIC = {2049: 1, 2051: 3}  # labels: 1 dimension, images: 3 dimensions
 IDX_FILES = {"train": "train-images-idx3-ubyte", "test": "t10k-images-idx3-ubyte"}
 CHECKSUM_FILE = "SHA256SUMS"
-IMAGE_SHAPE = (28, 28)
+IDX_CLASSES = 10  # every data set of the MNIST family (MNIST, Fashion-MNIST, KMNIST) has ten
 
 
-def load_images(cfg: DataConfig, split: str = "train") -> torch.Tensor:
-    """The images of `split` as a uint8 tensor [N, 28, 28] on the CPU."""
+@dataclass
+class ImageSet:
+    """A split of the data as the run uses it: the images, their labels (when asked for) and their description."""
+
+    images: torch.Tensor  # uint8 [N, C, H, W]
+    labels: torch.Tensor | None  # int64 [N] in 0..spec.num_classes - 1; None where not asked for
+    spec: ImageSpec
+
+
+def load(cfg: DataConfig, split: str = "train", labelled: bool = False) -> ImageSet:
+    """`split` of the configured source, on the CPU, described by the source; with its labels where `labelled`
+    (class-conditional training), which the source must then have."""
     if cfg.source == "idx":
-        images = read_idx_images(Path(cfg.path), split)
-    elif cfg.source == "hf":
-        images = _hf_images(cfg.path, cfg.split if split == "train" else split)
-    else:
-        images = _torchvision_images(cfg.path, cfg.torchvision_name, train=split == "train")
-    if images.dtype != torch.uint8 or images.shape[1:] != IMAGE_SHAPE or images.dim() != 3:
-        raise DataError(f"data.source={cfg.source} data.path={cfg.path!r} gave {images.dtype} data of shape "
-                        f"{tuple(images.shape)}; the networks need grey images of {IMAGE_SHAPE[0]}x{IMAGE_SHAPE[1]} "
-                        "pixels (uint8 [N, 28, 28], e.g. MNIST's train-images file, not its labels)")
-    return images
-
-
-def load_labels(cfg: DataConfig, split: str = "train") -> torch.Tensor:
-    """The digit labels of `split`, int64 [N] in 0-9 (for class-conditional training)."""
-    if cfg.source == "idx":
-        labels = read_idx_labels(Path(cfg.path), split)
+        images, num_classes = read_idx_images(Path(cfg.path), split)[:, None], IDX_CLASSES
     elif cfg.source == "hf":
         dataset = _hf_dataset(cfg.path, cfg.split if split == "train" else split)
-        if "label" not in dataset.column_names:
-            raise DataError(f"Hugging Face dataset {cfg.path!r} has columns {dataset.column_names}; model.conditional="
-                            "true needs a 'label' column of digits 0-9")
-        column = dataset.features["label"]
-        if not str(getattr(column, "dtype", "")).startswith(("int", "uint")):  # int8..uint64, and ClassLabel's
-            raise DataError(f"Hugging Face dataset {cfg.path!r} has a 'label' column of {column}; model.conditional="
-                            "true needs whole-number labels 0-9 (int or ClassLabel)")
-        labels = torch.tensor(dataset["label"])
+        images, num_classes = _hf_images(cfg.path, dataset), _hf_num_classes(cfg.path, dataset, labelled)
     else:
-        labels = _torchvision_dataset(cfg.path, cfg.torchvision_name, train=split == "train").targets
-    labels = torch.as_tensor(labels).long()
-    if labels.dim() != 1 or len(labels) and not 0 <= int(labels.min()) <= int(labels.max()) <= 9:
-        raise DataError(f"data.source={cfg.source} data.path={cfg.path!r} gave labels of shape {tuple(labels.shape)}"
-                        f"{f' from {int(labels.min())} to {int(labels.max())}' if labels.numel() else ''}; "
-                        "model.conditional=true needs one digit label (0-9) per image")
-    return labels
+        dataset = _torchvision_dataset(cfg.path, cfg.torchvision_name, train=split == "train")
+        images, num_classes = _torchvision_images(dataset), len(getattr(dataset, "classes", ()))
+    if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] not in (1, 3):
+        raise DataError(f"data.source={cfg.source} data.path={cfg.path!r} gave {images.dtype} data of shape "
+                        f"{tuple(images.shape)} (as [N, channels, height, width]); the networks need uint8 grey or "
+                        "RGB images (e.g. MNIST's train-images file, not its labels)")
+    labels = None
+    if labelled:
+        if not num_classes:
+            raise DataError(f"data.source={cfg.source} data.path={cfg.path!r} has no labels; model.conditional=true "
+                            "needs a class label per image (or set model.conditional=false)")
+        labels = _labels(cfg, split, dataset if cfg.source != "idx" else None)
+        if labels.dim() != 1 or len(labels) and not 0 <= int(labels.min()) <= int(labels.max()) < num_classes:
+            raise DataError(f"data.source={cfg.source} data.path={cfg.path!r} gave labels of shape "
+                            f"{tuple(labels.shape)}{f' from {int(labels.min())} to {int(labels.max())}' if labels.numel() else ''}; "
+                            f"model.conditional=true needs one class label (0-{num_classes - 1}) per image")
+    return ImageSet(images, labels, ImageSpec(images.shape[1], images.shape[2], images.shape[3], num_classes,
+                                              identify(images)))
+
+
+def identify(images: torch.Tensor) -> str:
+    """The data set `images` [N, C, H, W] are: "mnist" where each is one of MNIST's training images (the shipped
+    files' content, whatever the source), so that MNIST's feature network and test set describe them; else their
+    content hash."""
+    if images.shape[1:] == MNIST.shape and _all_in_mnist(images):
+        return MNIST_DATASET
+    return "sha256:" + hashlib.sha256(images.contiguous().numpy().tobytes()).hexdigest()
+
+
+def _all_in_mnist(images: torch.Tensor) -> bool:
+    mnist = read_idx_images(SHIPPED_MNIST, "train")
+    if len(images) == len(mnist) and torch.equal(images[:, 0], mnist):
+        return True  # the shipped files themselves: no need to look each image up
+    known = {image.tobytes() for image in mnist.numpy()}
+    return all(image.tobytes() in known for image in images.numpy())
+
+
+def _labels(cfg: DataConfig, split: str, dataset) -> torch.Tensor:
+    if cfg.source == "idx":
+        return read_idx_labels(Path(cfg.path), split).long()
+    if cfg.source == "hf":
+        return torch.tensor(dataset["label"]).long()
+    return torch.as_tensor(dataset.targets).long()
 
 
 def read_idx_images(folder: Path, split: str) -> torch.Tensor:
-    """uint8 images [N, 28, 28] of `split` (train or test) from an IDX folder."""
+    """uint8 images [N, H, W] of `split` (train or test) from an IDX folder (the MNIST family: 28x28)."""
     return _read_idx(folder, IDX_FILES[split])
 
 
@@ -145,17 +170,41 @@ def read_checksums(sums_file: Path) -> dict[str, str]:
     return checksums
 
 
-def _hf_images(source: str, split: str) -> torch.Tensor:
-    """A `datasets` dataset with an `image` column: hub id, local folder, or parquet file(s)."""
-    dataset = _hf_dataset(source, split)
+def _hf_images(source: str, dataset) -> torch.Tensor:
+    """The `image` column as uint8 [N, C, H, W]: grey where every picture is grey (mode L), else RGB."""
     if "image" not in dataset.column_names:
         raise DataError(f"Hugging Face dataset {source!r} has columns {dataset.column_names}; it needs an 'image' column")
     import datasets
     if not isinstance(dataset.features["image"], datasets.Image):
         raise DataError(f"Hugging Face dataset {source!r} has an 'image' column of {dataset.features['image']}, not "
                         "of images (datasets.Image): give the pictures themselves in that column")
-    images = np.stack([np.asarray(image.convert("L"), dtype=np.uint8) for image in dataset["image"]])
-    return torch.from_numpy(images)
+    pictures = dataset["image"]
+    mode = "L" if all(picture.mode == "L" for picture in pictures) else "RGB"
+    sizes = {picture.size for picture in pictures}
+    if len(sizes) > 1:
+        shown = ", ".join(f"{w}x{h}" for w, h in sorted(sizes)[:3])
+        raise DataError(f"Hugging Face dataset {source!r} has images of {len(sizes)} sizes ({shown}, ...); give "
+                        "images of one size")
+    images = np.stack([np.asarray(picture.convert(mode), dtype=np.uint8) for picture in pictures])
+    return torch.from_numpy(images[:, None] if mode == "L" else images.transpose(0, 3, 1, 2).copy())
+
+
+def _hf_num_classes(source: str, dataset, labelled: bool) -> int:
+    """The classes of the `label` column: a ClassLabel's names, else the largest whole-number label + 1; 0 without
+    a `label` column, or where the run reads no labels and the column holds no class numbers."""
+    if "label" not in dataset.column_names:
+        return 0
+    import datasets
+    column = dataset.features["label"]
+    if isinstance(column, datasets.ClassLabel):
+        return column.num_classes
+    if not str(getattr(column, "dtype", "")).startswith(("int", "uint")):  # int8..uint64
+        if not labelled:
+            return 0
+        raise DataError(f"Hugging Face dataset {source!r} has a 'label' column of {column}; class labels are whole "
+                        "numbers from 0 (int or ClassLabel)")
+    labels = dataset["label"]
+    return max(labels) + 1 if labels else 0
 
 
 def _hf_dataset(source: str, split: str):
@@ -181,8 +230,10 @@ def _hf_dataset(source: str, split: str):
     return dataset
 
 
-def _torchvision_images(root: str, name: str, train: bool) -> torch.Tensor:
-    return _torchvision_dataset(root, name, train).data.to(torch.uint8)
+def _torchvision_images(dataset) -> torch.Tensor:
+    """A VisionDataset's `data` as uint8 [N, C, H, W]: [N, H, W] (the MNIST family) or [N, H, W, 3] (CIFAR)."""
+    images = torch.as_tensor(dataset.data)
+    return images[:, None] if images.dim() == 3 else images.permute(0, 3, 1, 2).contiguous()
 
 
 def _torchvision_dataset(root: str, name: str, train: bool):
@@ -257,15 +308,15 @@ class ShardedBatches:
 
     def empty_batch(self) -> torch.Tensor:
         """An uninitialised tensor shaped and laid out like the batches `next` returns."""
-        return torch.empty(self.batch_size, 1, *self.images.shape[1:], device=self.images.device,
+        return torch.empty(self.batch_size, *self.images.shape[1:], device=self.images.device,
                            memory_format=self.memory_format)
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """This rank's next batch as float [B, 1, 28, 28] in [0, 1], and its labels [B] (None without labels)."""
+        """This rank's next batch as float [B, C, H, W] in [0, 1], and its labels [B] (None without labels)."""
         if self.position.step_in_epoch == self.steps_per_epoch:
             self.position.epoch, self.position.step_in_epoch = self.position.epoch + 1, 0
             self.epoch_indices = self._indices_for(self.position.epoch)
         indices = self.epoch_indices[self.position.step_in_epoch]
         self.position.step_in_epoch += 1
-        images = self.images[indices].unsqueeze(1).float().div_(255).contiguous(memory_format=self.memory_format)
+        images = self.images[indices].float().div_(255).contiguous(memory_format=self.memory_format)
         return images, self.labels[indices] if self.labels is not None else None

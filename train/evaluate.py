@@ -18,17 +18,17 @@ from pathlib import Path
 import torch
 
 from train.classifier import FEATURE_DIM
+from train.classifier import IMAGES
 from train.config import MIN_EVAL_SAMPLES, SHIPPED_MNIST, EvalConfig
-from train.data import IMAGE_SHAPE
-from train.errors import EXIT_BAD_INPUT, CheckpointError
+from train.errors import EXIT_BAD_INPUT, CheckpointError, DataError
 from train.export import load_generator
 from train.metrics import DISTANCE_CHUNK, Evaluator, to_uint8
-from train.models import NUM_CLASSES, balanced_labels
+from train.models import balanced_labels
 from train.sample import available_device, check_fits_in_memory, generate, seed
 
 # Memory per scored sample: its image in float32 and uint8, its features and class probabilities, and its column
 # of the neighbour-distance blocks (DISTANCE_CHUNK rows of float32, and as much for their ordering).
-BYTES_PER_SAMPLE = (4 + 1) * math.prod(IMAGE_SHAPE) + 4 * (FEATURE_DIM + NUM_CLASSES) + 2 * 4 * DISTANCE_CHUNK
+BYTES_PER_SAMPLE = (4 + 1) * math.prod(IMAGES.shape) + 4 * (FEATURE_DIM + IMAGES.num_classes) + 2 * 4 * DISTANCE_CHUNK
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,12 +51,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.bootstrap < 0 or 0 < args.bootstrap < 20:
         parser.error("--bootstrap needs at least 20 resamples (1000 for a stable 95% interval), or 0 for none")
     check_fits_in_memory(parser, args.num, BYTES_PER_SAMPLE)
-    try:  # before the test set's features: a wrong path costs no work
+    try:  # before the test set's features: a wrong path, or a generator of other data, costs no work
         generator = load_generator(args.checkpoint, args.device, use_ema=not args.no_ema) if args.checkpoint else None
-    except CheckpointError as error:
+        evaluator = (Evaluator.for_images(generator.images, Path(args.cache_dir), args.device) if generator else
+                     Evaluator(SHIPPED_MNIST, Path(args.cache_dir), args.device))
+    except (CheckpointError, DataError) as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    evaluator = Evaluator(SHIPPED_MNIST, Path(args.cache_dir), args.device)
     report = {"num_samples": args.num, "seed": args.seed}
     if generator is not None:
         report["checkpoint"] = args.checkpoint

@@ -1,8 +1,8 @@
 """`python -m train.export --checkpoint <checkpoint or run dir> --out <dir>`: the generator alone.
 
 An exported generator is a folder of two files: `generator.safetensors` (the EMA generator unless
---no-ema) and `generator.json` (architecture, z_dim, whether it is conditional, which weights, step, source
-checkpoint, SHA-256 of the weights): everything needed to build and load the generator without the training
+--no-ema) and `generator.json` (architecture, z_dim, whether it is conditional, the images it draws, which weights,
+step, source checkpoint, SHA-256 of the weights): everything needed to build and load the generator without the training
 state. `load_generator` reads it, or the generator of a checkpoint or a run directory.
 """
 
@@ -16,18 +16,18 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from train import models
+from train import images, models
 from train.checkpoint import load_network, tensor_shapes
 from train.config import CHOICES
-from train.errors import EXIT_BAD_INPUT, EXIT_WRITE_FAILED, CheckpointError
+from train.errors import EXIT_BAD_INPUT, EXIT_WRITE_FAILED, CheckpointError, DataError
 from train.files import write_atomically
 from train.manifest import checked_json, read_state, resolve, sha256
 
 WEIGHTS = "generator.safetensors"
 DESCRIPTION = "generator.json"
 # What `load_generator` reads from generator.json (a description without "conditional" is of an unconditional one).
-DESCRIPTION_SCHEMA = {"arch": str, "z_dim": int, "conditional?": bool, "weights": str, "step": int, "source": str,
-                      "sha256": str}
+DESCRIPTION_SCHEMA = {"arch": str, "z_dim": int, "conditional?": bool, "images?": images.SCHEMA, "weights": str,
+                      "step": int, "source": str, "sha256": str}
 
 
 def export_generator(path: Path, out: Path, use_ema: bool = True) -> Path:
@@ -49,7 +49,7 @@ def export_generator(path: Path, out: Path, use_ema: bool = True) -> Path:
         model = state["config"]["model"]
         write_atomically(out / DESCRIPTION, json.dumps({
             "arch": model["arch"], "z_dim": model["z_dim"], "conditional": model.get("conditional", False),
-            "weights": name,
+            "images": images.recorded(state).as_dict(), "weights": name,
             "step": state["progress"]["step"], "source": str(source.resolve()), "sha256": sha256(out / WEIGHTS),
         }, indent=1))
     except OSError:  # a full disk: take back what this call wrote, or the retry would be refused as an overwrite
@@ -67,24 +67,30 @@ def load_generator(path: Path, device: str = "cpu", use_ema: bool = True) -> nn.
         if sha256(path / WEIGHTS) != description["sha256"]:
             raise CheckpointError(f"{path / WEIGHTS} is damaged: its SHA-256 does not match {DESCRIPTION}")
         model, folder, name, described_in = description, path, WEIGHTS.removesuffix(".safetensors"), DESCRIPTION
+        drawn = images.recorded(description)
     else:
         folder = resolve(path)  # verified: state.json follows its schema
-        model, name, described_in = read_state(folder)["config"]["model"], _generator_name(use_ema), "state.json"
-    network = _build_to_fit(model, folder / f"{name}.safetensors", folder / described_in).to(device)
+        state = read_state(folder)
+        model, name, described_in = state["config"]["model"], _generator_name(use_ema), "state.json"
+        drawn = images.recorded(state)
+    network = _build_to_fit(model, drawn, folder / f"{name}.safetensors", folder / described_in).to(device)
     load_network(folder, name, network)
     return network.eval()
 
 
-def _build_to_fit(model: dict, weights: Path, described_in: Path) -> nn.Module:
-    """The generator `model` describes, built once its shapes are known to match the tensors in `weights`: they are
-    compared on a network without memory (the meta device), so an edited description (an unknown arch, an absurd
-    z_dim) is refused by name instead of being allocated."""
+def _build_to_fit(model: dict, drawn: images.ImageSpec, weights: Path, described_in: Path) -> nn.Module:
+    """The generator `model` describes, drawing `drawn`, built once its shapes are known to match the tensors in
+    `weights`: they are compared on a network without memory (the meta device), so an edited description (an unknown
+    arch, an absurd z_dim, a size no network has) is refused by name instead of being allocated."""
     arch, z_dim, conditional = model["arch"], model["z_dim"], model.get("conditional", False)
     if arch not in CHOICES["model.arch"]:
         raise CheckpointError(f"{described_in} names the architecture {arch!r}; this code builds "
                               f"{', '.join(CHOICES['model.arch'])}")
-    with torch.device("meta"):
-        skeleton = models.build_generator(arch, z_dim, conditional=conditional)
+    try:
+        with torch.device("meta"):
+            skeleton = models.build_generator(arch, z_dim, conditional=conditional, images=drawn)
+    except DataError as error:
+        raise CheckpointError(f"{described_in} describes a generator this code cannot build: {error}") from None
     needed = {key: tuple(value.shape) for key, value in skeleton.state_dict().items()}
     saved = tensor_shapes(weights)
     if saved != needed:
@@ -93,7 +99,7 @@ def _build_to_fit(model: dict, weights: Path, described_in: Path) -> nn.Module:
                               f"{z_dim}, conditional {str(conditional).lower()}): " + "; ".join(
                                   f"{key}: file {saved.get(key, 'missing')}, network {needed.get(key, 'missing')}"
                                   for key in different[:3]))
-    return models.build_generator(arch, z_dim, conditional=conditional)
+    return models.build_generator(arch, z_dim, conditional=conditional, images=drawn)
 
 
 def _generator_name(use_ema: bool) -> str:

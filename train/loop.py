@@ -26,6 +26,7 @@ from train.distributed import check_ranks_agree, share_buffers
 from train.ema import GeneratorEMA
 from train.errors import EXIT_NONFINITE, EXIT_PREEMPTED
 from train.faults import FaultMonitor, NonFiniteError, Preempted
+from train.images import ImageSpec
 from train.profiling import StepProfiler
 from train.step import GANStep
 
@@ -74,19 +75,23 @@ class Training:
         # checkpoints/best, whichever way that checkpoint is written (when due, or on a preemption).
         self.unsaved_best_fd: float | None = None
         self.stop_reason: str | None = None  # the quality target is met (train.stop_at_fd, train.patience)
-        self.batches = ShardedBatches(data.load_images(cfg.data), cfg.data.batch_size, accelerator.process_index,
+        dataset = data.load(cfg.data, labelled=cfg.model.conditional)
+        self.images = dataset.spec  # what the networks, the metrics and every checkpoint are made for
+        if resume_from is not None:
+            checkpoint.check_images(resume_from, self.images)
+        self.batches = ShardedBatches(dataset.images, cfg.data.batch_size, accelerator.process_index,
                                       accelerator.num_processes, cfg.run.seed, accelerator.device,
                                       position=self.progress.data, channels_last=cfg.train.channels_last,
-                                      labels=data.load_labels(cfg.data) if cfg.model.conditional else None)
+                                      labels=dataset.labels)
         # The quality metrics, on the main process; built first so that a bad feature network stops the run early.
-        self.evaluator = (metrics.Evaluator(config.SHIPPED_MNIST, Path(cfg.eval.cache_dir), accelerator.device)
+        self.evaluator = (metrics.Evaluator.for_images(self.images, Path(cfg.eval.cache_dir), accelerator.device)
                           if cfg.eval.num_samples and accelerator.is_main_process else None)
-        generator, discriminator, g_optimizer, d_optimizer = accelerator.prepare(*build_networks(cfg))
+        generator, discriminator, g_optimizer, d_optimizer = accelerator.prepare(*build_networks(cfg, self.images))
         # The plain modules (no DDP, no torch.compile wrapper): what is saved, averaged and sampled from.
         plain_generator, plain_discriminator = (accelerator.unwrap_model(m, keep_torch_compile=False)
                                                 for m in (generator, discriminator))
         average = models.build_generator(cfg.model.arch, cfg.model.z_dim, cfg.model.upsample,
-                                         cfg.model.conditional).to(accelerator.device)
+                                         cfg.model.conditional, self.images).to(accelerator.device)
         self.ema = GeneratorEMA(average, plain_generator, cfg.ema.half_life_images, cfg.ema.rampup,
                                 cfg.ema.statistics_images, seed=derived_seed(cfg.run.seed, *b"ema statistics"))
         self.snapshot = Snapshot(
@@ -94,7 +99,8 @@ class Training:
                       "generator_ema": self.ema.network},
             optimizers={"generator": g_optimizer, "discriminator": d_optimizer},
             noise=torch.Generator(accelerator.device), progress=self.progress, config=config.to_dict(cfg),
-            scaler=accelerator.scaler, extra_json={"global_batch": self.batches.global_batch},
+            scaler=accelerator.scaler,
+            extra_json={"global_batch": self.batches.global_batch, "images": self.images.as_dict()},
         )
         if resume_from is None:
             self.reseed_noise()
@@ -107,7 +113,7 @@ class Training:
                                    timeout_s=cfg.train.timeout_s)
         self.window = tracking.TrainingWindow(accelerator.device, r1_penalty=cfg.loss.r1_gamma > 0)
         self.gan = GANStep(accelerator, cfg.loss.kind, generator, discriminator, g_optimizer, d_optimizer, self.ema,
-                           self.faults, self.window, self.batches, cfg.model.z_dim)
+                           self.faults, self.window, self.batches, cfg.model.z_dim, plain_generator.num_classes)
         # One graph per distinct argument: with lazy R1 (loss.r1_every > 1), a step with the penalty and one without.
         self.update = ReplayableStep(self.gan, enabled=cfg.train.cuda_graph)
         self.fixed_z = torch.randn(SAMPLE_GRID_SIZE, cfg.model.z_dim,
@@ -276,11 +282,13 @@ class Training:
                                                      *f"noise{salt}".encode()))
 
 
-def build_networks(cfg: Config) -> tuple[torch.nn.Module, torch.nn.Module, torch.optim.Optimizer,
-                                         torch.optim.Optimizer]:
-    """G, D and their Adam optimizers, with identical initial weights on every rank (the same seed everywhere)."""
+def build_networks(cfg: Config, images: ImageSpec) -> tuple[torch.nn.Module, torch.nn.Module, torch.optim.Optimizer,
+                                                            torch.optim.Optimizer]:
+    """G, D for `images` and their Adam optimizers, with identical initial weights on every rank (the same seed
+    everywhere)."""
     torch.manual_seed(cfg.run.seed)
-    generator, discriminator = models.build(cfg.model.arch, cfg.model.z_dim, cfg.model.upsample, cfg.model.conditional)
+    generator, discriminator = models.build(cfg.model.arch, cfg.model.z_dim, cfg.model.upsample, cfg.model.conditional,
+                                            images)
     if cfg.train.channels_last:
         generator, discriminator = (m.to(memory_format=torch.channels_last) for m in (generator, discriminator))
     settings = {"betas": (cfg.optim.beta1, cfg.optim.beta2), "amsgrad": cfg.optim.amsgrad, "fused": cfg.optim.fused,

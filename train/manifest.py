@@ -17,6 +17,7 @@ import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
+from train import images
 from train.errors import CheckpointError, ConfigError, RunWriteError
 from train.files import fsync, write_file
 from train.layout import BEST, CHECKPOINTS, LATEST, check_best_link
@@ -34,7 +35,7 @@ STATE_SCHEMA = {
     "progress": {"step": int, "images_seen": int, "data": {"epoch": int, "step_in_epoch": int}, "seed_offset": int,
                  "wandb_run_id": (str, type(None)), "best_fd?": (float, int, type(None)),
                  "evaluations_since_best?": int},
-    "world_size": int, "global_batch": int, "scaler": (dict, type(None)),
+    "world_size": int, "global_batch": int, "scaler": (dict, type(None)), "images?": images.SCHEMA,
     "config": {"model": {"arch": str, "z_dim": int, "conditional?": bool}},
 }
 OPTIMIZERS_SCHEMA = {"generator": {"param_groups": [{"params": [int]}]},

@@ -38,7 +38,10 @@ from safetensors import safe_open
 from torch import Tensor
 
 from train import classifier
+from train.config import SHIPPED_MNIST
 from train.data import read_idx_images, read_idx_labels
+from train.errors import DataError
+from train.images import MNIST_DATASET, ImageSpec
 from train.models import balanced_labels, split_like
 
 PRECISION_RECALL_K = 3
@@ -71,9 +74,9 @@ class Features:
 
 @torch.no_grad()
 def extract(network: classifier.MnistClassifier, images: Tensor, batch_size: int = 1000) -> Features:
-    """Features of uint8 images [N, 28, 28] (or [N, 1, 28, 28]), on the network's device."""
+    """Features of uint8 images [N, C, H, W] (or [N, H, W] of grey ones), on the network's device."""
     device = next(network.parameters()).device
-    images = images.reshape(-1, 1, 28, 28)
+    images = images.reshape(-1, *classifier.IMAGES.shape)
     features, probabilities = [], []
     for chunk in images.split(batch_size):
         hidden, logits = network(chunk.to(device).float().div(255))
@@ -197,14 +200,15 @@ def density_coverage(real: Tensor, fake: Tensor, k: int = DENSITY_COVERAGE_K,
 
 def class_statistics(probabilities: Tensor) -> dict[str, float]:
     probabilities = probabilities.cpu()
-    histogram = torch.bincount(probabilities.argmax(1), minlength=10).double() / len(probabilities)
+    num_classes = probabilities.shape[1]
+    histogram = torch.bincount(probabilities.argmax(1), minlength=num_classes).double() / len(probabilities)
     p_y_given_x = probabilities.double()
     p_y = p_y_given_x.mean(0)
     xlogy = torch.special.xlogy  # 0 log 0 = 0
     per_sample_kl = (xlogy(p_y_given_x, p_y_given_x) - xlogy(p_y_given_x, p_y)).sum(1)
     return {
         "classes_present": int((histogram >= CLASS_PRESENT_SHARE).sum()),
-        "class_kl": float(xlogy(histogram, histogram * 10).sum()),
+        "class_kl": float(xlogy(histogram, histogram * num_classes).sum()),
         "inception_score": float(math.exp(per_sample_kl.mean())),
     }
 
@@ -227,7 +231,7 @@ def per_digit(real: Features, real_labels: Tensor, fake: Features, asked: Tensor
     predicted, real_labels = fake.probabilities.argmax(1), real_labels.to(real.features.device)
     groups = predicted if asked is None else asked.to(predicted.device)
     digits = {}
-    for digit in range(10):
+    for digit in range(fake.probabilities.shape[1]):
         chosen = groups == digit
         generated = fake.features[chosen]
         digits[digit] = {"count": len(generated)}
@@ -241,6 +245,16 @@ def per_digit(real: Features, real_labels: Tensor, fake: Features, asked: Tensor
 
 class Evaluator:
     """The feature network and the cached features of the MNIST test set, ready to score samples."""
+
+    @classmethod
+    def for_images(cls, images: ImageSpec, cache_dir: Path, device: torch.device | str = "cpu") -> Evaluator:
+        """The evaluator whose feature network and test set describe `images`; refused by name for images they do
+        not describe: a run is never scored against another data set."""
+        if images.dataset != MNIST_DATASET:
+            raise DataError(f"the quality metrics score images against MNIST's test set with an MNIST classifier, and "
+                            f"this data is not MNIST's ({images.describe()}); they would measure the distance to "
+                            "MNIST, not to this data, so they are refused (train such data with eval.num_samples=0)")
+        return cls(SHIPPED_MNIST, cache_dir, device)
 
     def __init__(self, data_dir: Path, cache_dir: Path, device: torch.device | str = "cpu"):
         self.network = classifier.load(device)

@@ -1,4 +1,4 @@
-"""Generators and discriminators for 28x28 single-channel images.
+"""Generators and discriminators: the blog's (28x28 grey only) and DCGAN's (built for the data's size and channels).
 
 Generators map z ~ N(0, I) to images in [0, 1]; discriminators return one logit per image (the
 loss applies the sigmoid, which keeps it correct under autocast). Nothing here knows about
@@ -15,9 +15,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from train.errors import DataError
+from train.images import MNIST, ImageSpec
 
-NUM_CLASSES = 10  # the digits: what a conditional network's labels range over
+
 LABEL_EMBEDDING_DIM = 32  # the size of the label code a conditional generator reads beside z
+MAX_BASE = 8  # DCGAN's smallest map is at most this wide
 
 
 def balanced_labels(count: int, num_classes: int, device: torch.device | str = "cpu") -> Tensor | None:
@@ -107,7 +110,7 @@ class SeedGenerator(nn.Module):
 
     def __init__(self, z_dim: int = 100, upsample: str = "fused", num_classes: int = 0):
         super().__init__()
-        self.z_dim, self.num_classes = z_dim, num_classes
+        self.z_dim, self.num_classes, self.images = z_dim, num_classes, MNIST
         self.fused = upsample == "fused"  # else the blog's modules, op by op
         self.fc = nn.Linear(z_dim + (LABEL_EMBEDDING_DIM if num_classes else 0), 7 * 7 * 256)
         self.conv1 = conv_bn_relu(256, 128)
@@ -162,22 +165,33 @@ class LatentToMap(nn.ConvTranspose2d):
         return (z.flatten(1) @ self.weight.flatten(1)).view(len(z), self.out_channels, *self.kernel_size)
 
 
-class DCGANGenerator(nn.Module):
-    """DCGAN (Radford et al. 2016) sized for 28x28: transposed convolutions with BN+ReLU."""
+def dcgan_stages(images: ImageSpec) -> tuple[int, int]:
+    """(base, doublings): DCGAN's G starts from a base x base map and doubles it `doublings` times to the data's
+    size (D halves it as often): the fewest doublings that bring the size to MAX_BASE or below, e.g. 28 = 7 x 2^2,
+    32 = 8 x 2^2, 64 = 8 x 2^3. Refused by name for sizes that halving cannot bring there."""
+    base, doublings = images.height, 0
+    while base > MAX_BASE and base % 2 == 0:
+        base, doublings = base // 2, doublings + 1
+    if images.height != images.width or base > MAX_BASE or doublings == 0:
+        raise DataError(f"model.arch=dcgan builds square images of a size that halves to at most {MAX_BASE} (e.g. 28, "
+                        f"32, 48, 64); these are {images.height}x{images.width}: resize them to such a size")
+    return base, doublings
 
-    def __init__(self, z_dim: int = 100, width: int = 64, num_classes: int = 0):
+
+class DCGANGenerator(nn.Module):
+    """DCGAN (Radford et al. 2016): a projection to a small map, then transposed convolutions with BN+ReLU, each
+    doubling the size and halving the channels, to the data's size and channels."""
+
+    def __init__(self, z_dim: int = 100, width: int = 64, num_classes: int = 0, images: ImageSpec = MNIST):
         super().__init__()
-        self.z_dim, self.num_classes = z_dim, num_classes
-        self.net = nn.Sequential(
-            LatentToMap(z_dim + (LABEL_EMBEDDING_DIM if num_classes else 0), 2 * width, 7, bias=False),  # 7x7
-            nn.BatchNorm2d(2 * width),
-            nn.ReLU(),
-            nn.ConvTranspose2d(2 * width, width, 4, 2, 1, bias=False),  # 14x14
-            nn.BatchNorm2d(width),
-            nn.ReLU(),
-            nn.ConvTranspose2d(width, 1, 4, 2, 1),  # 28x28
-            nn.Sigmoid(),
-        )
+        self.z_dim, self.num_classes, self.images = z_dim, num_classes, images
+        base, doublings = dcgan_stages(images)
+        channels = [width * 2 ** i for i in reversed(range(doublings))]  # e.g. 128, 64 for 28x28
+        layers = [LatentToMap(z_dim + (LABEL_EMBEDDING_DIM if num_classes else 0), channels[0], base, bias=False),
+                  nn.BatchNorm2d(channels[0]), nn.ReLU()]
+        for wider, narrower in zip(channels, channels[1:]):
+            layers += [nn.ConvTranspose2d(wider, narrower, 4, 2, 1, bias=False), nn.BatchNorm2d(narrower), nn.ReLU()]
+        self.net = nn.Sequential(*layers, nn.ConvTranspose2d(width, images.channels, 4, 2, 1), nn.Sigmoid())
         self.label = LabelledLatent(num_classes) if num_classes else None
 
     def forward(self, z: Tensor, labels: Tensor | None = None) -> Tensor:
@@ -187,19 +201,18 @@ class DCGANGenerator(nn.Module):
 
 
 class DCGANDiscriminator(nn.Module):
-    """DCGAN discriminator for 28x28: strided convolutions with LeakyReLU, BN after the first."""
+    """DCGAN's discriminator: strided convolutions with LeakyReLU (BN after all but the first), each halving the
+    size, down to G's base map, then one convolution over the whole map: one logit."""
 
-    def __init__(self, width: int = 64, num_classes: int = 0):
+    def __init__(self, width: int = 64, num_classes: int = 0, images: ImageSpec = MNIST):
         super().__init__()
-        self.net = nn.Sequential(
-            nn.Conv2d(1, width, 4, 2, 1),  # 14x14
-            nn.LeakyReLU(0.2),
-            nn.Conv2d(width, 2 * width, 4, 2, 1, bias=False),  # 7x7
-            nn.BatchNorm2d(2 * width),
-            nn.LeakyReLU(0.2),
-            nn.Conv2d(2 * width, 1, 7, 1, 0),  # one logit
-        )
-        self.projection = Projection(num_classes, 2 * width * 7 * 7) if num_classes else None
+        base, doublings = dcgan_stages(images)
+        channels = [width * 2 ** i for i in range(doublings)]  # e.g. 64, 128 for 28x28
+        layers = [nn.Conv2d(images.channels, width, 4, 2, 1), nn.LeakyReLU(0.2)]
+        for narrower, wider in zip(channels, channels[1:]):
+            layers += [nn.Conv2d(narrower, wider, 4, 2, 1, bias=False), nn.BatchNorm2d(wider), nn.LeakyReLU(0.2)]
+        self.net = nn.Sequential(*layers, nn.Conv2d(channels[-1], 1, base, 1, 0))
+        self.projection = Projection(num_classes, channels[-1] * base * base) if num_classes else None
 
     def forward(self, image: Tensor, labels: Tensor | None = None) -> Tensor:
         if self.projection is None:
@@ -208,18 +221,32 @@ class DCGANDiscriminator(nn.Module):
         return self.net[-1](features).flatten() + self.projection(features, labels)
 
 
-def build_generator(arch: str, z_dim: int, upsample: str = "fused", conditional: bool = False) -> nn.Module:
-    """The generator of `model.arch`; `upsample` picks the seed generator's implementation."""
-    num_classes = NUM_CLASSES if conditional else 0
+def check_seed_images(images: ImageSpec) -> None:
+    """The blog's networks draw MNIST's shape only."""
+    if images.shape != MNIST.shape:
+        raise DataError(f"model.arch=seed (the blog's networks) draws {'x'.join(map(str, MNIST.shape))} images; these "
+                        f"are {'x'.join(map(str, images.shape))}: use model.arch=dcgan")
+
+
+def build_generator(arch: str, z_dim: int, upsample: str = "fused", conditional: bool = False,
+                    images: ImageSpec = MNIST) -> nn.Module:
+    """The generator of `model.arch` for `images`; `upsample` picks the seed generator's implementation. A
+    conditional one draws the images' classes."""
+    num_classes = images.num_classes if conditional else 0
     if arch == "seed":
+        check_seed_images(images)
         return SeedGenerator(z_dim, upsample, num_classes)
     if arch == "dcgan":
-        return DCGANGenerator(z_dim, num_classes=num_classes)
+        return DCGANGenerator(z_dim, num_classes=num_classes, images=images)
     raise ValueError(f"unknown model.arch {arch!r}")
 
 
-def build(arch: str, z_dim: int, upsample: str = "fused", conditional: bool = False) -> tuple[nn.Module, nn.Module]:
-    """(generator, discriminator) for `model.arch`, built in that order (the order their weights are drawn in)."""
-    generator = build_generator(arch, z_dim, upsample, conditional)
-    num_classes = NUM_CLASSES if conditional else 0
-    return generator, SeedDiscriminator(num_classes) if arch == "seed" else DCGANDiscriminator(num_classes=num_classes)
+def build(arch: str, z_dim: int, upsample: str = "fused", conditional: bool = False,
+          images: ImageSpec = MNIST) -> tuple[nn.Module, nn.Module]:
+    """(generator, discriminator) for `model.arch` and `images`, built in that order (the order their weights are
+    drawn in)."""
+    generator = build_generator(arch, z_dim, upsample, conditional, images)
+    num_classes = images.num_classes if conditional else 0
+    discriminator = (SeedDiscriminator(num_classes) if arch == "seed" else
+                     DCGANDiscriminator(num_classes=num_classes, images=images))
+    return generator, discriminator

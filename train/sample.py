@@ -1,8 +1,9 @@
 """`python -m train.sample --checkpoint <path> --num N --seed S --out FILE`: images from a generator.
 
-FILE ending in .png gets a grid; .npy gets the N samples as uint8 [N, 28, 28], rounded exactly as
-the PNG is. The checkpoint may be a checkpoint folder, a run directory or an exported generator.
-A conditional generator draws the digit `--label D`, or without it every digit, one row each.
+FILE ending in .png gets a grid; .npy gets the N samples as uint8 [N, H, W] (grey) or [N, H, W, 3]
+(RGB), rounded exactly as the PNG is. The checkpoint may be a checkpoint folder, a run directory or an
+exported generator. A conditional generator draws the class `--label K` (a digit, for MNIST), or without
+it every class, one row each.
 """
 
 import argparse
@@ -16,12 +17,11 @@ import numpy as np
 import torch
 from torchvision.utils import make_grid, save_image
 
-from train.data import IMAGE_SHAPE
 from train.errors import EXIT_BAD_INPUT, EXIT_WRITE_FAILED, CheckpointError
 from train.export import load_generator
 from train.files import write_atomically
 from train.metrics import GENERATION_CHUNK, to_uint8
-from train.models import NUM_CLASSES, split_like
+from train.models import split_like
 
 
 def available_device(name: str) -> str:
@@ -72,10 +72,10 @@ def available_memory() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def digit(text: str) -> int:
-    """`--label`'s type: a digit 0-9, refused by argparse before any work."""
-    if text not in [str(d) for d in range(NUM_CLASSES)]:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a digit; give one of 0-{NUM_CLASSES - 1}")
+def class_label(text: str) -> int:
+    """`--label`'s type: a class number from 0 (the generator's classes are known once it is loaded)."""
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a class number (0, 1, ...; for MNIST the digit)")
     return int(text)
 
 
@@ -97,10 +97,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint", required=True, help="checkpoint folder, run directory or exported generator")
     parser.add_argument("--num", type=int, default=64)
     parser.add_argument("--seed", type=seed, default=0)
-    parser.add_argument("--out", required=True, help="a .png (grid) or .npy (uint8 [N, 28, 28]) file")
+    parser.add_argument("--out", required=True, help="a .png (grid) or .npy (uint8 [N, H, W] or [N, H, W, 3]) file")
     parser.add_argument("--device", type=available_device, default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--no-ema", action="store_true", help="sample the trained generator, not its EMA")
-    parser.add_argument("--label", type=digit, help="the digit a conditional generator draws (default: each in turn)")
+    parser.add_argument("--label", type=class_label,
+                        help="the class (for MNIST the digit) a conditional generator draws (default: each in turn)")
     args = parser.parse_args(argv)
     out = Path(args.out)
     if out.suffix not in (".png", ".npy"):
@@ -109,31 +110,36 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--out {out} is a folder; give the file to write, e.g. {out / ('samples' + out.suffix)}")
     if args.num < 1:
         parser.error("--num must be at least 1")
-    # The samples in float32 and uint8, and as much again for the PNG's grid or the .npy's buffer.
-    check_fits_in_memory(parser, args.num, 2 * (4 + 1) * math.prod(IMAGE_SHAPE))
     try:
         generator = load_generator(args.checkpoint, args.device, use_ema=not args.no_ema)
     except CheckpointError as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    # The samples in float32 and uint8, and as much again for the PNG's grid or the .npy's buffer.
+    check_fits_in_memory(parser, args.num, 2 * (4 + 1) * math.prod(generator.images.shape))
     if args.label is not None and not generator.num_classes:
         print(f"error: --label {args.label}: the generator of {args.checkpoint} is not conditional (trained without "
-              "model.conditional=true), so it cannot be asked for a digit; leave --label out", file=sys.stderr)
+              "model.conditional=true), so it cannot be asked for a class; leave --label out", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    if args.label is not None and args.label >= generator.num_classes:
+        print(f"error: --label {args.label}: the generator of {args.checkpoint} draws classes 0-"
+              f"{generator.num_classes - 1}; give one of those", file=sys.stderr)
         return EXIT_BAD_INPUT
     columns = int(np.ceil(np.sqrt(args.num)))
     if not generator.num_classes:
         labels = None
     elif args.label is not None:
         labels = torch.full((args.num,), args.label)
-    else:  # one row per digit
-        columns = -(-args.num // NUM_CLASSES)
+    else:  # one row per class
+        columns = -(-args.num // generator.num_classes)
         labels = torch.arange(args.num) // columns
     images = generate(generator, args.num, args.seed, labels)
     encoded = io.BytesIO()
     if out.suffix == ".png":
         save_image(make_grid(images, nrow=columns, padding=2, pad_value=1.0), encoded, format="png")
     else:
-        np.save(encoded, to_uint8(images).squeeze(1).numpy())
+        pixels = to_uint8(images)  # [N, C, H, W]: stored as images are, [N, H, W] or [N, H, W, 3]
+        np.save(encoded, (pixels[:, 0] if pixels.shape[1] == 1 else pixels.permute(0, 2, 3, 1)).numpy())
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         write_atomically(out, encoded.getvalue())  # whole or not at all: a file already there stays until then

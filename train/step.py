@@ -22,7 +22,6 @@ from train import losses
 from train.data import ShardedBatches
 from train.ema import GeneratorEMA
 from train.faults import FaultMonitor
-from train.models import NUM_CLASSES
 from train.tracking import TrainingWindow
 
 
@@ -30,11 +29,13 @@ class GANStep:
     """The networks (as prepared by Accelerate), their optimizers, the EMA generator and the step's input buffers."""
 
     def __init__(self, accelerator: Accelerator, loss_kind: str, generator, discriminator, g_optimizer, d_optimizer,
-                 ema: GeneratorEMA, faults: FaultMonitor, window: TrainingWindow, batches: ShardedBatches, z_dim: int):
+                 ema: GeneratorEMA, faults: FaultMonitor, window: TrainingWindow, batches: ShardedBatches, z_dim: int,
+                 num_classes: int):
         self.accelerator, self.loss_kind = accelerator, loss_kind
         self.generator, self.discriminator = generator, discriminator
         self.g_optimizer, self.d_optimizer = g_optimizer, d_optimizer
         self.ema, self.faults, self.window = ema, faults, window
+        self.num_classes = num_classes  # of the labels G is asked for; 0: unconditional
         self.real = batches.empty_batch()
         self.z = torch.empty(batches.batch_size, z_dim, device=self.real.device)
         # The labels of the real batch and the ones G is asked for; None when unconditional.
@@ -50,7 +51,7 @@ class GANStep:
         torch.randn(self.z.shape, device=self.z.device, generator=noise, out=self.z)
         if labels is not None:
             self.real_labels.copy_(labels)
-            torch.randint(NUM_CLASSES, self.fake_labels.shape, device=self.z.device, generator=noise,
+            torch.randint(self.num_classes, self.fake_labels.shape, device=self.z.device, generator=noise,
                           out=self.fake_labels)
 
     def __call__(self, r1_weight: float) -> None:

@@ -23,11 +23,12 @@ from train.tracking import TrainingWindow
 out, overrides = Path(sys.argv[1]), sys.argv[2:]
 cfg = config.load(None, overrides)
 accelerator, cfg = setup.set_up(cfg, resume_from=None)
-batches = data.ShardedBatches(data.load_images(cfg.data), cfg.data.batch_size, accelerator.process_index,
+dataset = data.load(cfg.data)
+batches = data.ShardedBatches(dataset.images, cfg.data.batch_size, accelerator.process_index,
                               accelerator.num_processes, cfg.run.seed, accelerator.device)
 faults = FaultMonitor("stop", accelerator.device, check_gradients=True, check_every=cfg.train.steps,
                       timeout_s=cfg.train.timeout_s)
-generator, discriminator, g_optimizer, d_optimizer = accelerator.prepare(*loop.build_networks(cfg))
+generator, discriminator, g_optimizer, d_optimizer = accelerator.prepare(*loop.build_networks(cfg, dataset.spec))
 
 phase = "setup"
 allreduces = {f"{network}/{p}": 0 for network in ("generator", "discriminator") for p in ("d_step", "g_step")}
@@ -43,7 +44,7 @@ def counting(network):
 ema = GeneratorEMA(models.build_generator(cfg.model.arch, cfg.model.z_dim), accelerator.unwrap_model(generator), 500,
                    0.05, cfg.ema.statistics_images)
 gan = GANStep(accelerator, cfg.loss.kind, generator, discriminator, g_optimizer, d_optimizer, ema, faults,
-              TrainingWindow(accelerator.device), batches, cfg.model.z_dim)
+              TrainingWindow(accelerator.device), batches, cfg.model.z_dim, num_classes=0)
 generator.register_comm_hook(None, counting("generator"))
 discriminator.register_comm_hook(None, counting("discriminator"))
 shard = batches.epoch_indices.clone()
