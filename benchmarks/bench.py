@@ -366,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
                *((name, config, overrides, 250) for name, config, overrides in ttq_custom)]
     if recipes:
         cache_dir = REPO_ROOT / args.eval_cache_dir  # the runs' own eval.cache_dir, from the same folder
-        evaluator = Evaluator(SHIPPED_MNIST, cache_dir, device)
+        evaluator = Evaluator.mnist(SHIPPED_MNIST, cache_dir, device)
         floors = evaluator.training_set_floor(10000)
         floor = floors["fd"]
         report["time_to_quality"] = {"training_set_floor": floors}

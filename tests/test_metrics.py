@@ -149,7 +149,7 @@ def test_sqrtm_reference_is_the_one_scipy_gives():
 @pytest.fixture(scope="module")
 def evaluator(eval_cache):
     from train.config import SHIPPED_MNIST
-    return metrics.Evaluator(SHIPPED_MNIST, eval_cache)
+    return metrics.Evaluator.mnist(SHIPPED_MNIST, eval_cache)
 
 
 def test_the_committed_feature_network_is_over_99_percent_accurate(evaluator):
@@ -171,37 +171,39 @@ def test_a_tampered_feature_network_is_refused(tmp_path, monkeypatch):
 
 
 def test_real_features_are_cached_on_disk_and_reused(tmp_path):
-    from conftest import write_idx_images
+    from conftest import write_idx_images, write_idx_labels
     from train.config import SHIPPED_MNIST
-    from train.data import read_idx_images
-    test_images = read_idx_images(SHIPPED_MNIST, "test")
+    from train.data import read_idx_images, read_idx_labels
+    test_images, test_labels = read_idx_images(SHIPPED_MNIST, "test"), read_idx_labels(SHIPPED_MNIST, "test")
     data, other_data = tmp_path / "data", tmp_path / "other_data"
-    for folder, images in ((data, test_images[:100]), (other_data, test_images[100:200])):
+    for folder, chosen in ((data, slice(0, 100)), (other_data, slice(100, 200))):
         folder.mkdir()
-        write_idx_images(folder, "test", images)
+        write_idx_images(folder, "test", test_images[chosen])
+        write_idx_labels(folder, "test", test_labels[chosen])
     cache = tmp_path / "cache"
-    first = metrics.Evaluator(data, cache)
+    first = metrics.Evaluator.mnist(data, cache)
     (cached,) = cache.iterdir()
     assert first.real.features.shape == (100, 128)
     stamp = cached.stat().st_mtime_ns
-    again = metrics.Evaluator(data, cache)
+    again = metrics.Evaluator.mnist(data, cache)
     assert cached.stat().st_mtime_ns == stamp  # read, not rewritten
     assert torch.equal(again.real.features, first.real.features)
-    other = metrics.Evaluator(other_data, cache)  # another test set: its own entry, not the first one's
+    other = metrics.Evaluator.mnist(other_data, cache)  # another test set: its own entry, not the first one's
     assert len(list(cache.iterdir())) == 2 and not torch.equal(other.real.features, first.real.features)
 
 
 def test_a_damaged_or_edited_features_cache_is_extracted_again_and_an_unwritable_one_is_a_warning(tmp_path):
     """Before: a cut-short cache ended in a traceback, edited features were scored against unchecked, and an
     eval.cache_dir that is a file ended in a traceback."""
-    from conftest import write_idx_images
+    from conftest import write_idx_images, write_idx_labels
     from safetensors import safe_open
     from safetensors.torch import save_file
     from train.config import SHIPPED_MNIST
-    from train.data import read_idx_images
+    from train.data import read_idx_images, read_idx_labels
     write_idx_images(tmp_path, "test", read_idx_images(SHIPPED_MNIST, "test")[:100])
+    write_idx_labels(tmp_path, "test", read_idx_labels(SHIPPED_MNIST, "test")[:100])
     cache = tmp_path / "cache"
-    truth = metrics.Evaluator(tmp_path, cache).real.features
+    truth = metrics.Evaluator.mnist(tmp_path, cache).real.features
     (cached,) = cache.iterdir()
     whole = cached.read_bytes()
     with safe_open(cached, framework="pt") as file:
@@ -210,12 +212,12 @@ def test_a_damaged_or_edited_features_cache_is_extracted_again_and_an_unwritable
     for damage in (lambda: cached.write_bytes(whole[:len(whole) // 2]),
                    lambda: save_file(scaled, cached, metadata=metadata)):
         damage()
-        with pytest.warns(UserWarning, match=f"not using the cached test-set features {cached}: .*; extracting them "
+        with pytest.warns(UserWarning, match=f"not using the cached test-set features {cached}: .*; computing them "
                                              "again"):
-            assert torch.equal(metrics.Evaluator(tmp_path, cache).real.features, truth)
+            assert torch.equal(metrics.Evaluator.mnist(tmp_path, cache).real.features, truth)
         assert cached.read_bytes() == whole
     with pytest.warns(UserWarning, match="could not cache the test-set features in .*File exists"):
-        assert torch.equal(metrics.Evaluator(tmp_path, cached).real.features, truth)
+        assert torch.equal(metrics.Evaluator.mnist(tmp_path, cached).real.features, truth)
 
 
 @pytest.mark.slow

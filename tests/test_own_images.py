@@ -1,47 +1,65 @@
 """Data of another shape: the data describes itself, the networks are built for it, every checkpoint and export
-records it, and nothing scores it against MNIST."""
+records it, and its quality is measured against its own test split with a feature network trained on it, never
+against MNIST."""
 
 import json
+import math
+import shutil
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, TINY, all_state, assert_bitwise_equal, run_train, write_idx_images, write_idx_labels
-from train.data import read_idx_images, read_idx_labels
+from conftest import (REPO, TINY, all_state, assert_bitwise_equal, logged_metrics, run_train, write_idx_images,
+                      write_idx_labels)
+from train import classifier
+from train.config import DataConfig
+from train.data import load, read_idx_images, read_idx_labels
+from train.metrics import Evaluator
 
 COLOURS = torch.tensor([[255, 64, 64], [64, 255, 64], [64, 64, 255], [255, 255, 64]], dtype=torch.float32) / 255
 RGB_RUN = TINY + ["model.conditional=true", "data.source=hf"]
-NOT_MNIST = "this data is not MNIST's"
+TRAIN_IMAGES, TEST_IMAGES = 600, 200  # enough for a feature network that tells the digits apart
+OWN_TEST_SPLIT = "quality metrics against the test split of sha256:"
 
 
-def coloured_digits(count: int) -> tuple[np.ndarray, np.ndarray]:
-    """The first `count` MNIST digits as 32x32 RGB pictures (padded by 2 pixels, each in one of four colours)."""
-    grey = read_idx_images(REPO / "data" / "mnist", "train")[:count]
+def coloured_digits(split: str, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """The first `count` MNIST digits of `split` as 32x32 RGB pictures (padded by 2 pixels, each in one of four
+    colours), and their labels."""
+    grey = read_idx_images(REPO / "data" / "mnist", split)[:count]
     padded = torch.nn.functional.pad(grey, (2, 2, 2, 2)).float()[:, None]  # [N, 1, 32, 32]
     colour = COLOURS[torch.arange(count) % len(COLOURS)][:, :, None, None]  # [N, 3, 1, 1]
     rgb = (padded * colour).round().to(torch.uint8).permute(0, 2, 3, 1)  # [N, 32, 32, 3]
-    return rgb.numpy(), read_idx_labels(REPO / "data" / "mnist", "train")[:count].numpy()
+    return rgb.numpy(), read_idx_labels(REPO / "data" / "mnist", split)[:count].numpy()
+
+
+def write_parquet(path, pictures: np.ndarray, labels: np.ndarray | None) -> None:
+    datasets = pytest.importorskip("datasets")
+    from PIL import Image
+    columns = {"image": [Image.fromarray(p) for p in pictures]}
+    features = {"image": datasets.Image()}
+    if labels is not None:
+        columns["label"], features["label"] = labels.tolist(), datasets.ClassLabel(num_classes=10)
+    datasets.Dataset.from_dict(columns, features=datasets.Features(features)).to_parquet(str(path))
 
 
 @pytest.fixture(scope="module")
 def rgb_digits(tmp_path_factory):
-    """96 coloured 32x32 digits with their labels, as a local Hugging Face dataset (parquet)."""
-    datasets = pytest.importorskip("datasets")
-    from PIL import Image
+    """Coloured 32x32 digits with their labels, a training and a test split, as a local Hugging Face dataset."""
     folder = tmp_path_factory.mktemp("rgb_digits")
-    pictures, labels = coloured_digits(96)
-    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(num_classes=10)})
-    datasets.Dataset.from_dict({"image": [Image.fromarray(p) for p in pictures], "label": labels.tolist()},
-                               features=features).to_parquet(str(folder / "train.parquet"))
+    for split, count in (("train", TRAIN_IMAGES), ("test", TEST_IMAGES)):
+        write_parquet(folder / f"{split}.parquet", *coloured_digits(split, count))
     return folder
 
 
 @pytest.fixture(scope="module")
-def rgb_run(rgb_digits, tmp_path_factory):
+def rgb_run(rgb_digits, tmp_path_factory, eval_cache):
+    """A conditional run on the coloured digits, evaluated at its end against their test split."""
     run_dir = tmp_path_factory.mktemp("rgb_run")
-    result = run_train(RGB_RUN + [f"data.path={rgb_digits}", f"run.dir={run_dir}", "checkpoint.every=3"])
+    result = run_train(RGB_RUN + [f"data.path={rgb_digits}", f"run.dir={run_dir}", "checkpoint.every=3",
+                                  "eval.num_samples=100", f"eval.cache_dir={eval_cache}"])
     assert result.returncode == 0, result.stderr[-3000:]
+    assert OWN_TEST_SPLIT in result.stdout, result.stdout[-3000:]
     return run_dir
 
 
@@ -81,20 +99,74 @@ def test_sample_draws_the_asked_class_in_the_datas_shape_and_an_export_reloads(r
     assert np.array_equal(np.load(again), drawn)
 
 
-def test_the_quality_metrics_refuse_data_that_is_not_mnist(rgb_digits, rgb_run, tmp_path, tiny_mnist, tool_here):
-    """Fashion-MNIST was scored against MNIST's test set with the MNIST classifier, without a word."""
-    inverted = tmp_path / "inverted"  # MNIST's shape and labels, other pictures: as Fashion-MNIST is
+def test_rgb_data_is_scored_against_its_own_test_split_with_its_own_feature_network(rgb_run, eval_cache,
+                                                                                       tool_here):
+    """Data that is not MNIST's was scored against MNIST's test set with the MNIST classifier, without a word."""
+    (final,) = [line for line in logged_metrics(rgb_run) if "eval/fd" in line]
+    assert math.isfinite(final["eval/fd"])
+    (network,) = eval_cache.glob("feature_network_*.safetensors")  # trained once, by the run, and cached
+    stamp = network.stat().st_mtime_ns
+    evaluated = tool_here("evaluate", "--checkpoint", rgb_run, "--num", 100, "--cache-dir", eval_cache, "--floor")
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    report = json.loads(evaluated.stdout)
+    assert report["against"].startswith("the test split of sha256:")
+    assert report["metrics"]["fd"] == pytest.approx(final["eval/fd"], rel=1e-6)  # the run's own numbers
+    # The data's own training images: every class told apart, far nearer its test split than 6 steps of training.
+    floor = report["training_set_floor"]
+    assert floor["classes_present"] == 10 and floor["fd"] * 5 < report["metrics"]["fd"]
+    assert network.stat().st_mtime_ns == stamp  # reused, not trained again
+
+
+def test_a_feature_network_trained_on_the_data_knows_it_and_mnists_does_not(rgb_digits, tmp_path):
+    """The MNIST family other than MNIST (here: MNIST's digits inverted, as Fashion-MNIST is another picture of the
+    same shape) gets a feature network of its own, which tells its test images apart; MNIST's does not."""
+    inverted = tmp_path / "inverted"
     inverted.mkdir()
-    write_idx_images(inverted, "train", 255 - read_idx_images(tiny_mnist, "train"))
-    write_idx_labels(inverted, "train", read_idx_labels(tiny_mnist, "train"))
-    for data in ([f"data.path={inverted}"], ["data.source=hf", f"data.path={rgb_digits}"]):
+    for split, count in (("train", TRAIN_IMAGES * 2), ("test", TEST_IMAGES)):
+        write_idx_images(inverted, split, 255 - read_idx_images(REPO / "data" / "mnist", split)[:count])
+        write_idx_labels(inverted, split, read_idx_labels(REPO / "data" / "mnist", split)[:count])
+    training = load(DataConfig(path=str(inverted)), labelled=True)
+    evaluator = Evaluator.for_data(DataConfig(path=str(inverted)), training.spec, tmp_path / "cache")
+    assert evaluator.against == f"the test split of {training.spec.dataset}"
+    assert evaluator.test_accuracy() > 0.8
+    mnists = Evaluator.mnist(REPO / "data" / "mnist", tmp_path / "cache")
+    test = load(DataConfig(path=str(inverted)), "test").images
+    assert classifier.accuracy(mnists.network, test, evaluator.real_labels) < 0.5
+    # Its own training images are near its test images in its features, far in MNIST's.
+    assert evaluator.training_set_floor(TEST_IMAGES)["fd"] * 5 < mnists.score(test)["fd"]
+
+
+def test_the_quality_metrics_refuse_what_they_cannot_measure_before_any_work(rgb_digits, rgb_run, tmp_path,
+                                                                                 tool_here):
+    unlabelled, no_test = tmp_path / "unlabelled", tmp_path / "no_test"
+    unlabelled.mkdir(), no_test.mkdir()
+    pictures, labels = coloured_digits("train", 96)
+    write_parquet(unlabelled / "train.parquet", pictures, None)
+    write_parquet(no_test / "train.parquet", pictures, labels)
+    for data, problem in ((unlabelled, "is unlabelled, and the quality metrics need a feature network trained on the "
+                                       "data's own labelled images"),
+                          (no_test, "holds no parquet file of the split 'test'")):
         run_dir = tmp_path / "refused"
-        result = run_train(TINY + data + [f"run.dir={run_dir}", "eval.num_samples=100"])
+        result = run_train(TINY + ["data.source=hf", f"data.path={data}", f"run.dir={run_dir}",
+                                   "eval.num_samples=100"])
         assert result.returncode == 2, result.stderr[-3000:]
-        assert NOT_MNIST in result.stderr and "eval.num_samples=0" in result.stderr
+        assert problem in result.stderr and "eval.num_samples=0" in result.stderr
         assert not (run_dir / "checkpoints").exists()
-    evaluated = tool_here("evaluate", "--checkpoint", rgb_run, "--num", 100)
-    assert evaluated.returncode == 2 and NOT_MNIST in evaluated.stderr
+    # The generator's data moved: named, and found again with --data-path.
+    moved = tmp_path / "moved"
+    shutil.copytree(rgb_digits, moved)
+    exported = tmp_path / "export"
+    assert tool_here("export", "--checkpoint", rgb_run, "--out", exported).returncode == 0
+    description = json.loads((exported / "generator.json").read_text())
+    assert description["data"]["source"] == "hf" and description["data"]["path"] == str(rgb_digits)
+    (exported / "generator.json").write_text(json.dumps(description | {"data": description["data"] | {
+        "path": str(unlabelled)}}))
+    shifted = tool_here("evaluate", "--checkpoint", exported, "--num", 100, "--cache-dir", tmp_path / "cache")
+    assert shifted.returncode == 2
+    assert f"data.path={str(unlabelled)!r} gives no such data" in shifted.stderr and "--data-path" in shifted.stderr
+    found = tool_here("evaluate", "--checkpoint", exported, "--num", 100, "--data-path", moved,
+                      "--cache-dir", tmp_path / "cache")
+    assert found.returncode == 0, found.stderr[-3000:]
 
 
 def test_a_subset_of_mnist_is_mnist_and_an_export_without_images_reads_as_mnists(tiny_mnist, tmp_path, tool_here):

@@ -1,14 +1,18 @@
-"""The MNIST feature network behind the quality metrics, and the script that trains it.
+"""The feature networks behind the quality metrics: classifiers trained on the data's own labelled training split.
 
-`python -m train.classifier` trains it on the MNIST training set, prints its test accuracy and
-writes `train/assets/mnist_classifier.safetensors`; the SHA-256 below pins the committed weights,
-so every evaluation uses exactly the same features. No weights are ever downloaded.
+MNIST's is committed: `python -m train.classifier` trains it on the MNIST training set, prints its
+test accuracy and writes `train/assets/mnist_classifier.safetensors`; the SHA-256 below pins the
+committed weights, so every evaluation uses exactly the same features. Any other labelled data set
+gets one trained the same way the first time it is evaluated (`for_data`), cached beside the
+test-set features under the data's content hash and reused from then on. No weights are ever
+downloaded.
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 from pathlib import Path
 
 import torch
@@ -16,86 +20,116 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from train.data import read_idx_images, read_idx_labels
-from train.images import MNIST
+from train import tensor_cache
+from train.data import ImageSet, read_idx_images, read_idx_labels
+from train.images import MNIST, ImageSpec
 
 WEIGHTS = Path(__file__).resolve().parent / "assets" / "mnist_classifier.safetensors"
 WEIGHTS_SHA256 = "dcae5711397f827fdeaae79fcf73c7433363aab82b61a4559c5e2428755c28e3"
 FEATURE_DIM = 128
-IMAGES = MNIST  # what it was trained on, and so the only images its features describe
+EPOCHS, MIN_STEPS, SEED, BATCH = 4, 100, 0, 128  # the recipe of every feature network, MNIST's included
+RECIPE = (f"{EPOCHS} epochs and at least {MIN_STEPS} steps, seed {SEED}, batch {BATCH}, Adam with a one-cycle rate to "
+          "3e-3, shifts of up to 2 pixels")
 
 
-class MnistClassifier(nn.Module):
-    """Two conv blocks and a 128-unit hidden layer: the hidden layer is the feature space."""
+class FeatureNetwork(nn.Module):
+    """Two conv blocks and a 128-unit hidden layer, for the images it is made for: the hidden layer is the feature
+    space, the head says the class."""
 
-    def __init__(self):
+    def __init__(self, images: ImageSpec = MNIST):
         super().__init__()
+        self.images = images
         self.features = nn.Sequential(
-            nn.Conv2d(IMAGES.channels, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(images.channels, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
             nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Flatten(), nn.Linear(64 * (IMAGES.height // 4) * (IMAGES.width // 4), FEATURE_DIM), nn.ReLU(),
+            nn.Flatten(), nn.Linear(64 * (images.height // 4) * (images.width // 4), FEATURE_DIM), nn.ReLU(),
         )
-        self.head = nn.Linear(FEATURE_DIM, IMAGES.num_classes)
+        self.head = nn.Linear(FEATURE_DIM, images.num_classes)
 
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
-        """(penultimate features, class logits) for float images [N, 1, 28, 28] (IMAGES) in [0, 1]."""
+        """(penultimate features, class logits) for float images [N, C, H, W] (as `self.images`) in [0, 1]."""
         features = self.features(images)
         return features, self.head(features)
 
 
-def load(device: torch.device | str = "cpu") -> MnistClassifier:
-    """The committed feature network, after checking its SHA-256."""
+def load(device: torch.device | str = "cpu") -> FeatureNetwork:
+    """MNIST's committed feature network, after checking its SHA-256."""
     digest = hashlib.sha256(WEIGHTS.read_bytes()).hexdigest()
     if digest != WEIGHTS_SHA256:
         raise RuntimeError(f"{WEIGHTS} has SHA-256 {digest}, expected {WEIGHTS_SHA256}: restore it from git "
                            "(`git checkout -- train/assets`) or retrain it with `python -m train.classifier`")
-    network = MnistClassifier()
+    network = FeatureNetwork()
     network.load_state_dict(load_file(WEIGHTS))
     return network.to(device).eval()
 
 
+def for_data(training: ImageSet, cache_dir: Path, device: torch.device | str = "cpu") -> tuple[FeatureNetwork, str]:
+    """(the feature network of the labelled `training` split, the SHA-256 of its weights): read from `cache_dir`
+    where trained before for this very data (its content hash, `training.spec.dataset`), else trained now (seconds
+    for thousands of images, minutes for tens of thousands on a CPU) and cached."""
+    spec = training.spec
+    path = Path(cache_dir) / f"feature_network_{spec.dataset.removeprefix('sha256:')[:16]}.safetensors"
+    expected = {"images": json.dumps(spec.as_dict(), sort_keys=True), "recipe": RECIPE}
+    weights = tensor_cache.read(path, "feature network", expected)
+    network = FeatureNetwork(spec)
+    if weights is None:
+        print(f"training a feature network for the quality metrics on {len(training.images)} {spec.describe()} "
+              f"({RECIPE}); cached in {path}", flush=True)
+        network = train(training.images, training.labels, spec, device)
+        weights = network.state_dict()
+        tensor_cache.write(path, weights, "feature network", expected)
+    else:
+        network.load_state_dict(weights)
+    return network.to(device).eval(), tensor_cache.tensors_sha256(weights)
+
+
 @torch.no_grad()
-def accuracy(network: MnistClassifier, images: Tensor, labels: Tensor, batch_size: int = 1000) -> float:
+def accuracy(network: FeatureNetwork, images: Tensor, labels: Tensor, batch_size: int = 1000) -> float:
+    """The share of uint8 `images` [N, C, H, W] (or [N, H, W] of grey ones) the network labels as `labels`."""
     device = next(network.parameters()).device
-    correct = 0
+    images, correct = images.reshape(-1, *network.images.shape), 0
     for chunk, truth in zip(images.split(batch_size), labels.split(batch_size)):
-        _, logits = network(chunk.to(device).unsqueeze(1).float().div(255))
+        _, logits = network(chunk.to(device).float().div(255))
         correct += (logits.argmax(1).cpu() == truth).sum().item()
     return correct / len(labels)
 
 
-def train(data_dir: Path, epochs: int, seed: int, device: str) -> MnistClassifier:
-    torch.manual_seed(seed)
-    images, labels = read_idx_images(data_dir, "train"), read_idx_labels(data_dir, "train")
-    network = MnistClassifier().to(device)
-    optimizer = torch.optim.Adam(network.parameters(), lr=1e-3)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=3e-3, total_steps=epochs * (len(images) // 128))
-    for epoch in range(epochs):
-        order = torch.randperm(len(images))
-        for batch in order[: len(order) // 128 * 128].view(-1, 128):
-            x = images[batch].to(device).unsqueeze(1).float().div(255)
-            shift = torch.randint(-2, 3, (2,)).tolist()  # small random translations: more robust features
-            x = torch.roll(x, shifts=shift, dims=(2, 3))
-            _, logits = network(x)
-            loss = F.cross_entropy(logits, labels[batch].to(device).long())
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-        print(f"epoch {epoch + 1}/{epochs}: last batch loss {loss.item():.4f}", flush=True)
+def train(images: Tensor, labels: Tensor, spec: ImageSpec, device: torch.device | str) -> FeatureNetwork:
+    """A feature network for uint8 `images` [N, C, H, W] with `labels` [N], trained by RECIPE from the seed SEED
+    (the caller's random state is left as it was)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(SEED)
+        network = FeatureNetwork(spec).to(device)
+        batches_per_epoch = max(len(images) // BATCH, 1)
+        steps = max(EPOCHS * batches_per_epoch, MIN_STEPS)  # small data sets: more epochs, enough steps to learn
+        optimizer = torch.optim.Adam(network.parameters(), lr=1e-3)
+        schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=3e-3, total_steps=steps)
+        for _ in range(-(-steps // batches_per_epoch)):
+            order = torch.randperm(len(images))
+            for batch in order[: batches_per_epoch * BATCH].view(batches_per_epoch, -1):
+                if schedule.last_epoch == steps:
+                    break
+                x = images[batch].to(device).float().div(255)
+                shift = torch.randint(-2, 3, (2,)).tolist()  # small random translations: more robust features
+                x = torch.roll(x, shifts=shift, dims=(2, 3))
+                _, logits = network(x)
+                loss = F.cross_entropy(logits, labels[batch].to(device).long())
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                schedule.step()
     return network.eval()
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m train.classifier", description=__doc__.splitlines()[0])
     parser.add_argument("--data", default=str(Path(__file__).resolve().parent.parent / "data" / "mnist"))
-    parser.add_argument("--epochs", type=int, default=4)
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=str(WEIGHTS))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
-    network = train(Path(args.data), args.epochs, args.seed, args.device)
-    test_accuracy = accuracy(network, read_idx_images(Path(args.data), "test"), read_idx_labels(Path(args.data), "test"))
+    data = Path(args.data)
+    network = train(read_idx_images(data, "train")[:, None], read_idx_labels(data, "train"), MNIST, args.device)
+    test_accuracy = accuracy(network, read_idx_images(data, "test")[:, None], read_idx_labels(data, "test"))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.cpu().contiguous() for k, v in network.state_dict().items()}, args.out)
     digest = hashlib.sha256(Path(args.out).read_bytes()).hexdigest()

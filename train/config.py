@@ -105,10 +105,10 @@ class EMAConfig:
 @dataclass
 class EvalConfig:
     every: int = 0  # steps between quality evaluations during training; 0: only at the end
-    num_samples: int = 10000  # generated images scored against the 10,000 MNIST test images; 0: no evaluation
+    num_samples: int = 10000  # generated images scored against the data's test split (MNIST's); 0: no evaluation
     seed: int = 0  # the latent vectors of the evaluation samples
     use_ema: bool = True  # the evaluations during training score the EMA generator; false: the trained one
-    cache_dir: str = ".cache/eval"  # cached features of the MNIST test set
+    cache_dir: str = ".cache/eval"  # cached test-set features and feature networks of data other than MNIST
 
 
 @dataclass

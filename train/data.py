@@ -42,7 +42,7 @@ def load(cfg: DataConfig, split: str = "train", labelled: bool = False) -> Image
     if cfg.source == "idx":
         images, num_classes = read_idx_images(Path(cfg.path), split)[:, None], IDX_CLASSES
     elif cfg.source == "hf":
-        dataset = _hf_dataset(cfg.path, cfg.split if split == "train" else split)
+        dataset = _hf_dataset(cfg.path, cfg.split if split == "train" else split, training=split == "train")
         images, num_classes = _hf_images(cfg.path, dataset), _hf_num_classes(cfg.path, dataset, labelled)
     else:
         dataset = _torchvision_dataset(cfg.path, cfg.torchvision_name, train=split == "train")
@@ -207,15 +207,16 @@ def _hf_num_classes(source: str, dataset, labelled: bool) -> int:
     return max(labels) + 1 if labels else 0
 
 
-def _hf_dataset(source: str, split: str):
+def _hf_dataset(source: str, split: str, training: bool):
     try:
         import datasets
     except ImportError:
         raise DataError("data.source=hf needs the `datasets` package: pip install datasets") from None
     local = Path(source)
+    parquet = local.suffix == ".parquet" or (local.is_dir() and any(local.glob("*.parquet")))
+    files = _parquet_files(local, split, training) if parquet else None
     try:
-        if local.suffix == ".parquet" or (local.is_dir() and any(local.glob("*.parquet"))):
-            files = [str(local)] if local.is_file() else sorted(str(p) for p in local.glob("*.parquet"))
+        if files:
             dataset = datasets.load_dataset("parquet", data_files={split: files}, split=split)
         elif local.is_dir() and (local / "dataset_info.json").is_file():
             dataset = datasets.load_from_disk(str(local))
@@ -228,6 +229,27 @@ def _hf_dataset(source: str, split: str):
             "columns, or use data.source=idx with the MNIST files shipped in data/mnist"
         ) from None
     return dataset
+
+
+def _parquet_files(local: Path, split: str, training: bool) -> list[str]:
+    """The parquet files of `split`: `local` itself if a file (the training split); in a folder those named for the
+    split (`test.parquet`, `train-00000-of-00002.parquet`, as the Hub names them), or, where no file is named for a
+    split, every one of them as the training split."""
+    if local.is_file():
+        if not training:
+            raise DataError(f"{local} is one parquet file, read as the training split; for the {split} split put it "
+                            f"in a folder beside a {split}.parquet")
+        return [str(local)]
+    named = sorted(str(p) for p in local.glob(f"{split}[.-]*parquet"))
+    if named or any(next(local.glob(f"{other}[.-]*parquet"), None) for other in ("train", "test", "validation")):
+        if not named:
+            raise DataError(f"{local} holds no parquet file of the split {split!r} ({split}.parquet or "
+                            f"{split}-*.parquet)")
+        return named
+    if not training:
+        raise DataError(f"{local} holds parquet files without split names, read as the training split; name the "
+                        f"{split} split's files {split}.parquet (or {split}-*.parquet)")
+    return sorted(str(p) for p in local.glob("*.parquet"))
 
 
 def _torchvision_images(dataset) -> torch.Tensor:

@@ -1,7 +1,9 @@
 """`python -m train.evaluate --checkpoint <checkpoint, run dir or exported dir>`: quality as JSON.
 
-Scores `--num` samples (latents from `--seed`; the EMA generator unless --no-ema) against the
-10,000 MNIST test images with the project's feature network, overall and per digit. `--floor` adds
+Scores `--num` samples (latents from `--seed`; the EMA generator unless --no-ema) against the test
+split of the data the generator was trained on (MNIST's 10,000 test images for MNIST), with that
+data's feature network (train/classifier.py), overall and per class; the data is read where the
+checkpoint or export records it, or from `--data-path`. `--floor` adds
 the same metrics for as many real training images (the values a perfect generator would reach) and
 for those images slightly degraded (noise, a 1-pixel shift, a 3x3 blur): how far visible defects
 are from the floor. `--bootstrap N` adds how much the FD of this many samples varies from one draw
@@ -18,17 +20,19 @@ from pathlib import Path
 import torch
 
 from train.classifier import FEATURE_DIM
-from train.classifier import IMAGES
 from train.config import MIN_EVAL_SAMPLES, SHIPPED_MNIST, EvalConfig
 from train.errors import EXIT_BAD_INPUT, CheckpointError, DataError
-from train.export import load_generator
+from train.export import load_generator, training_data
+from train.images import MNIST, ImageSpec
 from train.metrics import DISTANCE_CHUNK, Evaluator, to_uint8
 from train.models import balanced_labels
 from train.sample import available_device, check_fits_in_memory, generate, seed
 
-# Memory per scored sample: its image in float32 and uint8, its features and class probabilities, and its column
-# of the neighbour-distance blocks (DISTANCE_CHUNK rows of float32, and as much for their ordering).
-BYTES_PER_SAMPLE = (4 + 1) * math.prod(IMAGES.shape) + 4 * (FEATURE_DIM + IMAGES.num_classes) + 2 * 4 * DISTANCE_CHUNK
+
+def bytes_per_sample(images: ImageSpec) -> int:
+    """Memory per scored sample: its image in float32 and uint8, its features and class probabilities, and its
+    column of the neighbour-distance blocks (DISTANCE_CHUNK rows of float32, and as much for their ordering)."""
+    return (4 + 1) * math.prod(images.shape) + 4 * (FEATURE_DIM + images.num_classes) + 2 * 4 * DISTANCE_CHUNK
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,6 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bootstrap", type=int, default=0, metavar="N",
                         help="add a 95%% interval of the FD from N bootstrap resamples of the generated samples")
     parser.add_argument("--cache-dir", default=EvalConfig.cache_dir)
+    parser.add_argument("--data-path", help="where the generator's training data is now, if not where it was "
+                        "recorded (MNIST's generators are scored against the shipped MNIST test set)")
     parser.add_argument("--device", type=available_device, default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
     if args.checkpoint is None and not args.floor:
@@ -50,15 +56,16 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--num must be at least {MIN_EVAL_SAMPLES}")
     if args.bootstrap < 0 or 0 < args.bootstrap < 20:
         parser.error("--bootstrap needs at least 20 resamples (1000 for a stable 95% interval), or 0 for none")
-    check_fits_in_memory(parser, args.num, BYTES_PER_SAMPLE)
-    try:  # before the test set's features: a wrong path, or a generator of other data, costs no work
+    try:  # before the test set's features: a wrong path, or a generator without its data, costs no work
         generator = load_generator(args.checkpoint, args.device, use_ema=not args.no_ema) if args.checkpoint else None
-        evaluator = (Evaluator.for_images(generator.images, Path(args.cache_dir), args.device) if generator else
-                     Evaluator(SHIPPED_MNIST, Path(args.cache_dir), args.device))
+        check_fits_in_memory(parser, args.num, bytes_per_sample(generator.images if generator else MNIST))
+        evaluator = (Evaluator.for_data(training_data(args.checkpoint, args.data_path), generator.images,
+                                        Path(args.cache_dir), args.device) if generator else
+                     Evaluator.mnist(SHIPPED_MNIST, Path(args.cache_dir), args.device))
     except (CheckpointError, DataError) as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    report = {"num_samples": args.num, "seed": args.seed}
+    report = {"num_samples": args.num, "seed": args.seed, "against": evaluator.against}
     if generator is not None:
         report["checkpoint"] = args.checkpoint
         asked = balanced_labels(args.num, generator.num_classes)

@@ -1,9 +1,9 @@
 """`python -m train.export --checkpoint <checkpoint or run dir> --out <dir>`: the generator alone.
 
 An exported generator is a folder of two files: `generator.safetensors` (the EMA generator unless
---no-ema) and `generator.json` (architecture, z_dim, whether it is conditional, the images it draws, which weights,
-step, source checkpoint, SHA-256 of the weights): everything needed to build and load the generator without the training
-state. `load_generator` reads it, or the generator of a checkpoint or a run directory.
+--no-ema) and `generator.json` (architecture, z_dim, whether it is conditional, the images it draws
+and the data config they came from, which weights, step, source checkpoint, SHA-256 of the
+weights): everything needed to build and load the generator without the training state. `load_generator` reads it, or the generator of a checkpoint or a run directory.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -18,16 +19,17 @@ from torch import nn
 
 from train import images, models
 from train.checkpoint import load_network, tensor_shapes
-from train.config import CHOICES
+from train.config import CHOICES, DataConfig
 from train.errors import EXIT_BAD_INPUT, EXIT_WRITE_FAILED, CheckpointError, DataError
 from train.files import write_atomically
 from train.manifest import checked_json, read_state, resolve, sha256
 
 WEIGHTS = "generator.safetensors"
 DESCRIPTION = "generator.json"
+DATA_SCHEMA = {"source": str, "path": str, "split?": str, "torchvision_name?": str}  # where the images came from
 # What `load_generator` reads from generator.json (a description without "conditional" is of an unconditional one).
-DESCRIPTION_SCHEMA = {"arch": str, "z_dim": int, "conditional?": bool, "images?": images.SCHEMA, "weights": str,
-                      "step": int, "source": str, "sha256": str}
+DESCRIPTION_SCHEMA = {"arch": str, "z_dim": int, "conditional?": bool, "images?": images.SCHEMA, "data?": DATA_SCHEMA,
+                      "weights": str, "step": int, "source": str, "sha256": str}
 
 
 def export_generator(path: Path, out: Path, use_ema: bool = True) -> Path:
@@ -49,7 +51,7 @@ def export_generator(path: Path, out: Path, use_ema: bool = True) -> Path:
         model = state["config"]["model"]
         write_atomically(out / DESCRIPTION, json.dumps({
             "arch": model["arch"], "z_dim": model["z_dim"], "conditional": model.get("conditional", False),
-            "images": images.recorded(state).as_dict(), "weights": name,
+            "images": images.recorded(state).as_dict(), "data": state["config"]["data"], "weights": name,
             "step": state["progress"]["step"], "source": str(source.resolve()), "sha256": sha256(out / WEIGHTS),
         }, indent=1))
     except OSError:  # a full disk: take back what this call wrote, or the retry would be refused as an overwrite
@@ -76,6 +78,18 @@ def load_generator(path: Path, device: str = "cpu", use_ema: bool = True) -> nn.
     network = _build_to_fit(model, drawn, folder / f"{name}.safetensors", folder / described_in).to(device)
     load_network(folder, name, network)
     return network.eval()
+
+
+def training_data(path: Path, data_path: str | None = None) -> DataConfig:
+    """Where the generator of an exported folder, a checkpoint or a run directory was trained (its data config, as
+    recorded; `data_path` in place of the recorded path where given): the data its quality is measured on."""
+    path = Path(path)
+    if (path / DESCRIPTION).is_file():
+        recorded = checked_json(path / DESCRIPTION, DESCRIPTION_SCHEMA).get("data", {})
+    else:
+        recorded = read_state(resolve(path))["config"]["data"]
+    known = {key: value for key, value in recorded.items() if key in DataConfig.__dataclass_fields__}
+    return replace(DataConfig(**known), **({"path": data_path} if data_path else {}))
 
 
 def _build_to_fit(model: dict, drawn: images.ImageSpec, weights: Path, described_in: Path) -> nn.Module:

@@ -84,8 +84,12 @@ class Training:
                                       position=self.progress.data, channels_last=cfg.train.channels_last,
                                       labels=dataset.labels)
         # The quality metrics, on the main process; built first so that a bad feature network stops the run early.
-        self.evaluator = (metrics.Evaluator.for_images(self.images, Path(cfg.eval.cache_dir), accelerator.device)
+        self.evaluator = (metrics.Evaluator.for_data(cfg.data, self.images, Path(cfg.eval.cache_dir),
+                                                     accelerator.device)
                           if cfg.eval.num_samples and accelerator.is_main_process else None)
+        if self.evaluator is not None:
+            print(f"quality metrics against {self.evaluator.against} (the feature network labels "
+                  f"{self.evaluator.test_accuracy():.2%} of it correctly)", flush=True)
         generator, discriminator, g_optimizer, d_optimizer = accelerator.prepare(*build_networks(cfg, self.images))
         # The plain modules (no DDP, no torch.compile wrapper): what is saved, averaged and sampled from.
         plain_generator, plain_discriminator = (accelerator.unwrap_model(m, keep_torch_compile=False)

@@ -1,6 +1,6 @@
-"""Sample-quality metrics on the features of the project's MNIST classifier.
+"""Sample-quality metrics on the features of a classifier trained on the data (train/classifier.py).
 
-For a set of generated images against the 10,000 MNIST test images:
+For a set of generated images against the data's test split (MNIST's 10,000 test images for MNIST):
 
 - `fd`: Fréchet distance between Gaussians fitted to the penultimate features (float64, scipy's
   sqrtm); the MNIST analogue of FID; it falls with the number of samples, so compare FDs of equal
@@ -9,7 +9,7 @@ For a set of generated images against the 10,000 MNIST test images:
 - `precision`, `recall`: k-nearest-neighbour manifolds (Kynkäänniemi et al. 2019, k=3);
 - `density`, `coverage`: Naeem et al. 2020 (k=5);
 - `classes_present` (digits with at least 1% of the samples), `class_kl` (KL of the predicted-class
-  histogram to uniform) and `inception_score` (with the MNIST classifier instead of Inception);
+  histogram to uniform) and `inception_score` (with the data's classifier instead of Inception);
 - per digit (`per_digit`): the generated samples the classifier labels as that digit against the
   test images of that digit: count, FD, recall; for a conditional generator also grouped by the
   digit it was asked for, with `agreement` (the share the classifier labels as asked), and overall
@@ -21,27 +21,23 @@ one can look at. Real-set features are cached on disk, keyed by the test set and
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import hashlib
 import math
-import os
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import safetensors.torch
 import scipy.linalg
 import torch
-from safetensors import safe_open
 from torch import Tensor
 
-from train import classifier
-from train.config import SHIPPED_MNIST
-from train.data import read_idx_images, read_idx_labels
+from train import classifier, data, tensor_cache
+from train.config import SHIPPED_MNIST, DataConfig
+from train.data import ImageSet, read_idx_images, read_idx_labels
 from train.errors import DataError
-from train.images import MNIST_DATASET, ImageSpec
+from train.images import MNIST, MNIST_DATASET, ImageSpec
 from train.models import balanced_labels, split_like
 
 PRECISION_RECALL_K = 3
@@ -73,10 +69,10 @@ class Features:
 
 
 @torch.no_grad()
-def extract(network: classifier.MnistClassifier, images: Tensor, batch_size: int = 1000) -> Features:
+def extract(network: classifier.FeatureNetwork, images: Tensor, batch_size: int = 1000) -> Features:
     """Features of uint8 images [N, C, H, W] (or [N, H, W] of grey ones), on the network's device."""
     device = next(network.parameters()).device
-    images = images.reshape(-1, *classifier.IMAGES.shape)
+    images = images.reshape(-1, *network.images.shape)
     features, probabilities = [], []
     for chunk in images.split(batch_size):
         hidden, logits = network(chunk.to(device).float().div(255))
@@ -244,39 +240,71 @@ def per_digit(real: Features, real_labels: Tensor, fake: Features, asked: Tensor
 
 
 class Evaluator:
-    """The feature network and the cached features of the MNIST test set, ready to score samples."""
+    """A feature network and the cached features of a test set it describes, ready to score samples."""
 
     @classmethod
-    def for_images(cls, images: ImageSpec, cache_dir: Path, device: torch.device | str = "cpu") -> Evaluator:
-        """The evaluator whose feature network and test set describe `images`; refused by name for images they do
-        not describe: a run is never scored against another data set."""
-        if images.dataset != MNIST_DATASET:
-            raise DataError(f"the quality metrics score images against MNIST's test set with an MNIST classifier, and "
-                            f"this data is not MNIST's ({images.describe()}); they would measure the distance to "
-                            "MNIST, not to this data, so they are refused (train such data with eval.num_samples=0)")
-        return cls(SHIPPED_MNIST, cache_dir, device)
+    def for_data(cls, data_cfg: DataConfig, images: ImageSpec, cache_dir: Path,
+                 device: torch.device | str = "cpu") -> Evaluator:
+        """The evaluator of the data `images` describes, read from `data_cfg`: MNIST's committed classifier and test
+        set for MNIST's images, whichever source gave them; for other labelled data, a feature network trained on its
+        own training split (`classifier.for_data`) and its own test split. Refused by name where that data is not at
+        `data_cfg` or has no labels or no test split: a run is never scored against another data set."""
+        if images.dataset == MNIST_DATASET:
+            return cls.mnist(SHIPPED_MNIST, cache_dir, device)
+        where = f"data.source={data_cfg.source} data.path={data_cfg.path!r}"
+        if not images.num_classes:
+            raise DataError(f"{where} is unlabelled, and the quality metrics need a feature network trained on the "
+                            "data's own labelled images (no pretrained one is downloaded): give the data labels (class "
+                            "subfolders, a label column) or train without the metrics (eval.num_samples=0)")
+        elsewhere = "point data.path (train.evaluate's --data-path) at the data the generator was trained on"
+        try:
+            training = data.load(data_cfg, "train", labelled=True)
+        except DataError as error:
+            raise DataError(f"the quality metrics read the {images.describe()} the generator was trained on, and "
+                            f"{where} gives no such data ({error}): {elsewhere}") from None
+        if training.spec.dataset != images.dataset:
+            raise DataError(f"{where} holds {training.spec.describe()}, not the {images.describe()} to be scored; "
+                            f"{elsewhere}")
+        try:
+            test = data.load(data_cfg, "test", labelled=True)
+        except DataError as error:
+            raise DataError(f"the quality metrics score samples against the data's test split, and it could not be "
+                            f"read: {error}; or train without the metrics (eval.num_samples=0)") from None
+        if test.spec.shape != images.shape:
+            raise DataError(f"{where}: its test split holds {test.spec.describe()}, its training split "
+                            f"{images.describe()}; give both splits images of one shape")
+        network, digest = classifier.for_data(training, cache_dir, device)
+        return cls(network, digest, test, lambda: training.images, cache_dir, f"the test split of {images.dataset}")
 
-    def __init__(self, data_dir: Path, cache_dir: Path, device: torch.device | str = "cpu"):
-        self.network = classifier.load(device)
-        self.data_dir, self.cache_dir = Path(data_dir), Path(cache_dir)
-        self.real = self._real_features(self.cache_dir)
+    @classmethod
+    def mnist(cls, data_dir: Path, cache_dir: Path, device: torch.device | str = "cpu") -> Evaluator:
+        """MNIST's committed classifier and the test set in the IDX folder `data_dir`."""
+        data_dir = Path(data_dir)
+        test = ImageSet(read_idx_images(data_dir, "test")[:, None], read_idx_labels(data_dir, "test").long(), MNIST)
+        return cls(classifier.load(device), classifier.WEIGHTS_SHA256, test,
+                   lambda: read_idx_images(data_dir, "train")[:, None], cache_dir, "MNIST's test set")
 
-    @functools.cached_property
-    def real_labels(self) -> Tensor:
-        """The test images' labels, for the metrics per digit: read once, when first needed."""
-        return read_idx_labels(self.data_dir, "test")
+    def __init__(self, network: classifier.FeatureNetwork, network_sha256: str, test: ImageSet,
+                 training_images: Callable[[], Tensor], cache_dir: Path, against: str):
+        """`test`: the labelled images samples are scored against, described by `against` in reports;
+        `training_images`: reads the training images, for the floor."""
+        self.network, self.against = network, against
+        self.real_labels = test.labels
+        self._training_images = training_images
+        self.real = self._real_features(test.images, network_sha256, Path(cache_dir))
 
     def score(self, images: Tensor) -> dict[str, float]:
-        """Metrics of uint8 images [N, 28, 28] against the MNIST test set."""
+        """Metrics of uint8 images [N, C, H, W] against the test set."""
         return compare(self.real, extract(self.network, images))
 
     def report(self, images: Tensor, asked: Tensor | None = None, bootstrap: int = 0, seed: int = 0
                ) -> dict[str, dict]:
-        """`score`'s metrics and `per_digit`'s, from one pass of the feature network: {"metrics", "per_digit"};
-        with `asked` (a conditional generator's labels) also "per_asked_digit" and metrics' "label_agreement";
-        with `bootstrap` resamples also "fd_interval" (`fd_interval`, seeded by `seed`)."""
+        """`score`'s metrics and `per_digit`'s, from one pass of the feature network: {"against", "metrics",
+        "per_digit"}; with `asked` (a conditional generator's labels) also "per_asked_digit" and metrics'
+        "label_agreement"; with `bootstrap` resamples also "fd_interval" (`fd_interval`, seeded by `seed`)."""
         fake = extract(self.network, images)
-        report = {"metrics": compare(self.real, fake), "per_digit": per_digit(self.real, self.real_labels, fake)}
+        report = {"against": self.against, "metrics": compare(self.real, fake),
+                  "per_digit": per_digit(self.real, self.real_labels, fake)}
         if asked is not None:
             predicted = fake.probabilities.argmax(1).cpu()
             report["metrics"]["label_agreement"] = (predicted == asked.cpu()).double().mean().item()
@@ -285,8 +313,13 @@ class Evaluator:
             report["fd_interval"] = fd_interval(self.real.features, fake.features, bootstrap, seed=seed)
         return report
 
+    def test_accuracy(self) -> float:
+        """The share of the test images the feature network labels correctly: how well its features know the data."""
+        predicted = self.real.probabilities.argmax(1).cpu()
+        return (predicted == self.real_labels.cpu()).double().mean().item()
+
     def fd_interval(self, images: Tensor, resamples: int, seed: int = 0) -> dict:
-        """The FD of uint8 images against the MNIST test set, with its bootstrap interval (`fd_interval`)."""
+        """The FD of uint8 images against the test set, with its bootstrap interval (`fd_interval`)."""
         return fd_interval(self.real.features, extract(self.network, images).features, resamples, seed=seed)
 
     def training_set_floor(self, num: int, seed: int = 0) -> dict[str, float]:
@@ -303,65 +336,22 @@ class Evaluator:
             "noise_0.05": images + 0.05 * noise,
             "noise_0.1": images + 0.1 * noise,
             "shifted_1px": torch.roll(images, 1, dims=-1),
-            "blurred_3x3": torch.nn.functional.conv2d(images.unsqueeze(1), blur, padding=1).squeeze(1),
+            "blurred_3x3": torch.nn.functional.conv2d(images.flatten(0, 1)[:, None], blur, padding=1).view_as(images),
         }
         return {name: self.score(to_uint8(batch.clamp(0, 1))) for name, batch in degraded.items()}
 
     def training_images(self, num: int, seed: int) -> Tensor:
         """`num` real training images, chosen at random by `seed`: the floor's sample set."""
-        images = read_idx_images(self.data_dir, "train")
+        images = self._training_images()
         return images[torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:num]]
 
-    def _real_features(self, cache_dir: Path) -> Features:
-        images = read_idx_images(self.data_dir, "test")
-        key = hashlib.sha256(images.numpy().tobytes() + classifier.WEIGHTS_SHA256.encode()).hexdigest()[:16]
-        path = cache_dir / f"mnist_test_features_{key}.safetensors"
+    def _real_features(self, images: Tensor, network_sha256: str, cache_dir: Path) -> Features:
+        key = hashlib.sha256(images.numpy().tobytes() + network_sha256.encode()).hexdigest()[:16]
+        path = cache_dir / f"test_features_{key}.safetensors"
         device = str(next(self.network.parameters()).device)
-        if path.is_file():
-            cached = _read_cached_features(path)
-            if cached is not None:
-                return Features(cached["features"].to(device), cached["probabilities"].to(device))
+        cached = tensor_cache.read(path, "test-set features")
+        if cached is not None:
+            return Features(cached["features"].to(device), cached["probabilities"].to(device))
         real = extract(self.network, images)
-        _write_cached_features(path, {"features": real.features, "probabilities": real.probabilities})
+        tensor_cache.write(path, {"features": real.features, "probabilities": real.probabilities}, "test-set features")
         return real
-
-
-def _write_cached_features(path: Path, tensors: dict[str, Tensor]) -> None:
-    """Cache the test-set features with the SHA-256 of their tensors; one that cannot be written is only a warning:
-    the evaluation goes on, and extracts the features again next time."""
-    tensors = {name: tensor.cpu().contiguous() for name, tensor in tensors.items()}
-    staging = path.with_name(f".{path.name}.{os.getpid()}.incomplete")
-    try:  # written by Python, so that a full disk or a read-only cache is an OSError
-        path.parent.mkdir(parents=True, exist_ok=True)
-        staging.write_bytes(safetensors.torch.save(tensors, metadata={"sha256": _tensors_sha256(tensors)}))
-        os.replace(staging, path)  # atomic: concurrent runs never read a half-written cache
-    except OSError as error:
-        with contextlib.suppress(OSError):  # e.g. eval.cache_dir is a file: there is no staging file
-            staging.unlink()
-        warnings.warn(f"could not cache the test-set features in {path} ({error}); a writable "
-                      "eval.cache_dir (train.evaluate's --cache-dir) saves the seconds they take", stacklevel=3)
-
-
-def _tensors_sha256(tensors: dict[str, Tensor]) -> str:
-    digest = hashlib.sha256()
-    for name in sorted(tensors):
-        digest.update(name.encode() + tensors[name].numpy().tobytes())
-    return digest.hexdigest()
-
-
-def _read_cached_features(path: Path) -> dict[str, Tensor] | None:
-    """The cached test-set features if the file is whole and its tensors match the SHA-256 it was written with;
-    None (after a warning) for a damaged, edited or older cache, which is then extracted and written again."""
-    try:
-        with safe_open(path, framework="pt") as file:
-            expected = (file.metadata() or {}).get("sha256")
-            # Copied out of the memory map: a cache cut short in place later cannot fault the run.
-            tensors = {name: file.get_tensor(name).clone() for name in ("features", "probabilities")}
-        if expected == _tensors_sha256(tensors):
-            return tensors
-        problem = ("its tensors do not match the SHA-256 it was written with" if expected else
-                   "it carries no SHA-256 of its tensors (written by an older version)")
-    except Exception as error:  # safetensors' own error for a cut-short or garbled file
-        problem = f"it cannot be read ({error})"
-    warnings.warn(f"not using the cached test-set features {path}: {problem}; extracting them again", stacklevel=3)
-    return None
