@@ -8,29 +8,18 @@ import shutil
 
 import numpy as np
 import pytest
-import torch
+from PIL import Image
 
-from conftest import (REPO, TINY, all_state, assert_bitwise_equal, logged_metrics, run_train, write_idx_images,
-                      write_idx_labels)
-from train import classifier
+from conftest import (REPO, TINY, accelerate_launch, all_state, assert_bitwise_equal, logged_metrics, run_train,
+                      write_idx_images, write_idx_labels)
+from train import classifier, colour_digits
 from train.config import DataConfig
 from train.data import load, read_idx_images, read_idx_labels
 from train.metrics import Evaluator
 
-COLOURS = torch.tensor([[255, 64, 64], [64, 255, 64], [64, 64, 255], [255, 255, 64]], dtype=torch.float32) / 255
-RGB_RUN = TINY + ["model.conditional=true", "data.source=hf"]
+RGB_RUN = TINY + ["model.conditional=true", "data.source=folder"]
 TRAIN_IMAGES, TEST_IMAGES = 600, 200  # enough for a feature network that tells the digits apart
 OWN_TEST_SPLIT = "quality metrics against the test split of sha256:"
-
-
-def coloured_digits(split: str, count: int) -> tuple[np.ndarray, np.ndarray]:
-    """The first `count` MNIST digits of `split` as 32x32 RGB pictures (padded by 2 pixels, each in one of four
-    colours), and their labels."""
-    grey = read_idx_images(REPO / "data" / "mnist", split)[:count]
-    padded = torch.nn.functional.pad(grey, (2, 2, 2, 2)).float()[:, None]  # [N, 1, 32, 32]
-    colour = COLOURS[torch.arange(count) % len(COLOURS)][:, :, None, None]  # [N, 3, 1, 1]
-    rgb = (padded * colour).round().to(torch.uint8).permute(0, 2, 3, 1)  # [N, 32, 32, 3]
-    return rgb.numpy(), read_idx_labels(REPO / "data" / "mnist", split)[:count].numpy()
 
 
 def write_parquet(path, pictures: np.ndarray, labels: np.ndarray | None) -> None:
@@ -45,19 +34,24 @@ def write_parquet(path, pictures: np.ndarray, labels: np.ndarray | None) -> None
 
 @pytest.fixture(scope="module")
 def rgb_digits(tmp_path_factory):
-    """Coloured 32x32 digits with their labels, a training and a test split, as a local Hugging Face dataset."""
-    folder = tmp_path_factory.mktemp("rgb_digits")
-    for split, count in (("train", TRAIN_IMAGES), ("test", TEST_IMAGES)):
-        write_parquet(folder / f"{split}.parquet", *coloured_digits(split, count))
+    """Coloured 32x32 digits as an image folder (train/<digit>/*.png, test/<digit>/*.png), made by the documented
+    command's code from the shipped MNIST."""
+    folder = tmp_path_factory.mktemp("rgb") / "colour_digits"
+    colour_digits.write(folder, {"train": TRAIN_IMAGES, "test": TEST_IMAGES})
     return folder
+
+
+def rgb_args(rgb_digits, run_dir, *more: str) -> list[str]:
+    """A short conditional run on the coloured digits, decoded into a cache beside them (not the repository's)."""
+    return RGB_RUN + [f"data.path={rgb_digits}", f"data.cache_dir={rgb_digits.parent / 'decoded'}",
+                      f"run.dir={run_dir}", "checkpoint.every=3", *more]
 
 
 @pytest.fixture(scope="module")
 def rgb_run(rgb_digits, tmp_path_factory, eval_cache):
     """A conditional run on the coloured digits, evaluated at its end against their test split."""
     run_dir = tmp_path_factory.mktemp("rgb_run")
-    result = run_train(RGB_RUN + [f"data.path={rgb_digits}", f"run.dir={run_dir}", "checkpoint.every=3",
-                                  "eval.num_samples=100", f"eval.cache_dir={eval_cache}"])
+    result = run_train(rgb_args(rgb_digits, run_dir, "eval.num_samples=100", f"eval.cache_dir={eval_cache}"))
     assert result.returncode == 0, result.stderr[-3000:]
     assert OWN_TEST_SPLIT in result.stdout, result.stdout[-3000:]
     return run_dir
@@ -74,16 +68,30 @@ def test_rgb_images_train_and_their_description_is_recorded(rgb_run):
 
 def test_a_resume_continues_bitwise_and_refuses_data_of_another_shape(rgb_digits, rgb_run, tmp_path, tiny_mnist):
     run_dir = tmp_path / "resumed"
-    first = run_train(RGB_RUN + [f"data.path={rgb_digits}", f"run.dir={run_dir}", "checkpoint.every=3",
-                                 "train.steps=3"])
+    first = run_train(rgb_args(rgb_digits, run_dir, "train.steps=3"))
     assert first.returncode == 0, first.stderr[-3000:]
     other = run_train(TINY + ["model.conditional=true", f"data.path={tiny_mnist}", f"run.dir={run_dir}"])
     assert other.returncode == 2
     assert "was trained on 3x32x32 images, 10 classes (sha256:" in other.stderr
     assert "this data is 1x28x28 images, 10 classes (mnist): resume with the data it was trained on" in other.stderr
-    second = run_train(RGB_RUN + [f"data.path={rgb_digits}", f"run.dir={run_dir}", "checkpoint.every=3"])
+    second = run_train(rgb_args(rgb_digits, run_dir))
     assert second.returncode == 0, second.stderr[-3000:]
     assert_bitwise_equal(all_state(run_dir), all_state(rgb_run))
+
+
+@pytest.mark.slow
+def test_two_ranks_decode_once_and_resume_bitwise(rgb_digits, tmp_path):
+    """With two processes one decodes the folder while the other waits, and a resume continues bitwise."""
+    decoded = tmp_path / "decoded"
+    args = [f"data.cache_dir={decoded}"]
+    whole = accelerate_launch(2, ["-m", "train"] + rgb_args(rgb_digits, tmp_path / "whole") + args)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    assert len(list(decoded.glob("folder_*.safetensors"))) == 1
+    halves = tmp_path / "halves"
+    for steps in (3, 6):
+        result = accelerate_launch(2, ["-m", "train"] + rgb_args(rgb_digits, halves, f"train.steps={steps}") + args)
+        assert result.returncode == 0, result.stderr[-3000:]
+    assert_bitwise_equal(all_state(halves), all_state(tmp_path / "whole"))
 
 
 def test_sample_draws_the_asked_class_in_the_datas_shape_and_an_export_reloads(rgb_run, tmp_path, tool_here):
@@ -138,17 +146,18 @@ def test_a_feature_network_trained_on_the_data_knows_it_and_mnists_does_not(rgb_
 
 def test_the_quality_metrics_refuse_what_they_cannot_measure_before_any_work(rgb_digits, rgb_run, tmp_path,
                                                                                  tool_here):
-    unlabelled, no_test = tmp_path / "unlabelled", tmp_path / "no_test"
+    unlabelled, no_test = tmp_path / "unlabelled", tmp_path / "no_test"  # a flat image folder; parquet files
     unlabelled.mkdir(), no_test.mkdir()
-    pictures, labels = coloured_digits("train", 96)
-    write_parquet(unlabelled / "train.parquet", pictures, None)
+    pictures, labels = colour_digits.coloured("train", 96)
+    for index, picture in enumerate(pictures):
+        Image.fromarray(picture).save(unlabelled / f"{index}.png")
     write_parquet(no_test / "train.parquet", pictures, labels)
-    for data, problem in ((unlabelled, "is unlabelled, and the quality metrics need a feature network trained on the "
-                                       "data's own labelled images"),
-                          (no_test, "holds no parquet file of the split 'test'")):
+    for source, data, problem in (("folder", unlabelled, "is unlabelled, and the quality metrics need a feature "
+                                                         "network trained on the data's own labelled images"),
+                                  ("hf", no_test, "holds no parquet file of the split 'test'")):
         run_dir = tmp_path / "refused"
-        result = run_train(TINY + ["data.source=hf", f"data.path={data}", f"run.dir={run_dir}",
-                                   "eval.num_samples=100"])
+        result = run_train(TINY + [f"data.source={source}", f"data.path={data}", f"run.dir={run_dir}",
+                                   "eval.num_samples=100", f"data.cache_dir={tmp_path / 'decoded'}"])
         assert result.returncode == 2, result.stderr[-3000:]
         assert problem in result.stderr and "eval.num_samples=0" in result.stderr
         assert not (run_dir / "checkpoints").exists()
@@ -158,7 +167,7 @@ def test_the_quality_metrics_refuse_what_they_cannot_measure_before_any_work(rgb
     exported = tmp_path / "export"
     assert tool_here("export", "--checkpoint", rgb_run, "--out", exported).returncode == 0
     description = json.loads((exported / "generator.json").read_text())
-    assert description["data"]["source"] == "hf" and description["data"]["path"] == str(rgb_digits)
+    assert description["data"]["source"] == "folder" and description["data"]["path"] == str(rgb_digits)
     (exported / "generator.json").write_text(json.dumps(description | {"data": description["data"] | {
         "path": str(unlabelled)}}))
     shifted = tool_here("evaluate", "--checkpoint", exported, "--num", 100, "--cache-dir", tmp_path / "cache")

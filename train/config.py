@@ -31,11 +31,14 @@ class RunConfig:
 
 @dataclass
 class DataConfig:
-    source: str = "idx"  # idx | hf | torchvision
-    path: str = str(SHIPPED_MNIST)  # IDX folder, HF dataset id/folder/parquet, or torchvision root
+    source: str = "idx"  # idx | hf | torchvision | folder
+    path: str = str(SHIPPED_MNIST)  # IDX folder, HF dataset id/folder/parquet, torchvision root, or image folder
     batch_size: int = 64  # per process
     split: str = "train"  # Hugging Face split name
-    torchvision_name: str = "MNIST"  # MNIST | FashionMNIST | KMNIST
+    torchvision_name: str = "MNIST"  # MNIST | FashionMNIST | KMNIST | CIFAR10
+    resolution: int | None = None  # the square size the networks get (scaled, centre-cropped); null: as they are
+    channels: int | None = None  # 1 (grey) | 3 (RGB); null: grey where every picture is grey, else RGB
+    cache_dir: str = ".cache/data"  # image folders decoded once, keyed by their files' content
 
 
 @dataclass
@@ -134,8 +137,9 @@ class Config:
 
 
 CHOICES = {
-    "data.source": ("idx", "hf", "torchvision"),
-    "data.torchvision_name": ("MNIST", "FashionMNIST", "KMNIST"),
+    "data.source": ("idx", "hf", "torchvision", "folder"),
+    "data.torchvision_name": ("MNIST", "FashionMNIST", "KMNIST", "CIFAR10"),
+    "data.channels": (None, 1, 3),
     "model.arch": ("seed", "dcgan"),
     "model.upsample": ("fused", "native"),
     "loss.kind": ("bce", "hinge"),
@@ -148,6 +152,7 @@ _NOT_NEGATIVE = (lambda v: v >= 0, "0 or more")
 _IN_UNIT_INTERVAL = (lambda v: 0 <= v < 1, "in [0, 1)")
 RULES = {
     "data.batch_size": _GREATER_THAN_ZERO,
+    "data.resolution": (lambda v: v is None or v >= 8, "null (the pictures' own size) or at least 8"),
     "model.z_dim": _GREATER_THAN_ZERO,
     "loss.r1_gamma": _NOT_NEGATIVE,
     "loss.r1_every": _GREATER_THAN_ZERO,
@@ -174,7 +179,7 @@ RULES = {
     "profile.after": _GREATER_THAN_ZERO,
 }
 
-PATHS = ("run.dir", "data.path", "eval.cache_dir")
+PATHS = ("run.dir", "data.path", "data.cache_dir", "eval.cache_dir")
 NAME_MAX = 255  # bytes in one file or folder name, on Linux's file systems
 PATH_MAX = 4096  # bytes in a whole path, with its terminating zero, on Linux
 
@@ -244,7 +249,7 @@ def validate(cfg: Config) -> None:
     for key, allowed in CHOICES.items():
         value = OmegaConf.select(node, key)
         if value not in allowed:
-            shown = ", ".join("null" if a is None else a for a in allowed)
+            shown = ", ".join("null" if a is None else str(a) for a in allowed)
             raise ConfigError(f"config key '{key}' is {value!r}; allowed values: {shown}")
     for key, value in _leaves(to_dict(cfg)):
         if isinstance(value, float) and not math.isfinite(value):

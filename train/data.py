@@ -1,4 +1,4 @@
-"""Image data: reading it (IDX files, Hugging Face `datasets`, torchvision) and dealing it to ranks.
+"""Image data: reading it (IDX files, Hugging Face `datasets`, torchvision, an image folder) and dealing it to ranks.
 
 Every source ends as one uint8 tensor [N, C, H, W] (and, for class-conditional training, int64
 labels [N]). Training keeps them on the device and draws batches by indexing them with an epoch
@@ -7,8 +7,10 @@ permutation, so a step costs no host-to-device copy.
 
 from __future__ import annotations
 
+import functools
 import gzip
 import hashlib
+import io
 import math
 import struct
 from dataclasses import dataclass
@@ -16,10 +18,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
+from train import pictures
 from train.config import SHIPPED_MNIST, DataConfig
 from train.errors import DataError
 from train.images import MNIST, MNIST_DATASET, ImageSpec
+from train.memory import free_on, gib
 
 IDX_MAGIC = {2049: 1, 2051: 3}  # labels: 1 dimension, images: 3 dimensions
 IDX_FILES = {"train": "train-images-idx3-ubyte", "test": "t10k-images-idx3-ubyte"}
@@ -39,24 +44,31 @@ class ImageSet:
 def load(cfg: DataConfig, split: str = "train", labelled: bool = False) -> ImageSet:
     """`split` of the configured source, on the CPU, described by the source; with its labels where `labelled`
     (class-conditional training), which the source must then have."""
+    where = f"data.source={cfg.source} data.path={cfg.path!r}"
+    dataset = None  # where the labels come from, for the hf and torchvision sources
     if cfg.source == "idx":
         images, num_classes = read_idx_images(Path(cfg.path), split)[:, None], IDX_CLASSES
     elif cfg.source == "hf":
         dataset = _hf_dataset(cfg.path, cfg.split if split == "train" else split, training=split == "train")
-        images, num_classes = _hf_images(cfg.path, dataset), _hf_num_classes(cfg.path, dataset, labelled)
-    else:
+        images = _hf_images(cfg.path, dataset, cfg.resolution, cfg.channels)
+        num_classes = _hf_num_classes(cfg.path, dataset, labelled)
+    elif cfg.source == "torchvision":
         dataset = _torchvision_dataset(cfg.path, cfg.torchvision_name, train=split == "train")
         images, num_classes = _torchvision_images(dataset), len(getattr(dataset, "classes", ()))
+    else:
+        dataset = pictures.read_folder(Path(cfg.path), split, cfg.resolution, cfg.channels, Path(cfg.cache_dir))
+        images, num_classes = dataset.images, len(dataset.classes)
     if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] not in (1, 3):
-        raise DataError(f"data.source={cfg.source} data.path={cfg.path!r} gave {images.dtype} data of shape "
-                        f"{tuple(images.shape)} (as [N, channels, height, width]); the networks need uint8 grey or "
-                        "RGB images (e.g. MNIST's train-images file, not its labels)")
+        raise DataError(f"{where} gave {images.dtype} data of shape {tuple(images.shape)} (as [N, channels, height, "
+                        "width]); the networks need uint8 grey or RGB images (e.g. MNIST's train-images file, not its "
+                        "labels)")
+    images = pictures.conform(images, cfg.resolution, cfg.channels, where)
     labels = None
     if labelled:
         if not num_classes:
             raise DataError(f"data.source={cfg.source} data.path={cfg.path!r} has no labels; model.conditional=true "
                             "needs a class label per image (or set model.conditional=false)")
-        labels = _labels(cfg, split, dataset if cfg.source != "idx" else None)
+        labels = _labels(cfg, split, dataset)
         if labels.dim() != 1 or len(labels) and not 0 <= int(labels.min()) <= int(labels.max()) < num_classes:
             raise DataError(f"data.source={cfg.source} data.path={cfg.path!r} gave labels of shape "
                             f"{tuple(labels.shape)}{f' from {int(labels.min())} to {int(labels.max())}' if labels.numel() else ''}; "
@@ -87,6 +99,8 @@ def _labels(cfg: DataConfig, split: str, dataset) -> torch.Tensor:
         return read_idx_labels(Path(cfg.path), split).long()
     if cfg.source == "hf":
         return torch.tensor(dataset["label"]).long()
+    if cfg.source == "folder":
+        return dataset.labels
     return torch.as_tensor(dataset.targets).long()
 
 
@@ -170,23 +184,23 @@ def read_checksums(sums_file: Path) -> dict[str, str]:
     return checksums
 
 
-def _hf_images(source: str, dataset) -> torch.Tensor:
-    """The `image` column as uint8 [N, C, H, W]: grey where every picture is grey (mode L), else RGB."""
+def _hf_images(source: str, dataset, resolution: int | None, channels: int | None) -> torch.Tensor:
+    """The `image` column as uint8 [N, C, H, W], converted by train/pictures.py's rule."""
     if "image" not in dataset.column_names:
         raise DataError(f"Hugging Face dataset {source!r} has columns {dataset.column_names}; it needs an 'image' column")
     import datasets
     if not isinstance(dataset.features["image"], datasets.Image):
         raise DataError(f"Hugging Face dataset {source!r} has an 'image' column of {dataset.features['image']}, not "
                         "of images (datasets.Image): give the pictures themselves in that column")
-    pictures = dataset["image"]
-    mode = "L" if all(picture.mode == "L" for picture in pictures) else "RGB"
-    sizes = {picture.size for picture in pictures}
-    if len(sizes) > 1:
-        shown = ", ".join(f"{w}x{h}" for w, h in sorted(sizes)[:3])
-        raise DataError(f"Hugging Face dataset {source!r} has images of {len(sizes)} sizes ({shown}, ...); give "
-                        "images of one size")
-    images = np.stack([np.asarray(picture.convert(mode), dtype=np.uint8) for picture in pictures])
-    return torch.from_numpy(images[:, None] if mode == "L" else images.transpose(0, 3, 1, 2).copy())
+    encoded = dataset.cast_column("image", datasets.Image(decode=False))["image"]  # decoded once, by to_tensor
+    return pictures.to_tensor([(f"row {row}", functools.partial(_hf_picture, picture))
+                               for row, picture in enumerate(encoded)], resolution, channels,
+                              f"Hugging Face dataset {source!r}")
+
+
+def _hf_picture(encoded: dict) -> Image.Image:
+    """A picture of a `datasets.Image` column read without decoding: {"bytes": ..., "path": ...}."""
+    return Image.open(io.BytesIO(encoded["bytes"]) if encoded.get("bytes") is not None else encoded["path"])
 
 
 def _hf_num_classes(source: str, dataset, labelled: bool) -> int:
@@ -307,6 +321,10 @@ class ShardedBatches:
             )
         if labels is not None and len(labels) != len(images):
             raise DataError(f"the data set has {len(images)} images but {len(labels)} labels; give one label per image")
+        needed = images.nbytes + (labels.nbytes if labels is not None else 0)
+        if device.type != "cpu" and needed > (free := free_on(device)):  # on the CPU it is already in memory
+            raise DataError(f"the data set takes {gib(needed)} and is kept on {device} whole, which has {gib(free)} "
+                            "free: lower data.resolution, use fewer images, or a device with more memory")
         self.images = images.to(device)
         self.labels = labels.to(device) if labels is not None else None  # drawn with the images, by the same indices
         self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed

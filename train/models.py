@@ -174,7 +174,7 @@ def dcgan_stages(images: ImageSpec) -> tuple[int, int]:
         base, doublings = base // 2, doublings + 1
     if images.height != images.width or base > MAX_BASE or doublings == 0:
         raise DataError(f"model.arch=dcgan builds square images of a size that halves to at most {MAX_BASE} (e.g. 28, "
-                        f"32, 48, 64); these are {images.height}x{images.width}: resize them to such a size")
+                        f"32, 48, 64); these are {images.height}x{images.width}: set data.resolution to such a size")
     return base, doublings
 
 

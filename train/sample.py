@@ -9,7 +9,6 @@ it every class, one row each.
 import argparse
 import io
 import math
-import os
 import sys
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from torchvision.utils import make_grid, save_image
 from train.errors import EXIT_BAD_INPUT, EXIT_WRITE_FAILED, CheckpointError
 from train.export import load_generator
 from train.files import write_atomically
+from train.memory import available_memory
 from train.metrics import GENERATION_CHUNK, to_uint8
 from train.models import split_like
 
@@ -59,17 +59,6 @@ def check_fits_in_memory(parser: argparse.ArgumentParser, count: int, bytes_each
     if count * bytes_each > available:
         parser.error(f"--num {count} needs about {count * bytes_each / 2 ** 30:.3g} GiB of memory, and this machine "
                      f"has {available / 2 ** 30:.3g} GiB available: ask for at most {available // bytes_each}")
-
-
-def available_memory() -> int:
-    """Bytes of memory available to a new allocation without swapping (Linux's MemAvailable), else all of it."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def class_label(text: str) -> int:
