@@ -194,7 +194,7 @@ def test_a_subset_of_mnist_is_mnist_and_an_export_without_images_reads_as_mnists
 
 
 def test_the_blogs_networks_refuse_rgb_data_before_any_work(rgb_digits, tmp_path):
-    result = run_train(RGB_RUN + [f"data.path={rgb_digits}", f"run.dir={tmp_path / 'run'}", "model.arch=seed"])
+    result = run_train(rgb_args(rgb_digits, tmp_path / "run", "model.arch=seed"))
     assert result.returncode == 2
     assert "model.arch=seed (the blog's networks) draws 1x28x28 images; these are 3x32x32: use model.arch=dcgan" \
         in result.stderr

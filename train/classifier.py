@@ -13,12 +13,14 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
+from tqdm import tqdm
 
 from train import tensor_cache
 from train.data import ImageSet, read_idx_images, read_idx_labels
@@ -104,11 +106,13 @@ def train(images: Tensor, labels: Tensor, spec: ImageSpec, device: torch.device 
         steps = max(EPOCHS * batches_per_epoch, MIN_STEPS)  # small data sets: more epochs, enough steps to learn
         optimizer = torch.optim.Adam(network.parameters(), lr=1e-3)
         schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=3e-3, total_steps=steps)
+        bar = tqdm(total=steps, desc="feature network", mininterval=0.1 if sys.stderr.isatty() else 30)
         for _ in range(-(-steps // batches_per_epoch)):
             order = torch.randperm(len(images))
             for batch in order[: batches_per_epoch * BATCH].view(batches_per_epoch, -1):
                 if schedule.last_epoch == steps:
                     break
+                bar.update()
                 x = images[batch].to(device).float().div(255)
                 shift = torch.randint(-2, 3, (2,)).tolist()  # small random translations: more robust features
                 x = torch.roll(x, shifts=shift, dims=(2, 3))
@@ -118,6 +122,7 @@ def train(images: Tensor, labels: Tensor, spec: ImageSpec, device: torch.device 
                 loss.backward()
                 optimizer.step()
                 schedule.step()
+        bar.close()
     return network.eval()
 
 

@@ -239,6 +239,14 @@ def per_digit(real: Features, real_labels: Tensor, fake: Features, asked: Tensor
     return digits
 
 
+def _labelled_split(data_cfg: DataConfig, split: str, problem: str) -> ImageSet:
+    """`split` of the data with its labels, or a DataError saying `problem`, its "{error}" the reader's error."""
+    try:
+        return data.load(data_cfg, split, labelled=True)
+    except DataError as error:
+        raise DataError(problem.replace("{error}", str(error))) from None
+
+
 class Evaluator:
     """A feature network and the cached features of a test set it describes, ready to score samples."""
 
@@ -257,19 +265,13 @@ class Evaluator:
                             "data's own labelled images (no pretrained one is downloaded): give the data labels (class "
                             "subfolders, a label column) or train without the metrics (eval.num_samples=0)")
         elsewhere = "point data.path (train.evaluate's --data-path) at the data the generator was trained on"
-        try:
-            training = data.load(data_cfg, "train", labelled=True)
-        except DataError as error:
-            raise DataError(f"the quality metrics read the {images.describe()} the generator was trained on, and "
-                            f"{where} gives no such data ({error}): {elsewhere}") from None
+        training = _labelled_split(data_cfg, "train", f"the quality metrics read the {images.describe()} the "
+                                   f"generator was trained on, and {where} gives no such data ({{error}}): {elsewhere}")
         if training.spec.dataset != images.dataset:
             raise DataError(f"{where} holds {training.spec.describe()}, not the {images.describe()} to be scored; "
                             f"{elsewhere}")
-        try:
-            test = data.load(data_cfg, "test", labelled=True)
-        except DataError as error:
-            raise DataError(f"the quality metrics score samples against the data's test split, and it could not be "
-                            f"read: {error}; or train without the metrics (eval.num_samples=0)") from None
+        test = _labelled_split(data_cfg, "test", "the quality metrics score samples against the data's test split, "
+                               "and it could not be read: {error}; or train without the metrics (eval.num_samples=0)")
         if test.spec.shape != images.shape:
             raise DataError(f"{where}: its test split holds {test.spec.describe()}, its training split "
                             f"{images.describe()}; give both splits images of one shape")
