@@ -291,7 +291,7 @@ class Evaluator:
         """`test`: the labelled images samples are scored against, described by `against` in reports;
         `training_images`: reads the training images, for the floor."""
         self.network, self.against = network, against
-        self.real_labels = test.labels
+        self.test_images, self.real_labels = test.images, test.labels
         self._training_images = training_images
         self.real = self._real_features(test.images, network_sha256, Path(cache_dir))
 

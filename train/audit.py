@@ -1,0 +1,126 @@
+"""`python -m train.audit --checkpoint RUN`: does the generator copy its training images?
+
+For `--num` generated samples, the distance of each to its nearest training image, on the data's
+feature network (the one the quality metrics use) and in pixels, set against the same distance for
+the data's held-out test images, which no generator saw. The copy rate is the share of samples
+nearer a training image than the 1st percentile of the test images' distances: about 1% for a
+generator that copies nothing (as for the test images themselves, by construction), near 100% for
+one that reproduces its training set. The distances are exact (chunked matrix products: samples x
+training images x feature size, about 1 TFLOP in pixels for 10,000 samples against MNIST's 60,000
+training images, seconds on a CPU; it grows with both counts and the image size). Prints JSON;
+`--grid` writes the closest sample/training-image pairs as a PNG (each sample beside its nearest
+training image).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+from torchvision.utils import save_image
+
+from train import data
+from train.config import EvalConfig
+from train.errors import EXIT_BAD_INPUT, CheckpointError, DataError
+from train.evaluate import bytes_per_sample
+from train.export import load_generator, training_data
+from train.metrics import DISTANCE_CHUNK, Evaluator, extract, to_uint8
+from train.models import balanced_labels
+from train.sample import available_device, check_fits_in_memory, generate, seed
+
+BASE_PERCENTILE = 1.0  # the test images' distance percentile below which a sample counts as a copy
+REPORTED_PERCENTILES = (1, 5, 25, 50)
+GRID_PAIRS = 32
+
+
+def nearest(queries: Tensor, references: Tensor) -> tuple[Tensor, Tensor]:
+    """(distance, index) of each row of `queries`' nearest row of `references`, exactly, in chunks."""
+    distances, indices = [], []
+    for chunk in queries.split(DISTANCE_CHUNK):
+        closest = torch.cdist(chunk.float(), references.float()).min(1)
+        distances.append(closest.values)
+        indices.append(closest.indices)
+    return torch.cat(distances), torch.cat(indices)
+
+
+def copy_statistics(samples: Tensor, held_out: Tensor, training: Tensor) -> dict:
+    """The copy rate of `samples` against `training`, with the threshold set by `held_out` (the same space: features
+    or flattened pixels), and the percentiles of both nearest-neighbour distance distributions."""
+    sample_distances, _ = nearest(samples, training)
+    held_out_distances, _ = nearest(held_out, training)
+    threshold = float(np.percentile(held_out_distances.cpu().numpy(), BASE_PERCENTILE))
+    return {
+        "copy_rate": (sample_distances < threshold).double().mean().item(),
+        "threshold": threshold,
+        "samples": _percentiles(sample_distances),
+        "held_out": _percentiles(held_out_distances),
+    }
+
+
+def _percentiles(distances: Tensor) -> dict[str, float]:
+    values = np.percentile(distances.cpu().numpy(), REPORTED_PERCENTILES)
+    return {f"p{p}": float(v) for p, v in zip(REPORTED_PERCENTILES, values)}
+
+
+def audit(evaluator: Evaluator, samples: Tensor, training: Tensor) -> tuple[dict, Tensor]:
+    """The copy statistics of uint8 `samples` [N, C, H, W] against the uint8 `training` images, on the evaluator's
+    features and in pixels, with its test images as the held-out set; and the GRID_PAIRS samples nearest a training
+    image in pixels, each followed by that image (uint8 [2 GRID_PAIRS, C, H, W])."""
+    features = {name: extract(evaluator.network, images).features
+                for name, images in (("samples", samples), ("training", training))}
+    pixels = {name: images.flatten(1).float().div(255)
+              for name, images in (("samples", samples), ("held_out", evaluator.test_images), ("training", training))}
+    report = {
+        "features": copy_statistics(features["samples"], evaluator.real.features, features["training"]),
+        "pixels": copy_statistics(pixels["samples"], pixels["held_out"], pixels["training"]),
+    }
+    distances, indices = nearest(pixels["samples"], pixels["training"])
+    closest = distances.argsort()[:GRID_PAIRS].cpu()
+    pairs = torch.stack([samples[closest], training[indices.cpu()[closest]]], dim=1).flatten(0, 1)
+    return report, pairs
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m train.audit", description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", required=True, help="checkpoint folder, run directory or exported generator")
+    parser.add_argument("--num", type=int, default=10000, help="generated samples to audit")
+    parser.add_argument("--seed", type=seed, default=0)
+    parser.add_argument("--grid", help="write the closest sample/training-image pairs to this PNG")
+    parser.add_argument("--cache-dir", default=EvalConfig.cache_dir)
+    parser.add_argument("--data-path", help="where the generator's training data is now, if not where it was "
+                        "recorded")
+    parser.add_argument("--device", type=available_device, default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+    if args.num < 1:
+        parser.error("--num must be at least 1")
+    if args.grid is not None and Path(args.grid).suffix.lower() != ".png":
+        parser.error(f"--grid {args.grid} must name a .png file")
+    try:  # the generator, its data and the feature network, before any sample is drawn
+        generator = load_generator(args.checkpoint, args.device)
+        check_fits_in_memory(parser, args.num, bytes_per_sample(generator.images))
+        data_cfg = training_data(args.checkpoint, args.data_path)
+        training = data.load(data_cfg)
+        if training.spec.dataset != generator.images.dataset:
+            raise DataError(f"data.source={data_cfg.source} data.path={data_cfg.path!r} is not the data the generator "
+                            f"was trained on ({generator.images.describe()}): an audit against other images says "
+                            "nothing of copying; give --data-path of the training data")
+        evaluator = Evaluator.for_data(data_cfg, generator.images, Path(args.cache_dir), args.device)
+    except (CheckpointError, DataError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    samples = to_uint8(generate(generator, args.num, args.seed, balanced_labels(args.num, generator.num_classes)))
+    report, pairs = audit(evaluator, samples, training.images)
+    if args.grid is not None:
+        save_image(pairs.float().div(255), args.grid, nrow=8, padding=2, pad_value=0.5)
+    print(json.dumps({"checkpoint": args.checkpoint, "num_samples": args.num, "seed": args.seed,
+                      "training_images": len(training.images), "held_out": evaluator.against, **report}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
