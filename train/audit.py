@@ -48,11 +48,9 @@ def nearest(queries: Tensor, references: Tensor) -> tuple[Tensor, Tensor]:
     return torch.cat(distances), torch.cat(indices)
 
 
-def copy_statistics(samples: Tensor, held_out: Tensor, training: Tensor) -> dict:
-    """The copy rate of `samples` against `training`, with the threshold set by `held_out` (the same space: features
-    or flattened pixels), and the percentiles of both nearest-neighbour distance distributions."""
-    sample_distances, _ = nearest(samples, training)
-    held_out_distances, _ = nearest(held_out, training)
+def copy_statistics(sample_distances: Tensor, held_out_distances: Tensor) -> dict:
+    """The copy rate of samples whose nearest training image lies at `sample_distances`, with the threshold set by
+    the held-out images' `held_out_distances` (the same space: features or pixels), and the percentiles of both."""
     threshold = float(np.percentile(held_out_distances.cpu().numpy(), BASE_PERCENTILE))
     return {
         "copy_rate": (sample_distances < threshold).double().mean().item(),
@@ -71,18 +69,22 @@ def audit(evaluator: Evaluator, samples: Tensor, training: Tensor) -> tuple[dict
     """The copy statistics of uint8 `samples` [N, C, H, W] against the uint8 `training` images, on the evaluator's
     features and in pixels, with its test images as the held-out set; and the GRID_PAIRS samples nearest a training
     image in pixels, each followed by that image (uint8 [2 GRID_PAIRS, C, H, W])."""
-    features = {name: extract(evaluator.network, images).features
-                for name, images in (("samples", samples), ("training", training))}
+    features = {"samples": extract(evaluator.network, samples).features, "held_out": evaluator.real.features,
+                "training": extract(evaluator.network, training).features}
     pixels = {name: images.flatten(1).float().div(255)
               for name, images in (("samples", samples), ("held_out", evaluator.test_images), ("training", training))}
-    report = {
-        "features": copy_statistics(features["samples"], evaluator.real.features, features["training"]),
-        "pixels": copy_statistics(pixels["samples"], pixels["held_out"], pixels["training"]),
-    }
-    distances, indices = nearest(pixels["samples"], pixels["training"])
+    report = {"features": _in_space(features)[0]}
+    report["pixels"], distances, indices = _in_space(pixels)
     closest = distances.argsort()[:GRID_PAIRS].cpu()
     pairs = torch.stack([samples[closest], training[indices.cpu()[closest]]], dim=1).flatten(0, 1)
     return report, pairs
+
+
+def _in_space(points: dict[str, Tensor]) -> tuple[dict, Tensor, Tensor]:
+    """`copy_statistics` of points["samples"] and points["held_out"] against points["training"], with each sample's
+    distance to its nearest training point and that point's index."""
+    distances, indices = nearest(points["samples"], points["training"])
+    return copy_statistics(distances, nearest(points["held_out"], points["training"])[0]), distances, indices
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -73,7 +73,6 @@ def for_data(training: ImageSet, cache_dir: Path, device: torch.device | str = "
     path = Path(cache_dir) / f"feature_network_{spec.dataset.removeprefix('sha256:')[:16]}.safetensors"
     expected = {"images": json.dumps(spec.as_dict(), sort_keys=True), "recipe": RECIPE}
     weights = tensor_cache.read(path, "feature network", expected)
-    network = FeatureNetwork(spec)
     if weights is None:
         print(f"training a feature network for the quality metrics on {len(training.images)} {spec.describe()} "
               f"({RECIPE}); cached in {path}", flush=True)
@@ -81,6 +80,7 @@ def for_data(training: ImageSet, cache_dir: Path, device: torch.device | str = "
         weights = network.state_dict()
         tensor_cache.write(path, weights, "feature network", expected)
     else:
+        network = FeatureNetwork(spec)
         network.load_state_dict(weights)
     return network.to(device).eval(), tensor_cache.tensors_sha256(weights)
 

@@ -45,7 +45,7 @@ def load(cfg: DataConfig, split: str = "train", labelled: bool = False) -> Image
     """`split` of the configured source, on the CPU, described by the source; with its labels where `labelled`
     (class-conditional training), which the source must then have."""
     where = f"data.source={cfg.source} data.path={cfg.path!r}"
-    dataset = None  # where the labels come from, for the hf and torchvision sources
+    dataset = None  # where the labels come from, for the hf, torchvision and folder sources
     if cfg.source == "idx":
         images, num_classes = read_idx_images(Path(cfg.path), split)[:, None], IDX_CLASSES
     elif cfg.source == "hf":
@@ -66,11 +66,11 @@ def load(cfg: DataConfig, split: str = "train", labelled: bool = False) -> Image
     labels = None
     if labelled:
         if not num_classes:
-            raise DataError(f"data.source={cfg.source} data.path={cfg.path!r} has no labels; model.conditional=true "
-                            "needs a class label per image (or set model.conditional=false)")
+            raise DataError(f"{where} has no labels; model.conditional=true needs a class label per image (or set "
+                            "model.conditional=false)")
         labels = _labels(cfg, split, dataset)
         if labels.dim() != 1 or len(labels) and not 0 <= int(labels.min()) <= int(labels.max()) < num_classes:
-            raise DataError(f"data.source={cfg.source} data.path={cfg.path!r} gave labels of shape "
+            raise DataError(f"{where} gave labels of shape "
                             f"{tuple(labels.shape)}{f' from {int(labels.min())} to {int(labels.max())}' if labels.numel() else ''}; "
                             f"model.conditional=true needs one class label (0-{num_classes - 1}) per image")
     return ImageSet(images, labels, ImageSpec(images.shape[1], images.shape[2], images.shape[3], num_classes,

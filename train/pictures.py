@@ -124,7 +124,7 @@ def read_folder(root: Path, split: str, resolution: int | None, channels: int | 
         raise DataError(f"{root} has no {split} split: put the training pictures in {root / 'train'} and the test "
                         f"pictures in {root / 'test'}, each with the same class folders")
     files, labels, classes = _list(root, folder)
-    if split != "train" and classes != (trained := _list(root, root / "train")[2]):
+    if split != "train" and classes != (trained := [p.name for p in _class_folders(root / "train", root)[0]]):
         raise DataError(f"{folder} has the classes {classes}, the training split {trained}: give both the same class "
                         "folders")
     digest = hashlib.sha256(json.dumps([FORMAT, resolution, channels, classes]).encode())
@@ -145,9 +145,7 @@ def _list(root: Path, folder: Path) -> tuple[list[Path], list[int], list[str]]:
     """The picture files of a split folder in a fixed order, their labels and the class names: one class per
     subfolder, or the pictures themselves (unlabelled). Links are followed only within `root`."""
     inside = root.resolve()
-    entries = sorted(p for p in folder.iterdir() if not p.name.startswith("."))
-    subfolders = [p for p in entries if _checked(p, inside).is_dir()]
-    loose = [p for p in entries if p not in subfolders]
+    subfolders, loose = _class_folders(folder, root)
     if subfolders and any(p.suffix.lower() in PICTURE_SUFFIXES for p in loose):
         raise DataError(f"{folder} holds both pictures and folders; give one folder per class (labelled) or the "
                         "pictures alone (unlabelled)")
@@ -169,6 +167,13 @@ def _list(root: Path, folder: Path) -> tuple[list[Path], list[int], list[str]]:
     if skipped:
         print(f"{folder}: skipped {skipped} files that are not pictures ({', '.join(PICTURE_SUFFIXES)})", flush=True)
     return files, labels, [p.name for p in subfolders]
+
+
+def _class_folders(folder: Path, root: Path) -> tuple[list[Path], list[Path]]:
+    """The visible entries of `folder`, sorted: (its subfolders, the rest)."""
+    entries = sorted(p for p in folder.iterdir() if not p.name.startswith("."))
+    subfolders = [p for p in entries if _checked(p, root.resolve()).is_dir()]
+    return subfolders, [p for p in entries if p not in subfolders]
 
 
 def _files_below(folder: Path, inside: Path) -> Iterable[Path]:
