@@ -11,8 +11,8 @@ SIGTERM (exit 143). Without torch.
 
 from __future__ import annotations
 
+import os
 import signal
-import sys
 import time
 
 PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
@@ -30,15 +30,21 @@ class PreemptionFlag:
         if self.signal_name is None:
             self.signal_name, self.received_at = name, time.monotonic()
             at_once = " (Ctrl-\\ stops at once, without it)" if signum == signal.SIGINT else ""
-            print(f"\n{name} received: checkpointing at the next step boundary{at_once}", file=sys.stderr, flush=True)
+            _say(f"{name} received: checkpointing at the next step boundary{at_once}")
         else:
-            print(f"\n{name} received while already stopping: ignored", file=sys.stderr, flush=True)
+            _say(f"{name} received while already stopping: ignored")
 
     def report_saved(self, checkpoint_name: str) -> None:
         """On the rank(s) that got the signal: how long the way to a finished checkpoint took."""
         if self.signal_name is not None:
             seconds = time.monotonic() - self.received_at
-            print(f"\n{checkpoint_name} finished {seconds:.2f} s after the signal", file=sys.stderr, flush=True)
+            _say(f"{checkpoint_name} finished {seconds:.2f} s after the signal")
+
+
+def _say(line: str) -> None:
+    """Straight to file descriptor 2. A handler runs wherever the main thread was; inside a write to sys.stderr
+    (the progress bar), a print of its own can raise (reentrant call) or lose its line (python/cpython#119506)."""
+    os.write(2, f"\n{line}\n".encode())
 
 
 _FLAG = PreemptionFlag()
