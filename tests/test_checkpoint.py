@@ -436,7 +436,8 @@ def test_export_and_sample_give_the_same_images_from_every_form(finished_run, tm
     exported = tmp_path / "exported"
     result = tool("export", "--checkpoint", finished_run, "--out", exported)
     assert result.returncode == 0, result.stderr
-    assert sorted(p.name for p in exported.iterdir()) == ["generator.json", "generator.safetensors"]
+    assert sorted(p.name for p in exported.iterdir()) == ["README.md", "generator.json", "generator.safetensors",
+                                                           "samples.png"]  # the card: tests/test_share.py
     description = json.loads((exported / "generator.json").read_text())
     assert (description["arch"], description["z_dim"], description["step"]) == ("dcgan", 100, 6)
     # Built from the exported folder alone, without the training code's state.

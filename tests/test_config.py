@@ -48,6 +48,7 @@ def test_overrides_take_dotted_keys_and_convert_types():
                                     "; file systems allow at most 255"),
     (["run.dir=''"], "config key 'run.dir' is empty; give a path (the default is runs/default)"),
     ([f"run.dir={'/a' * 2100}"], "config key 'run.dir' is a path of 4200 bytes once absolute; Linux allows fewer"),
+    (["eval.fd_resamples=5"], "config key 'eval.fd_resamples' is 5; it must be 0 (no interval) or at least 20"),
     (["eval.cache_dir=${nonexistent.key}"],
      "config key 'eval.cache_dir': Interpolation key 'nonexistent.key' not found"),
 ])

@@ -3,7 +3,7 @@
 For `--num` generated samples, the distance of each to its nearest training image, on the data's
 feature network (the one the quality metrics use) and in pixels, set against the same distance for
 the data's held-out test images, which no generator saw. The copy rate is the share of samples
-nearer a training image than the 1st percentile of the test images' distances: about 1% for a
+nearer a training image than the 1st percentile (metrics.COPY_PERCENTILE) of the test images' distances: about 1% for a
 generator that copies nothing (as for the test images themselves, by construction), near 100% for
 one that reproduces its training set. The distances are exact (chunked matrix products: samples x
 training images x feature size, about 1 TFLOP in pixels for 10,000 samples against MNIST's 60,000
@@ -29,29 +29,18 @@ from train.config import EvalConfig
 from train.errors import EXIT_BAD_INPUT, CheckpointError, DataError
 from train.evaluate import bytes_per_sample
 from train.export import load_generator, training_data
-from train.metrics import DISTANCE_CHUNK, Evaluator, extract, to_uint8
-from train.models import balanced_labels
-from train.sample import available_device, check_fits_in_memory, generate, seed
+from train.metrics import Evaluator, copy_threshold, extract, nearest, to_uint8
+from train.models import balanced_labels, generate
+from train.sample import available_device, check_fits_in_memory, seed
 
-BASE_PERCENTILE = 1.0  # the test images' distance percentile below which a sample counts as a copy
 REPORTED_PERCENTILES = (1, 5, 25, 50)
 GRID_PAIRS = 32
-
-
-def nearest(queries: Tensor, references: Tensor) -> tuple[Tensor, Tensor]:
-    """(distance, index) of each row of `queries`' nearest row of `references`, exactly, in chunks."""
-    distances, indices = [], []
-    for chunk in queries.split(DISTANCE_CHUNK):
-        closest = torch.cdist(chunk.float(), references.float()).min(1)
-        distances.append(closest.values)
-        indices.append(closest.indices)
-    return torch.cat(distances), torch.cat(indices)
 
 
 def copy_statistics(sample_distances: Tensor, held_out_distances: Tensor) -> dict:
     """The copy rate of samples whose nearest training image lies at `sample_distances`, with the threshold set by
     the held-out images' `held_out_distances` (the same space: features or pixels), and the percentiles of both."""
-    threshold = float(np.percentile(held_out_distances.cpu().numpy(), BASE_PERCENTILE))
+    threshold = copy_threshold(held_out_distances)
     return {
         "copy_rate": (sample_distances < threshold).double().mean().item(),
         "threshold": threshold,

@@ -112,6 +112,8 @@ class EvalConfig:
     seed: int = 0  # the latent vectors of the evaluation samples
     use_ema: bool = True  # the evaluations during training score the EMA generator; false: the trained one
     cache_dir: str = ".cache/eval"  # cached test-set features and feature networks of data other than MNIST
+    fd_resamples: int = 0  # bootstrap resamples for the FD's 95% interval (eval/fd_low, eval/fd_high); 0: none
+    copy_rate: bool = False  # eval/copy_rate: the share of samples nearer a training image than held-out images are
 
 
 @dataclass
@@ -174,6 +176,7 @@ RULES = {
     "eval.every": _NOT_NEGATIVE,
     "eval.num_samples": (lambda v: v == 0 or v >= MIN_EVAL_SAMPLES,
                          f"0 (no evaluation) or at least {MIN_EVAL_SAMPLES}"),
+    "eval.fd_resamples": (lambda v: v == 0 or v >= 20, "0 (no interval) or at least 20 (1000 for a stable one)"),
     "eval.seed": _NOT_NEGATIVE,
     "profile.steps": _NOT_NEGATIVE,
     "profile.after": _GREATER_THAN_ZERO,

@@ -27,3 +27,8 @@ class CheckpointError(RunError):
 class RunWriteError(OSError):
     """A file of the run could not be written (a full disk, a quota): the run stops (EXIT_WRITE_FAILED) and says
     where it can resume."""
+
+
+class HubError(CheckpointError):
+    """A Hugging Face Hub repository that cannot be read or written to (a generator's source like a checkpoint
+    folder); the message names it and the fix."""

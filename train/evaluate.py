@@ -25,8 +25,8 @@ from train.errors import EXIT_BAD_INPUT, CheckpointError, DataError
 from train.export import load_generator, training_data
 from train.images import MNIST, ImageSpec
 from train.metrics import DISTANCE_CHUNK, Evaluator, to_uint8
-from train.models import balanced_labels
-from train.sample import available_device, check_fits_in_memory, generate, seed
+from train.models import balanced_labels, generate
+from train.sample import available_device, check_fits_in_memory, seed
 
 
 def bytes_per_sample(images: ImageSpec) -> int:

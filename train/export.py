@@ -1,9 +1,12 @@
-"""`python -m train.export --checkpoint <checkpoint or run dir> --out <dir>`: the generator alone.
+"""`python -m train.export --checkpoint <checkpoint or run dir> --out <dir>`: the generator alone, ready to share.
 
-An exported generator is a folder of two files: `generator.safetensors` (the EMA generator unless
---no-ema) and `generator.json` (architecture, z_dim, whether it is conditional, the images it draws
-and the data config they came from, which weights, step, source checkpoint, SHA-256 of the
-weights): everything needed to build and load the generator without the training state. `load_generator` reads it, or the generator of a checkpoint or a run directory.
+An exported generator is a folder: `generator.safetensors` (the EMA generator unless --no-ema),
+`generator.json` (architecture, z_dim, whether it is conditional, the images it draws and the data
+config they came from, which weights, step, source checkpoint, SHA-256 of the weights): everything
+needed to build and load the generator without the training state; and its model card, `README.md`
+with `samples.png` (train/model_card.py). `--push-to-hub USER/REPO` uploads the folder to the Hugging
+Face Hub (train/hub.py). `load_generator` reads an export (a folder or a Hub repository id), or the
+generator of a checkpoint or a run directory.
 """
 
 from __future__ import annotations
@@ -16,8 +19,9 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torchvision.utils import save_image
 
-from train import images, models
+from train import hub, images, models, model_card
 from train.checkpoint import load_network, tensor_shapes
 from train.config import CHOICES, DataConfig
 from train.errors import EXIT_BAD_INPUT, EXIT_WRITE_FAILED, CheckpointError, DataError
@@ -25,6 +29,7 @@ from train.files import write_atomically
 from train.manifest import checked_json, read_state, resolve, sha256
 
 WEIGHTS = "generator.safetensors"
+SAMPLES_ON_CARD = 64
 DESCRIPTION = "generator.json"
 DATA_SCHEMA = {"source": str, "path": str, "split?": str, "torchvision_name?": str}  # where the images came from
 # What `load_generator` reads from generator.json (a description without "conditional" is of an unconditional one).
@@ -32,37 +37,51 @@ DESCRIPTION_SCHEMA = {"arch": str, "z_dim": int, "conditional?": bool, "images?"
                       "weights": str, "step": int, "source": str, "sha256": str}
 
 
-def export_generator(path: Path, out: Path, use_ema: bool = True) -> Path:
-    """Write the generator of the checkpoint (or run directory) `path` into `out`.
+def export_generator(path: Path, out: Path, use_ema: bool = True, name: str | None = None) -> Path:
+    """Write the generator of the checkpoint (or run directory) `path` into `out`, with its model card (`name`:
+    the model's name on it, by default the folder's).
 
-    An export already in `out` is never overwritten (its checkpoint may since have been deleted by
-    `checkpoint.keep_last`). The description is written last: without it the folder is no export.
+    `out` must be new or empty: an export already there is never overwritten (its checkpoint may since have been
+    deleted by `checkpoint.keep_last`), nor is anything else. The description is written last: without it the
+    folder is no export.
     """
     out = Path(out)
-    if (out / WEIGHTS).exists() or (out / DESCRIPTION).exists():
-        raise CheckpointError(f"{out} already holds an exported generator; it is never overwritten: "
-                              "export into another --out, or move that one away first")
+    if out.is_dir() and (present := sorted(entry.name for entry in out.iterdir())):
+        what = "an exported generator" if DESCRIPTION in present else "other files"
+        raise CheckpointError(f"{out} already holds {what} ({', '.join(present[:5])}); nothing in it is ever "
+                              "overwritten: export into a new or empty --out, or move those away first")
     source = resolve(path)
     state = read_state(source)
-    name = _generator_name(use_ema)
+    weights_name = _generator_name(use_ema)
+    model = state["config"]["model"]
+    description = {
+        "arch": model["arch"], "z_dim": model["z_dim"], "conditional": model.get("conditional", False),
+        "images": images.recorded(state).as_dict(), "data": state["config"]["data"], "weights": weights_name,
+        "step": state["progress"]["step"], "source": str(source.resolve())}
     out.mkdir(parents=True, exist_ok=True)
+    written = [out / WEIGHTS, out / model_card.SAMPLES, out / model_card.CARD, out / DESCRIPTION]
     try:
-        write_atomically(out / WEIGHTS, (source / f"{name}.safetensors").read_bytes())
-        model = state["config"]["model"]
-        write_atomically(out / DESCRIPTION, json.dumps({
-            "arch": model["arch"], "z_dim": model["z_dim"], "conditional": model.get("conditional", False),
-            "images": images.recorded(state).as_dict(), "data": state["config"]["data"], "weights": name,
-            "step": state["progress"]["step"], "source": str(source.resolve()), "sha256": sha256(out / WEIGHTS),
-        }, indent=1))
+        write_atomically(out / WEIGHTS, (source / f"{weights_name}.safetensors").read_bytes())
+        generator = load_generator(source, use_ema=use_ema)
+        labels = models.balanced_labels(SAMPLES_ON_CARD, generator.num_classes)
+        save_image(models.generate(generator, SAMPLES_ON_CARD, 0, labels), out / model_card.SAMPLES, nrow=8, padding=2,
+                   pad_value=1.0)
+        card = model_card.make_card(description, state, model_card.evaluation_at(source, description["step"]),
+                                    name or out.resolve().name)
+        write_atomically(out / model_card.CARD, str(card))
+        write_atomically(out / DESCRIPTION, json.dumps(description | {"sha256": sha256(out / WEIGHTS)}, indent=1))
     except OSError:  # a full disk: take back what this call wrote, or the retry would be refused as an overwrite
-        for written in (out / WEIGHTS, out / DESCRIPTION):
-            written.unlink(missing_ok=True)
+        for path_written in written:
+            path_written.unlink(missing_ok=True)
         raise
     return out
 
 
 def load_generator(path: Path, device: str = "cpu", use_ema: bool = True) -> nn.Module:
-    """The generator of an exported folder, a checkpoint, or a run directory, in eval mode."""
+    """The generator of an exported folder (or a Hub model repository USER/REPO holding one), a checkpoint, or a
+    run directory, in eval mode."""
+    if hub.looks_like_repo_id(str(path)):
+        path = hub.download(str(path), [WEIGHTS, DESCRIPTION])
     path = Path(path)
     if (path / DESCRIPTION).is_file():
         description = checked_json(path / DESCRIPTION, DESCRIPTION_SCHEMA)
@@ -123,21 +142,34 @@ def _generator_name(use_ema: bool) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m train.export", description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", required=True, help="a checkpoint folder or a run directory")
-    parser.add_argument("--out", required=True, help="folder to write generator.safetensors and generator.json into")
+    parser.add_argument("--out", required=True, help="a new or empty folder to write the export into")
     parser.add_argument("--no-ema", action="store_true", help="export the trained generator, not its EMA")
+    parser.add_argument("--push-to-hub", metavar="USER/REPO",
+                        help="then upload the folder to this Hugging Face Hub model repository (made if missing; "
+                        "the token from HF_TOKEN or `hf auth login`)")
     args = parser.parse_args(argv)
     if Path(args.out).exists() and not Path(args.out).is_dir():
         parser.error(f"--out {args.out} is a file; give the folder to write the generator into")
     try:
-        out = export_generator(args.checkpoint, args.out, use_ema=not args.no_ema)
-    except CheckpointError as error:
+        if args.push_to_hub:  # before any work: a push that cannot happen leaves no export behind either
+            hub.check_repo_id(args.push_to_hub)
+            access_token = hub.token()
+        out = export_generator(args.checkpoint, args.out, use_ema=not args.no_ema, name=args.push_to_hub)
+        print(f"exported the generator to {out}")
+        step = json.loads((out / DESCRIPTION).read_text())["step"]
+        if model_card.evaluation_at(resolve(args.checkpoint), step) is None:
+            print(f"note: its run logged no evaluation at step {step}, so {model_card.CARD} has no quality numbers; "
+                  f"`python -m train.evaluate --checkpoint {out}` measures them")
+        if args.push_to_hub:
+            url = hub.push(out, args.push_to_hub, access_token, f"Generator at step {step}, exported by train.export")
+            print(f"pushed {out} to {args.push_to_hub}: {url}")
+    except CheckpointError as error:  # HubError too
         print(f"error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except OSError as error:
         print(f"error: exporting into {args.out} failed ({error}); nothing of it is left there: make room and "
               "run the same command again", file=sys.stderr)
         return EXIT_WRITE_FAILED
-    print(f"exported the generator to {out}")
     return 0
 
 

@@ -105,7 +105,8 @@ class Training:
             optimizers={"generator": g_optimizer, "discriminator": d_optimizer},
             noise=torch.Generator(accelerator.device), progress=self.progress, config=config.to_dict(cfg),
             scaler=accelerator.scaler,
-            extra_json={"global_batch": self.batches.global_batch, "images": self.images.as_dict()},
+            extra_json={"global_batch": self.batches.global_batch, "images": self.images.as_dict(),
+                        "hardware": setup.hardware(accelerator)},
         )
         if resume_from is None:
             self.reseed_noise()
@@ -159,6 +160,9 @@ class Training:
                 if new_best:
                     self.log.message(f"step {step}: the lowest FD so far; checkpoints/{manifest.BEST} is now "
                                      f"{path.name}")
+                if new_best or (last and not cfg.eval.num_samples):  # to W&B, where it logs
+                    with self.window.paused():
+                        self.log.generator_artifact(path, step)
             if stopping:
                 self.log.message(f"step {step}: {self.stop_reason}: stopping; checkpoints/{manifest.LATEST} is "
                                  f"{path.name}, checkpoints/{manifest.BEST} the lowest FD")
@@ -233,10 +237,14 @@ class Training:
         images = metrics.generate_sharded(network, count, self.cfg.eval.seed, self.accelerator)
         if self.evaluator is None:
             return {}
-        report = self.evaluator.report(images.cpu(), models.balanced_labels(count, network.num_classes))
+        report = self.evaluator.report(images.cpu(), models.balanced_labels(count, network.num_classes),
+                                       bootstrap=self.cfg.eval.fd_resamples, seed=self.cfg.eval.seed,
+                                       copy_rate=self.cfg.eval.copy_rate)
         seconds = time.perf_counter() - started
         groups = {"per_digit": "digits", "per_asked_digit": "asked"}
-        return ({f"eval/{key}": value for key, value in report["metrics"].items()} | {"eval/seconds": seconds}
+        interval = ({"eval/fd_low": report["fd_interval"]["low"], "eval/fd_high": report["fd_interval"]["high"]}
+                    if "fd_interval" in report else {})
+        return ({f"eval/{key}": value for key, value in report["metrics"].items()} | interval | {"eval/seconds": seconds}
                 | {f"{prefix}/{key}_{digit}": value for group, prefix in groups.items()
                    for digit, values in report.get(group, {}).items() for key, value in values.items()})
 

@@ -38,13 +38,13 @@ from train.config import SHIPPED_MNIST, DataConfig
 from train.data import ImageSet, read_idx_images, read_idx_labels
 from train.errors import DataError
 from train.images import MNIST, MNIST_DATASET, ImageSpec
-from train.models import balanced_labels, split_like
+from train.models import GENERATION_CHUNK, balanced_labels, split_like
 
 PRECISION_RECALL_K = 3
 DENSITY_COVERAGE_K = 5
 CLASS_PRESENT_SHARE = 0.01
 DISTANCE_CHUNK = 2048
-GENERATION_CHUNK = 1000  # latents per forward pass when generating samples
+COPY_PERCENTILE = 1.0  # the held-out images' distance percentile below which a sample counts as a copy
 MIN_PER_DIGIT = 20  # generated samples of a digit below which its FD and recall are left out
 KID_SUBSETS, KID_SUBSET_SIZE = 50, 1000  # subsets of 1000 as torchmetrics and clean-fid; 50 of them (1.4 s on 2 cores)
 
@@ -139,6 +139,22 @@ def fd_interval(real: Tensor, fake: Tensor, resamples: int, level: float = 0.95,
     bias = values.mean() - full
     low, high = np.percentile(values - bias, [50 * (1 - level), 50 * (1 + level)])
     return {"fd": full, "low": float(low), "high": float(high), "level": level, "resamples": resamples}
+
+
+def nearest(queries: Tensor, references: Tensor) -> tuple[Tensor, Tensor]:
+    """(distance, index) of each row of `queries`' nearest row of `references`, exactly, in chunks."""
+    distances, indices = [], []
+    for chunk in queries.split(DISTANCE_CHUNK):
+        closest = torch.cdist(chunk.float(), references.float()).min(1)
+        distances.append(closest.values)
+        indices.append(closest.indices)
+    return torch.cat(distances), torch.cat(indices)
+
+
+def copy_threshold(held_out_distances: Tensor) -> float:
+    """The distance to the nearest training image below which a sample counts as a copy: the COPY_PERCENTILE-th
+    percentile of the held-out images' distances (so about 1% of the images no generator saw count as copies)."""
+    return float(np.percentile(held_out_distances.cpu().numpy(), COPY_PERCENTILE))
 
 
 def kernel_inception_distance(real: Tensor, fake: Tensor, subsets: int = KID_SUBSETS,
@@ -293,17 +309,21 @@ class Evaluator:
         self.network, self.against = network, against
         self.test_images, self.real_labels = test.images, test.labels
         self._training_images = training_images
+        self._network_sha256, self._cache_dir = network_sha256, Path(cache_dir)
+        self._training_features: Tensor | None = None  # read on first use (the copy rate)
+        self._copy_threshold: float | None = None
         self.real = self._real_features(test.images, network_sha256, Path(cache_dir))
 
     def score(self, images: Tensor) -> dict[str, float]:
         """Metrics of uint8 images [N, C, H, W] against the test set."""
         return compare(self.real, extract(self.network, images))
 
-    def report(self, images: Tensor, asked: Tensor | None = None, bootstrap: int = 0, seed: int = 0
-               ) -> dict[str, dict]:
+    def report(self, images: Tensor, asked: Tensor | None = None, bootstrap: int = 0, seed: int = 0,
+               copy_rate: bool = False) -> dict[str, dict]:
         """`score`'s metrics and `per_digit`'s, from one pass of the feature network: {"against", "metrics",
         "per_digit"}; with `asked` (a conditional generator's labels) also "per_asked_digit" and metrics'
-        "label_agreement"; with `bootstrap` resamples also "fd_interval" (`fd_interval`, seeded by `seed`)."""
+        "label_agreement"; with `bootstrap` resamples also "fd_interval" (`fd_interval`, seeded by `seed`); with
+        `copy_rate` also metrics' "copy_rate" (`copy_rate`)."""
         fake = extract(self.network, images)
         report = {"against": self.against, "metrics": compare(self.real, fake),
                   "per_digit": per_digit(self.real, self.real_labels, fake)}
@@ -313,7 +333,31 @@ class Evaluator:
             report["per_asked_digit"] = per_digit(self.real, self.real_labels, fake, asked)
         if bootstrap:
             report["fd_interval"] = fd_interval(self.real.features, fake.features, bootstrap, seed=seed)
+        if copy_rate:
+            report["metrics"]["copy_rate"] = self.copy_rate(fake.features)
         return report
+
+    def copy_rate(self, features: Tensor) -> float:
+        """The share of samples (their `features`) nearer a training image, in features, than all but
+        COPY_PERCENTILE% of the held-out test images are: about 1% where nothing is copied (train/audit.py has the
+        full audit, in pixels too)."""
+        if self._copy_threshold is None:
+            self._copy_threshold = copy_threshold(nearest(self.real.features, self.training_features())[0])
+        distances = nearest(features, self.training_features())[0]
+        return (distances < self._copy_threshold).double().mean().item()
+
+    def training_features(self) -> Tensor:
+        """The feature network's features of every training image: read once, cached in cache_dir by content."""
+        if self._training_features is None:
+            images = self._training_images()
+            key = hashlib.sha256(images.numpy().tobytes() + self._network_sha256.encode()).hexdigest()[:16]
+            path = self._cache_dir / f"training_features_{key}.safetensors"
+            cached = tensor_cache.read(path, "training-set features")
+            if cached is None:
+                cached = {"features": extract(self.network, images).features}
+                tensor_cache.write(path, cached, "training-set features")
+            self._training_features = cached["features"].to(self.real.features.device)
+        return self._training_features
 
     def test_accuracy(self) -> float:
         """The share of the test images the feature network labels correctly: how well its features know the data."""

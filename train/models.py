@@ -21,6 +21,7 @@ from train.images import MNIST, ImageSpec
 
 LABEL_EMBEDDING_DIM = 32  # the size of the label code a conditional generator reads beside z
 MAX_BASE = 8  # DCGAN's smallest map is at most this wide
+GENERATION_CHUNK = 1000  # latents per forward pass when generating samples
 
 
 def balanced_labels(count: int, num_classes: int, device: torch.device | str = "cpu") -> Tensor | None:
@@ -32,6 +33,19 @@ def balanced_labels(count: int, num_classes: int, device: torch.device | str = "
 def split_like(labels: Tensor | None, latents: tuple[Tensor, ...]) -> list[Tensor | None]:
     """`labels` cut into the sizes of the latent chunks they go with, or a None for each chunk (unconditional)."""
     return [None] * len(latents) if labels is None else list(labels.split([len(chunk) for chunk in latents]))
+
+
+@torch.no_grad()
+def generate(generator: torch.nn.Module, num: int, seed: int, labels: torch.Tensor | None = None,
+             batch_size: int = GENERATION_CHUNK) -> torch.Tensor:
+    """`num` images in [0, 1] from z drawn on the CPU with `seed` (and `labels` for a conditional generator):
+    the same on any device."""
+    z = torch.randn(num, generator.z_dim, generator=torch.Generator().manual_seed(seed))
+    device = next(generator.parameters()).device
+    chunks = z.split(batch_size)
+    label_chunks = split_like(labels.to(device) if labels is not None else None, chunks)
+    return torch.cat([generator(chunk.to(device), chunk_labels).float().cpu()
+                      for chunk, chunk_labels in zip(chunks, label_chunks)])
 
 
 class LabelledLatent(nn.Module):

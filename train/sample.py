@@ -20,8 +20,8 @@ from train.errors import EXIT_BAD_INPUT, EXIT_WRITE_FAILED, CheckpointError
 from train.export import load_generator
 from train.files import write_atomically
 from train.memory import available_memory
-from train.metrics import GENERATION_CHUNK, to_uint8
-from train.models import split_like
+from train.metrics import to_uint8
+from train.models import generate
 
 
 def available_device(name: str) -> str:
@@ -66,19 +66,6 @@ def class_label(text: str) -> int:
     if not text.isdigit():
         raise argparse.ArgumentTypeError(f"{text!r} is not a class number (0, 1, ...; for MNIST the digit)")
     return int(text)
-
-
-@torch.no_grad()
-def generate(generator: torch.nn.Module, num: int, seed: int, labels: torch.Tensor | None = None,
-             batch_size: int = GENERATION_CHUNK) -> torch.Tensor:
-    """`num` images in [0, 1] from z drawn on the CPU with `seed` (and `labels` for a conditional generator):
-    the same on any device."""
-    z = torch.randn(num, generator.z_dim, generator=torch.Generator().manual_seed(seed))
-    device = next(generator.parameters()).device
-    chunks = z.split(batch_size)
-    label_chunks = split_like(labels.to(device) if labels is not None else None, chunks)
-    return torch.cat([generator(chunk.to(device), chunk_labels).float().cpu()
-                      for chunk, chunk_labels in zip(chunks, label_chunks)])
 
 
 def main(argv: list[str] | None = None) -> int:

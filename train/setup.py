@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import platform
 from datetime import timedelta
 from pathlib import Path
 
@@ -60,6 +61,19 @@ def set_up(cfg: Config, resume_from: Path | None) -> tuple[Accelerator, Config]:
     if resume_from is not None:
         check_global_batch(resume_from, cfg.data.batch_size, accelerator.num_processes)
     return accelerator, cfg
+
+
+def hardware(accelerator: Accelerator) -> dict:
+    """What trained: the device's name, the number of processes and the precision (state.json, the model card)."""
+    if accelerator.device.type == "cuda":
+        name = torch.cuda.get_device_name(accelerator.device)
+    else:
+        cpuinfo = Path("/proc/cpuinfo")
+        models = [line.split(":", 1)[1].strip() for line in (cpuinfo.read_text().splitlines() if cpuinfo.is_file() else [])
+                  if line.startswith("model name")]
+        name = f"{models[0] if models else platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+    return {"device": f"{accelerator.device.type}: {name}", "processes": accelerator.num_processes,
+            "mixed_precision": accelerator.mixed_precision}
 
 
 def _precision(cfg: Config, cpu: bool) -> str | None:

@@ -13,6 +13,7 @@ import json
 import os
 import secrets
 import sys
+import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,8 +22,10 @@ import torch
 from accelerate import Accelerator
 from torchvision.utils import make_grid, save_image
 
+from train import model_card
 from train.config import Config, to_dict, to_yaml
 from train.errors import ConfigError
+from train.export import export_generator
 from train.files import open_in_place, write_atomically
 from train.layout import CONFIG_FILE, CURVES_FILE, METRICS_FILE, SAMPLES_DIR, WANDB_DIR
 from train.manifest import stop_on_write_failure
@@ -152,6 +155,25 @@ class RunLog:
             with stop_on_write_failure(f"logging {path.name} to W&B in {self.run_dir / WANDB_DIR}", self.run_dir):
                 self.accelerator.get_tracker("wandb").log_images({"samples": [pixels]}, step=step)
         return path
+
+    def generator_artifact(self, checkpoint: Path, step: int) -> None:
+        """Log the generator of `checkpoint` (exported: weights, description, model card) as a W&B model artifact,
+        with its step and the evaluation that made it the best as metadata. Called for each new best checkpoint (or
+        the final one of a run without evaluations): a resumed run adds versions, it never repeats one."""
+        if not (self.use_wandb and self.accelerator.is_main_process):
+            return
+        import wandb  # installed: check_available said so
+
+        evaluation = model_card.evaluation_at(checkpoint, step) or {}
+        metadata = {"step": step, "checkpoint": checkpoint.name} | {
+            key: value for key, value in evaluation.items() if key.startswith("eval/")}
+        artifact = wandb.Artifact(f"generator-{self.wandb_run_id}", type="model", metadata=metadata,
+                                  description=f"The generator of {checkpoint.name}, exported by train.export")
+        with (stop_on_write_failure(f"logging {checkpoint.name}'s generator to W&B in {self.run_dir / WANDB_DIR}",
+                                    self.run_dir), tempfile.TemporaryDirectory(prefix="generator-") as folder):
+            artifact.add_dir(str(export_generator(checkpoint, Path(folder) / "generator", name=self.run_dir.name)))
+            aliases = ["best"] if evaluation else []
+            self.accelerator.get_tracker("wandb", unwrap=True).log_artifact(artifact, aliases=aliases + [f"step-{step}"])
 
     def close(self) -> None:
         """Draw the curves of the whole run so far (main process, `logging.curves`), flush W&B and end

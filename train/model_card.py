@@ -1,0 +1,129 @@
+"""The model card `python -m train.export` writes beside the weights (README.md): Hugging Face model-card
+metadata (library, tags, data set, and the evaluated metrics as a model index) above a page for people.
+
+Everything on it comes from what the run recorded, never typed by hand: the evaluation its run logged
+at the exported checkpoint's step (metrics.jsonl beside checkpoints/: FD with its bootstrap interval,
+KID, precision/recall, per-class numbers, copy rate), the training config, steps, time and hardware
+(state.json). A checkpoint that was never evaluated gets a card without quality numbers that says so.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+from train.images import MNIST_DATASET, ImageSpec
+from train.layout import CHECKPOINTS, METRICS_FILE
+from train.plots import read_metrics
+
+CARD = "README.md"
+SAMPLES = "samples.png"
+# What the card reports of an evaluation, in this order: metrics.jsonl's key, its name on the card, and whether
+# lower or higher is better.
+REPORTED = (("eval/fd", "FD", "lower"), ("eval/kid", "KID", "lower"), ("eval/precision", "precision", "higher"),
+            ("eval/recall", "recall", "higher"), ("eval/density", "density", "higher"),
+            ("eval/coverage", "coverage", "higher"), ("eval/classes_present", "classes present", "higher"),
+            ("eval/label_agreement", "label agreement", "higher"), ("eval/copy_rate", "copy rate", "lower"))
+PER_CLASS = (("count", "samples"), ("fd", "FD"), ("recall", "recall"))  # digits/<key>_<class> in metrics.jsonl
+
+
+def evaluation_at(checkpoint: Path, step: int) -> dict | None:
+    """The line its run logged at `step` where that line holds an evaluation (eval/fd), else None (never
+    evaluated, or a checkpoint copied away from its run directory)."""
+    metrics_file = checkpoint.parent.parent / METRICS_FILE if checkpoint.parent.name == CHECKPOINTS else None
+    if metrics_file is None or not metrics_file.is_file():
+        return None
+    lines = [line for line in read_metrics(metrics_file)[0] if line["step"] == step and "eval/fd" in line]
+    return lines[-1] if lines else None
+
+
+def dataset_identity(data: dict, images: ImageSpec) -> tuple[str, str, str | None]:
+    """(name, type, Hub dataset id or None) of the data the generator was trained on."""
+    if images.dataset == MNIST_DATASET:
+        return "MNIST", "mnist", "ylecun/mnist"
+    if data.get("source") == "hf" and not Path(data.get("path", "")).exists():
+        return data["path"], data["path"], data["path"]
+    if data.get("source") == "torchvision":
+        return data["torchvision_name"], data["torchvision_name"].lower(), None
+    return Path(data.get("path", "images")).name, "image-folder", None
+
+
+def make_card(description: dict, state: dict, evaluation: dict | None, name: str) -> ModelCard:
+    """The card of the generator `description` (generator.json's contents), exported from the checkpoint whose
+    state.json is `state`, evaluated as `evaluation` (a metrics.jsonl line, or None); `name`: the model's name."""
+    images, config = ImageSpec(**description["images"]), state["config"]
+    conditional = description["conditional"]
+    task = "class-conditional-image-generation" if conditional else "unconditional-image-generation"
+    data_name, data_type, hub_dataset = dataset_identity(description["data"], images)
+    against = f"{data_name}'s test split"
+    results = [] if evaluation is None else [
+        EvalResult(task_type=task, dataset_type=data_type, dataset_name=data_name, dataset_split="test",
+                   metric_type=key.removeprefix("eval/"), metric_name=label, metric_value=evaluation[key])
+        for key, label, _ in REPORTED if key in evaluation]
+    data = ModelCardData(
+        model_name=name, library_name="pytorch", datasets=[hub_dataset] if hub_dataset else None,
+        pipeline_tag=None if conditional else "unconditional-image-generation", eval_results=results or None,
+        tags=["gan", description["arch"], "image-generation", "safetensors", "accelerate"]
+        + (["conditional-gan"] if conditional else []))
+    page = [f"# {name}", "",
+            f"A {'class-conditional ' if conditional else ''}{description['arch'].upper()} generator of "
+            f"{images.describe()}, trained on {data_name} for {state['progress']['step']:,} steps "
+            f"({state['progress']['images_seen']:,} images); the weights are {description['weights']} of checkpoint "
+            f"{Path(description['source']).name}.", "", f"![64 samples (seed 0)]({SAMPLES})", ""]
+    page += _quality(evaluation, images, against) + _training(state, evaluation, config) + _use(description, name)
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(page) + "\n")
+
+
+def _quality(evaluation: dict | None, images: ImageSpec, against: str) -> list[str]:
+    if evaluation is None:
+        return ["## Quality", "", "Not evaluated: the checkpoint's run logged no evaluation at its step "
+                "(`eval.num_samples=0`, or a checkpoint moved out of its run directory). "
+                "`python -m train.evaluate --checkpoint THIS_FOLDER` measures it.", ""]
+    lines = ["## Quality", "",
+             f"Measured by the training run at step {evaluation['step']:,} on generated samples against {against}, "
+             "in the features of a classifier trained on the data's own training split (not Inception: the numbers "
+             "compare runs on this data, not with published FIDs).", "",
+             "| metric | value | better |", "|---|---|---|"]
+    for key, label, better in REPORTED:
+        if key in evaluation:
+            interval = (f" (95% interval {evaluation['eval/fd_low']:.4g} to {evaluation['eval/fd_high']:.4g})"
+                        if key == "eval/fd" and "eval/fd_low" in evaluation else "")
+            lines.append(f"| {label} | {evaluation[key]:.4g}{interval} | {better} |")
+    if "eval/fd_low" not in evaluation:
+        lines.append("| FD's 95% interval | not measured (eval.fd_resamples=0) | |")
+    if "eval/copy_rate" not in evaluation:
+        lines.append("| copy rate | not measured (eval.copy_rate=false; `python -m train.audit --checkpoint "
+                     "THIS_FOLDER` measures it) | lower |")
+    classes = [c for c in range(images.num_classes) if f"digits/count_{c}" in evaluation]
+    if classes:
+        lines += ["", "Per class (the samples the feature network assigns to each class):", "",
+                  "| class | " + " | ".join(label for _, label in PER_CLASS) + " |", "|---" * (len(PER_CLASS) + 1) + "|"]
+        lines += [f"| {c} | " + " | ".join(f"{evaluation[f'digits/{key}_{c}']:.4g}" if f"digits/{key}_{c}" in evaluation
+                                          else "-" for key, _ in PER_CLASS) + " |" for c in classes]
+    return lines + [""]
+
+
+def _training(state: dict, evaluation: dict | None, config: dict) -> list[str]:
+    hardware = state.get("hardware")
+    lines = ["## Training", "",
+             f"- steps: {state['progress']['step']:,}, global batch {state['global_batch']}, "
+             f"{state['progress']['images_seen']:,} images",
+             "- hardware: " + (f"{hardware['device']}, {hardware['processes']} process(es), mixed precision "
+                               f"{hardware['mixed_precision']}" if hardware else "not recorded")]
+    if evaluation is not None and "train_seconds" in evaluation:
+        lines.append(f"- training time to this step: {evaluation['train_seconds']:.0f} s (evaluations excluded)")
+    return lines + ["", "The training config:", "", "```yaml", yaml.safe_dump(config, sort_keys=False).strip(),
+                    "```", ""]
+
+
+def _use(description: dict, name: str) -> list[str]:
+    labels = ", labels=torch.arange(16) % generator.num_classes" if description["conditional"] else ""
+    return ["## Use", "",
+            "With this project installed (`pip install -e .` in its checkout), from this folder or its Hub "
+            "repository:", "", "```python",
+            f'import torch\nfrom train.export import load_generator\nfrom train.models import generate\n\n'
+            f'generator = load_generator("{name}")  # a folder, or a Hub repository id\n'
+            f"images = generate(generator, 16, seed=0{labels})  # [16, C, H, W] in [0, 1]",
+            "```", ""]
