@@ -99,8 +99,8 @@ def test_a_tool_whose_output_does_not_fit_leaves_nothing_and_succeeds_when_run_a
     again = subprocess.run([sys.executable, "-m", *map(str, command)], cwd=REPO, env=run_env(), capture_output=True,
                            text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-2000:]
-    assert sorted(p.name for p in out.iterdir()) == (["generator.json", "generator.safetensors"] if name == "export"
-                                                     else ["samples.npy"])
+    exported = ["README.md", "generator.json", "generator.safetensors", "samples.png"]
+    assert sorted(p.name for p in out.iterdir()) == (exported if name == "export" else ["samples.npy"])
 
 
 def test_test_set_features_that_cannot_be_cached_are_only_reported(six_steps, tmp_path):
