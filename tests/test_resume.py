@@ -108,20 +108,24 @@ def test_a_crash_while_saving_leaves_the_previous_checkpoint_to_resume_from(tiny
 
 
 def test_resuming_on_another_number_of_processes_keeps_the_global_batch(tiny_mnist, tmp_path):
-    first = run_with_fault("signal:TERM", 8, 0, tiny_run(tiny_mnist, tmp_path, "data.batch_size=16"))
+    first = run_with_fault("signal:TERM", 8, 0, tiny_run(tiny_mnist, tmp_path, "data.batch_size=16",
+                                                         "model.bn_group=8"))
     assert first.returncode == EXIT_PREEMPTED
-    refused = run_with_fault("none", 0, 0, tiny_run(tiny_mnist, tmp_path), 2)  # 8 x 2 = 16: fine
-    assert refused.returncode == 0, refused.stderr[-3000:]
-    assert "written by another number of processes" in refused.stdout + refused.stderr
+    resumed = run_with_fault("none", 0, 0, tiny_run(tiny_mnist, tmp_path), 2)  # a share of 8: one BatchNorm group
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "was written by 1 processes, this launch has 2: the global batch of 16" in resumed.stdout + resumed.stderr
 
 
-def test_another_global_batch_is_refused_with_the_fix(tiny_mnist, tmp_path):
+def test_a_global_batch_another_count_cannot_share_is_refused_with_the_counts_that_work(tiny_mnist, tmp_path):
+    """The run normalised over its one process's 8 samples: two processes of 4 would split that group."""
     first = run_with_fault("signal:TERM", 8, 0, tiny_run(tiny_mnist, tmp_path))
     assert first.returncode == EXIT_PREEMPTED
     before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
-    result = run_train(tiny_run(tiny_mnist, tmp_path, "data.batch_size=4"), env=run_env())
-    assert result.returncode == 2
-    assert "global batch of 8; this launch has data.batch_size=4 x 1 processes = 4: set data.batch_size=8" in result.stderr
+    result = run_with_fault("none", 0, 0, tiny_run(tiny_mnist, tmp_path), 2)
+    assert result.returncode != 0
+    assert ("a global batch of 8 (data.global_batch) in BatchNorm groups of 8 (model.bn_group) cannot be shared by 2 "
+            "processes: each would take 4 samples, not a whole number of groups; process counts that work: 1"
+            in result.stderr)
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
 
 

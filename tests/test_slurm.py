@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from conftest import REPO, final_weights, latest_checkpoint, run_env
+from conftest import (PROCESS_COUNT_TOLERANCE, REPO, all_state, final_weights, largest_relative_difference,
+                      latest_checkpoint, run_env, weights)
 from helpers.slurm_cluster import HOSTS_FILE, LocalSlurm, missing_programs, resolves
 from train import manifest
 from train.distributed import weights_digest
@@ -166,6 +167,25 @@ def test_multinode_template_trains_on_two_nodes_through_a_preemption(cluster, tm
     saved = {name: load_file(folder / f"{name}.safetensors") for name in ("generator", "discriminator", "generator_ema")}
     assert weights_digest(saved) == digests["rank 0"]
     assert digests == rank_digests(single_node_run.log())
+
+
+def test_a_job_requeued_on_one_node_instead_of_two_continues_the_run(cluster, tmp_path, single_node_run):
+    """Preempted on two nodes (two processes), requeued on one (`scontrol update NumNodes=1 NumTasks=1` while it waits to start
+    again, as a scheduler may give it back smaller): one process takes the whole global batch in two micro-batches,
+    with the same latents and BatchNorm groups, and ends where the two-process run does."""
+    job = Job(cluster, "slurm/train_multinode.sbatch", tmp_path, ["--nodes=2", "--cpus-per-task=1"], NO_EVAL)
+    preempted_at = job.preempt_after_step(0, restarts=1)
+    job.wait_until(lambda s: s["JobState"] == "PENDING", "the requeued job waiting to start again")
+    subprocess.run(["scontrol", "update", f"JobId={job.id}", "NumNodes=1", "NumTasks=1"], env=cluster.env,
+                   check=True)
+    job.wait_completed()
+    log = job.log()
+    assert (f"{preempted_at} was written by 2 processes, this launch has 1: the global batch of 32, the data order "
+            "and the noise continue, each process taking its share (2 micro-batch(es) of 16)") in log
+    check_finished_run(job, steps=STEPS)
+    expected = weights(all_state(single_node_run.run_dir))
+    difference = largest_relative_difference(expected, weights(all_state(job.run_dir)))
+    assert difference < PROCESS_COUNT_TOLERANCE, difference
 
 
 @pytest.fixture(scope="session")

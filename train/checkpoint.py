@@ -41,6 +41,9 @@ from train.images import ImageSpec, recorded
 from train.manifest import (BEST, LATEST, STATE, checkpoint_name, checkpoints_dir, mark_best, prune, read_state,
                             stop_on_write_failure, verify, write_manifest)
 
+GLOBAL_NOISE = "one stream for the global batch"  # state.json's "noise" since every rank draws the global batch
+
+
 @dataclass
 class Progress:
     """Counters and positions the next step depends on, besides tensors."""
@@ -196,14 +199,18 @@ def restore(path: Path, snapshot: Snapshot, rank: int, world_size: int) -> bool:
     Every tensor is checked against the live one it replaces, shape and dtype, before anything live
     changes: a checkpoint that does not fit is refused whole, by name. The optimizers take the
     checkpoint's moments and keep this run's hyper-parameters (optim.*, as config.yaml records them).
-    Returns whether this rank's RNG states were restored: only when the number of processes is the one
-    the checkpoint was written with (each rank continues its own noise stream).
+    With the number of processes the checkpoint was written with, every RNG state of this rank is restored; with
+    another, only the noise stream. Returns whether the checkpoint's noise stream is one for the global batch (the
+    same on every rank: written by one process, or since the stream became global) and so continues; an older
+    multi-process checkpoint's per-rank streams do not (the caller reseeds).
     """
     path = Path(path)
     state = read_state(path)
     networks = {name: _network_tensors(path, name, network) for name, network in snapshot.networks.items()}
     optimizers = _optimizer_states(path, snapshot.optimizers)
-    rng = _rng_states(path, rank, snapshot.noise) if state["world_size"] == world_size else None
+    same_ranks = state["world_size"] == world_size
+    global_noise = state.get("noise") == GLOBAL_NOISE or state["world_size"] == 1
+    rng = _rng_states(path, rank if same_ranks else 0, snapshot.noise) if same_ranks or global_noise else None
     for name, network in snapshot.networks.items():
         network.load_state_dict(networks[name])
     for name, optimizer in snapshot.optimizers.items():
@@ -214,10 +221,11 @@ def restore(path: Path, snapshot: Snapshot, rank: int, world_size: int) -> bool:
     progress = dict(state["progress"])
     vars(snapshot.progress.data).update(progress.pop("data"))
     vars(snapshot.progress).update(progress)
-    if rng is None:
-        return False
-    _apply_rng(*rng, snapshot.noise)
-    return True
+    if same_ranks:
+        _apply_rng(*rng, snapshot.noise)
+    elif global_noise:
+        snapshot.noise.set_state(rng[0]["noise"])
+    return global_noise
 
 
 def _load(path: Path, device: str = "cpu") -> dict[str, torch.Tensor]:

@@ -33,7 +33,8 @@ class RunConfig:
 class DataConfig:
     source: str = "idx"  # idx | hf | torchvision | folder
     path: str = str(SHIPPED_MNIST)  # IDX folder, HF dataset id/folder/parquet, torchvision root, or image folder
-    batch_size: int = 64  # per process
+    batch_size: int = 64  # per process and forward pass; a new run's global batch is this x the processes
+    global_batch: int | None = None  # samples per update; null: data.batch_size x processes, or the checkpoint's
     split: str = "train"  # Hugging Face split name
     torchvision_name: str = "MNIST"  # MNIST | FashionMNIST | KMNIST | CIFAR10
     resolution: int | None = None  # the square size the networks get (scaled, centre-cropped); null: as they are
@@ -47,6 +48,7 @@ class ModelConfig:
     z_dim: int = 100
     upsample: str = "fused"  # seed generator's upsample+conv: fused (the same function, fewer operations) | native
     conditional: bool = False  # class-conditional G and D: G draws the digit it is given (train.sample --label)
+    bn_group: int | None = None  # BatchNorm normalises over groups of this many samples; null: each process's share
 
 
 @dataclass
@@ -154,6 +156,8 @@ _NOT_NEGATIVE = (lambda v: v >= 0, "0 or more")
 _IN_UNIT_INTERVAL = (lambda v: 0 <= v < 1, "in [0, 1)")
 RULES = {
     "data.batch_size": _GREATER_THAN_ZERO,
+    "data.global_batch": (lambda v: v is None or v > 0, "null or greater than 0"),
+    "model.bn_group": (lambda v: v is None or v > 0, "null or greater than 0"),
     "data.resolution": (lambda v: v is None or v >= 8, "null (the pictures' own size) or at least 8"),
     "model.z_dim": _GREATER_THAN_ZERO,
     "loss.r1_gamma": _NOT_NEGATIVE,

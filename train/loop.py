@@ -80,7 +80,8 @@ class Training:
         self.images = dataset.spec  # what the networks, the metrics and every checkpoint are made for
         if resume_from is not None:
             checkpoint.check_images(resume_from, self.images)
-        self.batches = ShardedBatches(dataset.images, cfg.data.batch_size, accelerator.process_index,
+        self.plan = setup.batch_plan(cfg, accelerator.num_processes)  # checked in setup.set_up
+        self.batches = ShardedBatches(dataset.images, self.plan.share, accelerator.process_index,
                                       accelerator.num_processes, cfg.run.seed, accelerator.device,
                                       position=self.progress.data, channels_last=cfg.train.channels_last,
                                       labels=dataset.labels)
@@ -106,7 +107,7 @@ class Training:
             noise=torch.Generator(accelerator.device), progress=self.progress, config=config.to_dict(cfg),
             scaler=accelerator.scaler,
             extra_json={"global_batch": self.batches.global_batch, "images": self.images.as_dict(),
-                        "hardware": setup.hardware(accelerator)},
+                        "hardware": setup.hardware(accelerator), "noise": checkpoint.GLOBAL_NOISE},
         )
         if resume_from is None:
             self.reseed_noise()
@@ -119,7 +120,8 @@ class Training:
                                    timeout_s=cfg.train.timeout_s)
         self.window = tracking.TrainingWindow(accelerator.device, r1_penalty=cfg.loss.r1_gamma > 0)
         self.gan = GANStep(accelerator, cfg.loss.kind, generator, discriminator, g_optimizer, d_optimizer, self.ema,
-                           self.faults, self.window, self.batches, cfg.model.z_dim, plain_generator.num_classes)
+                           self.faults, self.window, self.batches, cfg.model.z_dim, plain_generator.num_classes,
+                           self.plan.accumulation)
         # One graph per distinct argument: with lazy R1 (loss.r1_every > 1), a step with the penalty and one without.
         self.update = ReplayableStep(self.gan, enabled=cfg.train.cuda_graph)
         self.fixed_z = torch.randn(SAMPLE_GRID_SIZE, cfg.model.z_dim,
@@ -273,8 +275,8 @@ class Training:
         """Continue from the checkpoint `path`: at the start (resume), or going back after a non-finite step
         (rollback: the steps are redone with fresh noise, a seed offset saved in the checkpoints)."""
         offset = self.progress.seed_offset + 1
-        same_ranks = checkpoint.restore(path, self.snapshot, self.accelerator.process_index,
-                                        self.accelerator.num_processes)
+        noise_continues = checkpoint.restore(path, self.snapshot, self.accelerator.process_index,
+                                             self.accelerator.num_processes)
         self.batches.seek(self.progress.data)
         if rollback:
             self.unsaved_best_fd = self.stop_reason = None  # measured on the steps being undone
@@ -283,16 +285,23 @@ class Training:
             self.update.reset()  # the restored optimizer states are new tensors
             self.bar.n = self.progress.step
             return
-        if not same_ranks:
-            self.accelerator.print(f"{path.name} was written by another number of processes: the data order and "
-                                   "global batch continue exactly; each rank's noise stream starts afresh")
+        written_by = manifest.read_state(path)["world_size"]
+        if not noise_continues:
+            self.accelerator.print(f"{path.name} was written by {written_by} processes before the noise stream was one "
+                                   "for the global batch: the data order and global batch continue exactly; the noise "
+                                   "stream restarts")
             self.reseed_noise(salt=f"resumed@{self.progress.step}")
+        elif written_by != self.accelerator.num_processes:
+            self.accelerator.print(f"{path.name} was written by {written_by} processes, this launch has "
+                                   f"{self.accelerator.num_processes}: the global batch of {self.batches.global_batch}, "
+                                   "the data order and the noise continue, each process taking its share "
+                                   f"({self.plan.accumulation} micro-batch(es) of "
+                                   f"{self.plan.share // self.plan.accumulation})")
         self.accelerator.print(f"resumed from {path} at step {self.progress.step}")
 
     def reseed_noise(self, salt: str = "") -> None:
-        """A distinct, reproducible noise stream per (run seed, rank, salt)."""
-        self.snapshot.noise.manual_seed(derived_seed(self.cfg.run.seed, self.accelerator.process_index,
-                                                     *f"noise{salt}".encode()))
+        """A reproducible noise stream per (run seed, salt), the same on every rank: each takes its slice."""
+        self.snapshot.noise.manual_seed(derived_seed(self.cfg.run.seed, 0, *f"noise{salt}".encode()))
 
 
 def build_networks(cfg: Config, images: ImageSpec) -> tuple[torch.nn.Module, torch.nn.Module, torch.optim.Optimizer,
@@ -302,6 +311,8 @@ def build_networks(cfg: Config, images: ImageSpec) -> tuple[torch.nn.Module, tor
     torch.manual_seed(cfg.run.seed)
     generator, discriminator = models.build(cfg.model.arch, cfg.model.z_dim, cfg.model.upsample, cfg.model.conditional,
                                             images)
+    for network in (generator, discriminator):
+        models.set_batchnorm_group(network, cfg.model.bn_group)
     if cfg.train.channels_last:
         generator, discriminator = (m.to(memory_format=torch.channels_last) for m in (generator, discriminator))
     settings = {"betas": (cfg.optim.beta1, cfg.optim.beta2), "amsgrad": cfg.optim.amsgrad, "fused": cfg.optim.fused,

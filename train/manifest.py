@@ -36,7 +36,7 @@ STATE_SCHEMA = {
                  "wandb_run_id": (str, type(None)), "best_fd?": (float, int, type(None)),
                  "evaluations_since_best?": int},
     "world_size": int, "global_batch": int, "scaler": (dict, type(None)), "images?": images.SCHEMA,
-    "hardware?": {"device": str, "processes": int, "mixed_precision": str},
+    "hardware?": {"device": str, "processes": int, "mixed_precision": str}, "noise?": str,
     "config": {"model": {"arch": str, "z_dim": int, "conditional?": bool}},
 }
 OPTIMIZERS_SCHEMA = {"generator": {"param_groups": [{"params": [int]}]},

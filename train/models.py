@@ -71,11 +71,35 @@ class Projection(nn.Module):
         return (self.embedding(labels) * features.flatten(1)).sum(1)
 
 
+class GroupBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm whose training statistics are over fixed groups of `group` consecutive samples (ghost BatchNorm;
+    None: over the whole batch, as nn.BatchNorm2d). A sample's output then depends on its group only, not on how
+    the batch is cut between processes or accumulation steps, as long as every cut falls between groups: each
+    group goes through BatchNorm's own kernel, as it would alone. The running statistics follow the first group,
+    as those of a run whose processes each normalise one group follow rank 0's (the ones saved)."""
+
+    group: int | None = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or self.group is None or len(x) <= self.group:
+            return super().forward(x)
+        first, *rest = x.split(self.group)
+        return torch.cat([super().forward(first)] + [
+            F.batch_norm(part, None, None, self.weight, self.bias, True, 0.0, self.eps) for part in rest])
+
+
+def set_batchnorm_group(network: nn.Module, group: int | None) -> None:
+    """Normalise every GroupBatchNorm2d of `network` over groups of `group` samples during training."""
+    for module in network.modules():
+        if isinstance(module, GroupBatchNorm2d):
+            module.group = group
+
+
 def conv_bn_relu(in_channels: int, out_channels: int, kernel_size: int = 3, padding: int = 1) -> nn.Sequential:
     """The seed's `Conv` block: convolution without bias (BatchNorm supplies it), BatchNorm, ReLU."""
     return nn.Sequential(
         nn.Conv2d(in_channels, out_channels, kernel_size, padding=padding, bias=False),
-        nn.BatchNorm2d(out_channels),
+        GroupBatchNorm2d(out_channels),
         nn.ReLU(),
     )
 
@@ -202,9 +226,10 @@ class DCGANGenerator(nn.Module):
         base, doublings = dcgan_stages(images)
         channels = [width * 2 ** i for i in reversed(range(doublings))]  # e.g. 128, 64 for 28x28
         layers = [LatentToMap(z_dim + (LABEL_EMBEDDING_DIM if num_classes else 0), channels[0], base, bias=False),
-                  nn.BatchNorm2d(channels[0]), nn.ReLU()]
+                  GroupBatchNorm2d(channels[0]), nn.ReLU()]
         for wider, narrower in zip(channels, channels[1:]):
-            layers += [nn.ConvTranspose2d(wider, narrower, 4, 2, 1, bias=False), nn.BatchNorm2d(narrower), nn.ReLU()]
+            layers += [nn.ConvTranspose2d(wider, narrower, 4, 2, 1, bias=False), GroupBatchNorm2d(narrower),
+                       nn.ReLU()]
         self.net = nn.Sequential(*layers, nn.ConvTranspose2d(width, images.channels, 4, 2, 1), nn.Sigmoid())
         self.label = LabelledLatent(num_classes) if num_classes else None
 
@@ -224,7 +249,8 @@ class DCGANDiscriminator(nn.Module):
         channels = [width * 2 ** i for i in range(doublings)]  # e.g. 64, 128 for 28x28
         layers = [nn.Conv2d(images.channels, width, 4, 2, 1), nn.LeakyReLU(0.2)]
         for narrower, wider in zip(channels, channels[1:]):
-            layers += [nn.Conv2d(narrower, wider, 4, 2, 1, bias=False), nn.BatchNorm2d(wider), nn.LeakyReLU(0.2)]
+            layers += [nn.Conv2d(narrower, wider, 4, 2, 1, bias=False), GroupBatchNorm2d(wider),
+                       nn.LeakyReLU(0.2)]
         self.net = nn.Sequential(*layers, nn.Conv2d(channels[-1], 1, base, 1, 0))
         self.projection = Projection(num_classes, channels[-1] * base * base) if num_classes else None
 

@@ -11,12 +11,21 @@ D's gradients are neither computed nor all-reduced.
 Class-conditional (batches with labels): D sees each real image with its label, each fake with the
 label G was asked for; those are drawn uniformly from the noise stream, after the latents, so a
 resumed run draws the same ones.
+
+The noise stream is one for the whole global batch: every process draws the global batch's latents
+(and asked labels) and takes its slice, so a sample's latent does not depend on the number of
+processes. Where a process's share exceeds data.batch_size, the step accumulates micro-batches
+(`accumulation` > 1): the same update up to the order of floating-point sums, given BatchNorm groups
+that no micro-batch splits (models.GroupBatchNorm2d).
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager, nullcontext
+
 import torch
 from accelerate import Accelerator
+from torch import nn
 
 from train import losses
 from train.data import ShardedBatches
@@ -30,8 +39,8 @@ class GANStep:
 
     def __init__(self, accelerator: Accelerator, loss_kind: str, generator, discriminator, g_optimizer, d_optimizer,
                  ema: GeneratorEMA, faults: FaultMonitor, window: TrainingWindow, batches: ShardedBatches, z_dim: int,
-                 num_classes: int):
-        self.accelerator, self.loss_kind = accelerator, loss_kind
+                 num_classes: int, accumulation: int = 1):
+        self.accelerator, self.loss_kind, self.accumulation = accelerator, loss_kind, accumulation
         self.generator, self.discriminator = generator, discriminator
         self.g_optimizer, self.d_optimizer = g_optimizer, d_optimizer
         self.ema, self.faults, self.window = ema, faults, window
@@ -48,19 +57,24 @@ class GANStep:
         buffers (in place: a CUDA graph reads them there)."""
         images, labels = batches.next()
         self.real.copy_(images)
-        torch.randn(self.z.shape, device=self.z.device, generator=noise, out=self.z)
+        share = slice(batches.rank * batches.batch_size, (batches.rank + 1) * batches.batch_size)
+        latents = torch.randn(batches.global_batch, self.z.shape[1], device=self.z.device, generator=noise)
+        self.z.copy_(latents[share])
         if labels is not None:
             self.real_labels.copy_(labels)
-            torch.randint(self.num_classes, self.fake_labels.shape, device=self.z.device, generator=noise,
-                          out=self.fake_labels)
+            asked = torch.randint(self.num_classes, (batches.global_batch,), device=self.z.device, generator=noise)
+            self.fake_labels.copy_(asked[share])
 
     def __call__(self, r1_weight: float) -> None:
         """Update D, update G through the new D, average G; `r1_weight` > 0 adds the R1 penalty to D's loss."""
-        fake = self.generator(self.z, self.fake_labels)
-        d_loss, real_logits, fake_logits, r1_penalty = self.update_discriminator(fake, r1_weight)
-        g_loss = self.update_generator(fake)
+        if self.accumulation > 1:
+            statistics = self.accumulated_update(r1_weight)
+        else:
+            fake = self.generator(self.z, self.fake_labels)
+            d_loss, real_logits, fake_logits, r1_penalty = self.update_discriminator(fake, r1_weight)
+            statistics = d_loss, self.update_generator(fake), real_logits, fake_logits, r1_penalty
         self.ema.update(self.generator)
-        self.window.add(d_loss, g_loss, real_logits, fake_logits, r1_penalty)
+        self.window.add(*statistics)
 
     def update_discriminator(self, fake: torch.Tensor, r1_weight: float):
         """Update D on the real batch and on `fake` detached (G's graph is not touched). Returns D's loss, its
@@ -92,3 +106,67 @@ class GANStep:
         if self.faults.allows_update("generator", g_loss, self.g_optimizer):
             self.g_optimizer.step()
         return g_loss.detach()
+
+    def accumulated_update(self, r1_weight: float) -> tuple:
+        """The update of `__call__` in `accumulation` micro-batches: D's gradients summed over the micro-batches
+        (each loss divided by their number, so the mean is over the share), then G's the same way; DDP all-reduces
+        each network's gradients once, with its last micro-batch. The fakes D sees are drawn without a graph (and
+        without touching G's BatchNorm running statistics); G draws each micro-batch again for its own update,
+        the same images from the same weights. Returns the window's statistics over the share."""
+        parts = self.accumulation
+        reals, latents = self.real.chunk(parts), self.z.chunk(parts)
+        real_labels, fake_labels = ((labels.chunk(parts) if labels is not None else (None,) * parts)
+                                    for labels in (self.real_labels, self.fake_labels))
+        with torch.no_grad(), running_statistics_kept(self.generator):
+            fakes = [self.generator(z, labels) for z, labels in zip(latents, fake_labels)]
+        self.discriminator.requires_grad_(True)
+        self.d_optimizer.zero_grad(set_to_none=True)
+        d_losses, real_logits, fake_logits, r1_penalties = [], [], [], []
+        for index, (real, fake, real_label, fake_label) in enumerate(zip(reals, fakes, real_labels, fake_labels)):
+            with self.synced_on_last(self.discriminator, index):
+                real = real.detach().requires_grad_(True) if r1_weight else real
+                real_logits.append(self.discriminator(real, real_label))
+                fake_logits.append(self.discriminator(fake, fake_label))
+                d_loss = losses.discriminator_loss(self.loss_kind, real_logits[-1], fake_logits[-1])
+                if r1_weight:
+                    r1_penalties.append(losses.r1_penalty(real_logits[-1], real))
+                    d_loss = d_loss + r1_weight / 2 * r1_penalties[-1]
+                self.accelerator.backward(d_loss / parts)
+            d_losses.append(d_loss.detach())
+        d_loss = torch.stack(d_losses).mean()
+        if self.faults.allows_update("discriminator", d_loss, self.d_optimizer):
+            self.d_optimizer.step()
+        self.discriminator.requires_grad_(False)
+        self.g_optimizer.zero_grad(set_to_none=True)
+        g_losses = []
+        for index, (z, fake_label) in enumerate(zip(latents, fake_labels)):
+            with self.synced_on_last(self.generator, index), self.accelerator.no_sync(self.discriminator):
+                g_loss = losses.generator_loss(self.loss_kind, self.discriminator(self.generator(z, fake_label),
+                                                                                  fake_label))
+                self.accelerator.backward(g_loss / parts)
+            g_losses.append(g_loss.detach())
+        g_loss = torch.stack(g_losses).mean()
+        if self.faults.allows_update("generator", g_loss, self.g_optimizer):
+            self.g_optimizer.step()
+        r1_penalty = torch.stack(r1_penalties).mean().detach() if r1_penalties else None
+        return d_loss, g_loss, torch.cat(real_logits).detach(), torch.cat(fake_logits).detach(), r1_penalty
+
+    def synced_on_last(self, network, index: int):
+        """DDP's all-reduce of `network`'s gradients with the last micro-batch only."""
+        return self.accelerator.no_sync(network) if index < self.accumulation - 1 else nullcontext()
+
+
+@contextmanager
+def running_statistics_kept(network: nn.Module):
+    """Forward passes that leave BatchNorm's running statistics (and their counter) as they were."""
+    norms = [module for module in network.modules() if isinstance(module, nn.modules.batchnorm._BatchNorm)]
+    saved = [(module.momentum, module.num_batches_tracked.clone()) for module in norms]
+    for module in norms:
+        module.momentum = 0.0
+    try:
+        yield
+    finally:
+        for module, (momentum, tracked) in zip(norms, saved):
+            module.momentum = momentum
+            module.num_batches_tracked.copy_(tracked)
+
