@@ -55,7 +55,8 @@ def test_the_plan_shares_the_global_batch_and_accumulates_where_a_share_exceeds_
         plan(16, 3, 8, 4)
     with pytest.raises(ConfigError, match="cannot be shared by 4 processes.*process counts that work: 1, 2$"):
         plan(16, 4, 8, 8)  # a share of 4 would split the BatchNorm groups of 8
-    with pytest.raises(ConfigError, match="data.batch_size=4 is smaller than model.bn_group=8, and a forward pass holds at least one"):
+    with pytest.raises(ConfigError, match="data.batch_size=4 is smaller than model.bn_group=8, and a forward pass "
+                                          "holds at least one"):
         plan(16, 1, 4, 8)
 
 

@@ -170,8 +170,8 @@ def test_multinode_template_trains_on_two_nodes_through_a_preemption(cluster, tm
 
 
 def test_a_job_requeued_on_one_node_instead_of_two_continues_the_run(cluster, tmp_path, single_node_run):
-    """Preempted on two nodes (two processes), requeued on one (`scontrol update NumNodes=1 NumTasks=1` while it waits to start
-    again, as a scheduler may give it back smaller): one process takes the whole global batch in two micro-batches,
+    """Preempted on two nodes (two processes), requeued on one (`scontrol update NumNodes=1 NumTasks=1` while it
+    waits to start again, as a scheduler may give it back smaller): one process takes the whole global batch in two micro-batches,
     with the same latents and BatchNorm groups, and ends where the two-process run does."""
     job = Job(cluster, "slurm/train_multinode.sbatch", tmp_path, ["--nodes=2", "--cpus-per-task=1"], NO_EVAL)
     preempted_at = job.preempt_after_step(0, restarts=1)

@@ -246,7 +246,8 @@ class Training:
         groups = {"per_digit": "digits", "per_asked_digit": "asked"}
         interval = ({"eval/fd_low": report["fd_interval"]["low"], "eval/fd_high": report["fd_interval"]["high"]}
                     if "fd_interval" in report else {})
-        return ({f"eval/{key}": value for key, value in report["metrics"].items()} | interval | {"eval/seconds": seconds}
+        return ({f"eval/{key}": value for key, value in report["metrics"].items()} | interval
+                | {"eval/seconds": seconds}
                 | {f"{prefix}/{key}_{digit}": value for group, prefix in groups.items()
                    for digit, values in report.get(group, {}).items() for key, value in values.items()})
 
@@ -293,8 +294,9 @@ class Training:
             self.reseed_noise(salt=f"resumed@{self.progress.step}")
         elif written_by != self.accelerator.num_processes:
             self.accelerator.print(f"{path.name} was written by {written_by} processes, this launch has "
-                                   f"{self.accelerator.num_processes}: the global batch of {self.batches.global_batch}, "
-                                   "the data order and the noise continue, each process taking its share "
+                                   f"{self.accelerator.num_processes}: the global batch of "
+                                   f"{self.batches.global_batch}, the data order and the noise continue, each "
+                                   "process taking its share "
                                    f"({self.plan.accumulation} micro-batch(es) of "
                                    f"{self.plan.share // self.plan.accumulation})")
         self.accelerator.print(f"resumed from {path} at step {self.progress.step}")

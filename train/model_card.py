@@ -99,7 +99,8 @@ def _quality(evaluation: dict | None, images: ImageSpec, against: str) -> list[s
     classes = [c for c in range(images.num_classes) if f"digits/count_{c}" in evaluation]
     if classes:
         lines += ["", "Per class (the samples the feature network assigns to each class):", "",
-                  "| class | " + " | ".join(label for _, label in PER_CLASS) + " |", "|---" * (len(PER_CLASS) + 1) + "|"]
+                  "| class | " + " | ".join(label for _, label in PER_CLASS) + " |",
+                  "|---" * (len(PER_CLASS) + 1) + "|"]
         lines += [f"| {c} | " + " | ".join(f"{evaluation[f'digits/{key}_{c}']:.4g}" if f"digits/{key}_{c}" in evaluation
                                           else "-" for key, _ in PER_CLASS) + " |" for c in classes]
     return lines + [""]

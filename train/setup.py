@@ -72,8 +72,8 @@ def hardware(accelerator: Accelerator) -> dict:
         name = torch.cuda.get_device_name(accelerator.device)
     else:
         cpuinfo = Path("/proc/cpuinfo")
-        models = [line.split(":", 1)[1].strip() for line in (cpuinfo.read_text().splitlines() if cpuinfo.is_file() else [])
-                  if line.startswith("model name")]
+        lines = cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []
+        models = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
         name = f"{models[0] if models else platform.processor() or platform.machine()}, {os.cpu_count()} cores"
     return {"device": f"{accelerator.device.type}: {name}", "processes": accelerator.num_processes,
             "mixed_precision": accelerator.mixed_precision}

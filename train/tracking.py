@@ -173,7 +173,8 @@ class RunLog:
                                     self.run_dir), tempfile.TemporaryDirectory(prefix="generator-") as folder):
             artifact.add_dir(str(export_generator(checkpoint, Path(folder) / "generator", name=self.run_dir.name)))
             aliases = ["best"] if evaluation else []
-            self.accelerator.get_tracker("wandb", unwrap=True).log_artifact(artifact, aliases=aliases + [f"step-{step}"])
+            self.accelerator.get_tracker("wandb", unwrap=True).log_artifact(artifact,
+                                                                            aliases=aliases + [f"step-{step}"])
 
     def close(self) -> None:
         """Draw the curves of the whole run so far (main process, `logging.curves`), flush W&B and end

@@ -106,8 +106,9 @@ class LocalHub:
                     content = hub.repos.get(repo_id, {}).get(name)
                     if content is None:
                         return self._reply(404, {"error": "Entry not found"}, headers={"X-Error-Code": "EntryNotFound"})
+                    etag = f'"{hashlib.sha1(content).hexdigest()}"'
                     return self._reply(200, content, "application/octet-stream",
-                                       {"X-Repo-Commit": self._sha(repo_id), "ETag": f'"{hashlib.sha1(content).hexdigest()}"'})
+                                       {"X-Repo-Commit": self._sha(repo_id), "ETag": etag})
                 return self._reply(404, {"error": f"not served here: GET {path}"})
 
             do_HEAD = do_GET
