@@ -312,7 +312,7 @@ class Evaluator:
         self._network_sha256, self._cache_dir = network_sha256, Path(cache_dir)
         self._training_features: Tensor | None = None  # read on first use (the copy rate)
         self._copy_threshold: float | None = None
-        self.real = self._real_features(test.images, network_sha256, Path(cache_dir))
+        self.real = self._cached_features(test.images, "test")
 
     def score(self, images: Tensor) -> dict[str, float]:
         """Metrics of uint8 images [N, C, H, W] against the test set."""
@@ -349,14 +349,7 @@ class Evaluator:
     def training_features(self) -> Tensor:
         """The feature network's features of every training image: read once, cached in cache_dir by content."""
         if self._training_features is None:
-            images = self._training_images()
-            key = hashlib.sha256(images.numpy().tobytes() + self._network_sha256.encode()).hexdigest()[:16]
-            path = self._cache_dir / f"training_features_{key}.safetensors"
-            cached = tensor_cache.read(path, "training-set features")
-            if cached is None:
-                cached = {"features": extract(self.network, images).features}
-                tensor_cache.write(path, cached, "training-set features")
-            self._training_features = cached["features"].to(self.real.features.device)
+            self._training_features = self._cached_features(self._training_images(), "training").features
         return self._training_features
 
     def test_accuracy(self) -> float:
@@ -391,13 +384,16 @@ class Evaluator:
         images = self._training_images()
         return images[torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:num]]
 
-    def _real_features(self, images: Tensor, network_sha256: str, cache_dir: Path) -> Features:
-        key = hashlib.sha256(images.numpy().tobytes() + network_sha256.encode()).hexdigest()[:16]
-        path = cache_dir / f"test_features_{key}.safetensors"
+    def _cached_features(self, images: Tensor, split: str) -> Features:
+        """The features of `images` (the data's `split`: test or training), cached in cache_dir by the images' and
+        the feature network's content."""
+        key = hashlib.sha256(images.numpy().tobytes() + self._network_sha256.encode()).hexdigest()[:16]
+        path = self._cache_dir / f"{split}_features_{key}.safetensors"
+        what = f"{split}-set features"
         device = str(next(self.network.parameters()).device)
-        cached = tensor_cache.read(path, "test-set features")
+        cached = tensor_cache.read(path, what)
         if cached is not None:
             return Features(cached["features"].to(device), cached["probabilities"].to(device))
         real = extract(self.network, images)
-        tensor_cache.write(path, {"features": real.features, "probabilities": real.probabilities}, "test-set features")
+        tensor_cache.write(path, {"features": real.features, "probabilities": real.probabilities}, what)
         return real
