@@ -80,20 +80,27 @@ class GANStep:
         """Update D on the real batch and on `fake` detached (G's graph is not touched). Returns D's loss, its
         logits and, where `r1_weight` > 0, the R1 penalty before weighting (else None)."""
         self.discriminator.requires_grad_(True)
-        real = self.real.detach().requires_grad_(True) if r1_weight else self.real  # a view: the buffer stays plain
-        real_logits = self.discriminator(real, self.real_labels)
-        fake_logits = self.discriminator(fake.detach(), self.fake_labels)
+        d_loss, real_logits, fake_logits, r1_penalty = self.discriminator_loss(self.real, self.real_labels, fake,
+                                                                               self.fake_labels, r1_weight)
+        self.d_optimizer.zero_grad(set_to_none=True)
+        self.accelerator.backward(d_loss)
+        if self.faults.allows_update("discriminator", d_loss, self.d_optimizer):
+            self.d_optimizer.step()
+        return d_loss.detach(), real_logits.detach(), fake_logits.detach(), r1_penalty
+
+    def discriminator_loss(self, real: torch.Tensor, real_labels, fake: torch.Tensor, fake_labels, r1_weight: float):
+        """D's loss on `real` and on `fake` detached, with the R1 penalty on `real` where `r1_weight` > 0. Returns the
+        loss, D's logits and the penalty before weighting (detached; None without)."""
+        real = real.detach().requires_grad_(True) if r1_weight else real  # a view: the buffer stays plain
+        real_logits = self.discriminator(real, real_labels)
+        fake_logits = self.discriminator(fake.detach(), fake_labels)
         d_loss = losses.discriminator_loss(self.loss_kind, real_logits, fake_logits)
         r1_penalty = None
         if r1_weight:
             r1_penalty = losses.r1_penalty(real_logits, real)
             d_loss = d_loss + r1_weight / 2 * r1_penalty
             r1_penalty = r1_penalty.detach()
-        self.d_optimizer.zero_grad(set_to_none=True)
-        self.accelerator.backward(d_loss)
-        if self.faults.allows_update("discriminator", d_loss, self.d_optimizer):
-            self.d_optimizer.step()
-        return d_loss.detach(), real_logits.detach(), fake_logits.detach(), r1_penalty
+        return d_loss, real_logits, fake_logits, r1_penalty
 
     def update_generator(self, fake: torch.Tensor) -> torch.Tensor:
         """Update G through the just-updated D; D gets no gradients and DDP syncs none of its."""
@@ -124,15 +131,14 @@ class GANStep:
         d_losses, real_logits, fake_logits, r1_penalties = [], [], [], []
         for index, (real, fake, real_label, fake_label) in enumerate(zip(reals, fakes, real_labels, fake_labels)):
             with self.synced_on_last(self.discriminator, index):
-                real = real.detach().requires_grad_(True) if r1_weight else real
-                real_logits.append(self.discriminator(real, real_label))
-                fake_logits.append(self.discriminator(fake, fake_label))
-                d_loss = losses.discriminator_loss(self.loss_kind, real_logits[-1], fake_logits[-1])
-                if r1_weight:
-                    r1_penalties.append(losses.r1_penalty(real_logits[-1], real))
-                    d_loss = d_loss + r1_weight / 2 * r1_penalties[-1]
+                d_loss, real_part, fake_part, r1_penalty = self.discriminator_loss(real, real_label, fake, fake_label,
+                                                                                   r1_weight)
                 self.accelerator.backward(d_loss / parts)
             d_losses.append(d_loss.detach())
+            real_logits.append(real_part.detach())
+            fake_logits.append(fake_part.detach())
+            if r1_penalty is not None:
+                r1_penalties.append(r1_penalty)
         d_loss = torch.stack(d_losses).mean()
         if self.faults.allows_update("discriminator", d_loss, self.d_optimizer):
             self.d_optimizer.step()
@@ -148,8 +154,8 @@ class GANStep:
         g_loss = torch.stack(g_losses).mean()
         if self.faults.allows_update("generator", g_loss, self.g_optimizer):
             self.g_optimizer.step()
-        r1_penalty = torch.stack(r1_penalties).mean().detach() if r1_penalties else None
-        return d_loss, g_loss, torch.cat(real_logits).detach(), torch.cat(fake_logits).detach(), r1_penalty
+        r1_penalty = torch.stack(r1_penalties).mean() if r1_penalties else None
+        return d_loss, g_loss, torch.cat(real_logits), torch.cat(fake_logits), r1_penalty
 
     def synced_on_last(self, network, index: int):
         """DDP's all-reduce of `network`'s gradients with the last micro-batch only."""
