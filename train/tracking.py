@@ -22,10 +22,8 @@ import torch
 from accelerate import Accelerator
 from torchvision.utils import make_grid, save_image
 
-from train import model_card
 from train.config import Config, to_dict, to_yaml
 from train.errors import ConfigError
-from train.export import export_generator
 from train.files import open_in_place, write_atomically
 from train.layout import CONFIG_FILE, CURVES_FILE, METRICS_FILE, SAMPLES_DIR, WANDB_DIR
 from train.manifest import stop_on_write_failure
@@ -163,6 +161,9 @@ class RunLog:
         if not (self.use_wandb and self.accelerator.is_main_process):
             return
         import wandb  # installed: check_available said so
+
+        from train import model_card  # with huggingface_hub: a quarter second a run without W&B does not spend
+        from train.export import export_generator
 
         evaluation = model_card.evaluation_at(checkpoint, step) or {}
         metadata = {"step": step, "checkpoint": checkpoint.name} | {
