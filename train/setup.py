@@ -51,7 +51,9 @@ def set_up(cfg: Config, resume_from: Path | None) -> tuple[Accelerator, Config]:
                          AutocastKwargs(cache_enabled=False)],
     )
     cfg = resolve_batches(cfg, resume_from, accelerator.num_processes)
-    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, cuda_graph=_cuda_graph(cfg, accelerator)))
+    accumulates = batch_plan(cfg, accelerator.num_processes).accumulation > 1
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train,
+                                                             cuda_graph=_cuda_graph(cfg, accelerator, accumulates)))
     if cfg.loss.r1_gamma and accelerator.mixed_precision == "fp16":  # known only here: null means the launcher's
         raise ConfigError("loss.r1_gamma > 0 needs bf16 or fp32: the R1 penalty's inner gradient is taken without "
                           "fp16 loss scaling and could underflow; set train.mixed_precision=bf16")
@@ -59,7 +61,7 @@ def set_up(cfg: Config, resume_from: Path | None) -> tuple[Accelerator, Config]:
         raise ConfigError("train.cuda_graph=true runs one process without fp16 loss scaling; this launch has "
                           f"{accelerator.num_processes} processes and mixed precision {accelerator.mixed_precision}: "
                           "launch one process with bf16 or fp32, or set train.cuda_graph=false")
-    if cfg.train.cuda_graph and batch_plan(cfg, accelerator.num_processes).accumulation > 1:
+    if cfg.train.cuda_graph and accumulates:
         raise ConfigError("train.cuda_graph=true replays one forward pass per network; this launch accumulates "
                           f"micro-batches of data.batch_size={cfg.data.batch_size}: raise data.batch_size to "
                           f"{cfg.data.global_batch // accelerator.num_processes}, or set train.cuda_graph=false")
@@ -92,14 +94,14 @@ def _precision(cfg: Config, cpu: bool) -> str | None:
     return "bf16" if native else "fp32"
 
 
-def _cuda_graph(cfg: Config, accelerator: Accelerator) -> bool:
+def _cuda_graph(cfg: Config, accelerator: Accelerator, accumulates: bool) -> bool:
     """`train.cuda_graph` as given, or where null: wherever a graph can run (docs/performance.md has the gain)."""
     if cfg.train.cuda_graph is not None:
         return cfg.train.cuda_graph
     return (accelerator.device.type == "cuda" and accelerator.num_processes == 1
             and accelerator.mixed_precision != "fp16" and cfg.train.on_nonfinite != "skip"
             and not cfg.train.compile  # with torch.compile: when asked for, until measured
-            and batch_plan(cfg, accelerator.num_processes).accumulation == 1)
+            and not accumulates)
 
 
 @dataclasses.dataclass(frozen=True)
