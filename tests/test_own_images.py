@@ -8,6 +8,7 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from conftest import (REPO, TINY, accelerate_launch, all_state, assert_bitwise_equal, logged_metrics, run_train,
@@ -152,12 +153,14 @@ def test_the_quality_metrics_refuse_what_they_cannot_measure_before_any_work(rgb
     for index, picture in enumerate(pictures):
         Image.fromarray(picture).save(unlabelled / f"{index}.png")
     write_parquet(no_test / "train.parquet", pictures, labels)
-    for source, data, problem in (("folder", unlabelled, "is unlabelled, and the quality metrics need a feature "
-                                                         "network trained on the data's own labelled images"),
-                                  ("hf", no_test, "holds no parquet file of the split 'test'")):
+    for source, data, holdout, problem in (
+            ("folder", unlabelled, 0.1, "is unlabelled, and the quality metrics need a feature network trained on "
+                                        "the data's own labelled images"),  # nothing held out: no labels to score
+            ("hf", no_test, 0, "hold out part of the training images as one (data.holdout, e.g. 0.1)")):
         run_dir = tmp_path / "refused"
         result = run_train(TINY + [f"data.source={source}", f"data.path={data}", f"run.dir={run_dir}",
-                                   "eval.num_samples=100", f"data.cache_dir={tmp_path / 'decoded'}"])
+                                   "eval.num_samples=100", f"data.cache_dir={tmp_path / 'decoded'}",
+                                   f"data.holdout={holdout}"])
         assert result.returncode == 2, result.stderr[-3000:]
         assert problem in result.stderr and "eval.num_samples=0" in result.stderr
         assert not (run_dir / "checkpoints").exists()
@@ -176,6 +179,39 @@ def test_the_quality_metrics_refuse_what_they_cannot_measure_before_any_work(rgb
     found = tool_here("evaluate", "--checkpoint", exported, "--num", 100, "--data-path", moved,
                       "--cache-dir", tmp_path / "cache")
     assert found.returncode == 0, found.stderr[-3000:]
+
+
+def test_labelled_data_without_a_test_split_is_scored_against_a_part_held_out_of_its_training(rgb_digits, tmp_path,
+                                                                                              tool_here):
+    """A folder of class folders with no test split: data.holdout of its pictures become its test split, never
+    trained on, the same for the run and for train.evaluate, and named in both."""
+    flat = tmp_path / "flat"
+    shutil.copytree(rgb_digits / "train", flat)  # flat/<digit>/*.png, no train/ or test/
+    config = DataConfig(source="folder", path=str(flat), cache_dir=str(tmp_path / "decoded"))
+    training, test = load(config, "train", labelled=True), load(config, "test", labelled=True)
+    assert (len(training.images), len(test.images)) == (TRAIN_IMAGES - TRAIN_IMAGES // 10, TRAIN_IMAGES // 10)
+    assert not {image.tobytes() for image in test.images.numpy()} & {i.tobytes() for i in training.images.numpy()}
+    assert set(test.labels.tolist()) == set(range(10))
+    assert torch.equal(load(config, "test").images, test.images)  # the same draw, with or without labels
+    run_dir = tmp_path / "run"
+    result = run_train(RGB_RUN + [f"data.path={flat}", f"data.cache_dir={tmp_path / 'decoded'}", f"run.dir={run_dir}",
+                                  "eval.num_samples=100", f"eval.cache_dir={tmp_path / 'cache'}"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    against = (f"{TRAIN_IMAGES // 10} images held out of the training split (data.holdout=0.1, never trained on) "
+               f"of {training.spec.dataset}")
+    assert f"quality metrics against {against}" in result.stdout
+    latest = run_dir / "checkpoints" / (run_dir / "checkpoints" / "latest").read_text().strip()
+    assert json.loads((latest / "state.json").read_text())["images"]["dataset"] == training.spec.dataset
+    (final,) = [line for line in logged_metrics(run_dir) if "eval/fd" in line]
+    evaluated = tool_here("evaluate", "--checkpoint", run_dir, "--num", 100, "--cache-dir", tmp_path / "cache")
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    report = json.loads(evaluated.stdout)
+    assert report["against"] == against and report["metrics"]["fd"] == pytest.approx(final["eval/fd"], rel=1e-6)
+    exported = tmp_path / "export"
+    assert tool_here("export", "--checkpoint", run_dir, "--out", exported).returncode == 0
+    card = (exported / "README.md").read_text()
+    assert "against 10% of flat's training images held out of training (data.holdout)" in card
+    assert "dataset:\n      name: flat\n      type: image-folder\n      split: held-out part of train" in card
 
 
 def test_a_subset_of_mnist_is_mnist_and_an_export_without_images_reads_as_mnists(tiny_mnist, tmp_path, tool_here):

@@ -40,6 +40,7 @@ class DataConfig:
     resolution: int | None = None  # the square size the networks get (scaled, centre-cropped); null: as they are
     channels: int | None = None  # 1 (grey) | 3 (RGB); null: grey where every picture is grey, else RGB
     cache_dir: str = ".cache/data"  # image folders decoded once, keyed by their files' content
+    holdout: float = 0.1  # labelled data without a test split: this share of it is held out as one, never trained on
 
 
 @dataclass
@@ -158,6 +159,7 @@ RULES = {
     "data.batch_size": _GREATER_THAN_ZERO,
     "data.global_batch": (lambda v: v is None or v > 0, "null or greater than 0"),
     "model.bn_group": (lambda v: v is None or v > 0, "null or greater than 0"),
+    "data.holdout": _IN_UNIT_INTERVAL,
     "data.resolution": (lambda v: v is None or v >= 8, "null (the pictures' own size) or at least 8"),
     "model.z_dim": _GREATER_THAN_ZERO,
     "loss.r1_gamma": _NOT_NEGATIVE,

@@ -7,6 +7,7 @@ permutation, so a step costs no host-to-device copy.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import gzip
 import hashlib
@@ -30,6 +31,7 @@ IDX_MAGIC = {2049: 1, 2051: 3}  # labels: 1 dimension, images: 3 dimensions
 IDX_FILES = {"train": "train-images-idx3-ubyte", "test": "t10k-images-idx3-ubyte"}
 CHECKSUM_FILE = "SHA256SUMS"
 IDX_CLASSES = 10  # every data set of the MNIST family (MNIST, Fashion-MNIST, KMNIST) has ten
+HOLDOUT_SEED = 20261206  # draws the held-out test split of data without one (data.holdout)
 
 
 @dataclass
@@ -43,7 +45,63 @@ class ImageSet:
 
 def load(cfg: DataConfig, split: str = "train", labelled: bool = False) -> ImageSet:
     """`split` of the configured source, on the CPU, described by the source; with its labels where `labelled`
-    (class-conditional training), which the source must then have."""
+    (class-conditional training), which the source must then have. Labelled data without a test split is split
+    here: `data.holdout` of its training images are its test split, and the rest its training split."""
+    if holds_out(cfg):
+        training = _read(cfg, "train", labelled)
+        if training.spec.num_classes:
+            return _held_out(training, cfg.holdout, split)
+        if split == "train":
+            return training
+    return _read(cfg, split, labelled)
+
+
+def recorded_config(recorded: dict) -> DataConfig:
+    """The data config a state.json or generator.json records (keys this code does not know are dropped)."""
+    known = {key: value for key, value in recorded.items() if key in DataConfig.__dataclass_fields__}
+    return DataConfig(**{"holdout": 0.0} | known)  # recorded before data.holdout: nothing was held out
+
+
+def holds_out(cfg: DataConfig) -> bool:
+    """Whether the data's test split is a held-out part of its training images (where the data is labelled): a
+    source without a test split of its own, and data.holdout above 0."""
+    return cfg.holdout > 0 and not _has_test_split(cfg)
+
+
+def _has_test_split(cfg: DataConfig) -> bool:
+    """Whether the source holds a test split beside the training one (a Hugging Face Hub dataset: taken to, as its
+    loader then says where it does not)."""
+    path = Path(cfg.path)
+    if cfg.source == "idx":
+        return any((path / f"{IDX_FILES['test']}{suffix}").is_file() for suffix in (".gz", ""))
+    if cfg.source == "folder":
+        return (path / "test").is_dir()
+    if cfg.source == "hf":
+        if path.is_file() or (path / "dataset_info.json").is_file():  # one parquet file; one saved Dataset
+            return False
+        if path.is_dir() and any(path.glob("*.parquet")):
+            return any(path.glob("test[.-]*parquet"))
+    return True
+
+
+def _held_out(training: ImageSet, share: float, split: str) -> ImageSet:
+    """The test split (`share` of `training`'s images, drawn by a fixed seed: the same on every rank, run and tool)
+    or the training split (the others, in their order)."""
+    count = len(training.images)
+    test = torch.zeros(count, dtype=torch.bool)
+    test[torch.randperm(count, generator=torch.Generator().manual_seed(HOLDOUT_SEED))[:round(share * count)]] = True
+    if test.all() or not test.any():
+        raise DataError(f"data.holdout={share} of {count} training images leaves {int(test.sum())} to test and "
+                        f"{int((~test).sum())} to train on; this data has no test split of its own, so give it one "
+                        "(a test split beside the training one) or set data.holdout to leave some of each")
+    chosen = test if split == "test" else ~test
+    images = training.images[chosen]
+    return ImageSet(images, None if training.labels is None else training.labels[chosen],
+                    dataclasses.replace(training.spec, dataset=identify(images)))
+
+
+def _read(cfg: DataConfig, split: str, labelled: bool) -> ImageSet:
+    """`split` as the source holds it."""
     where = f"data.source={cfg.source} data.path={cfg.path!r}"
     dataset = None  # where the labels come from, for the hf, torchvision and folder sources
     if cfg.source == "idx":
@@ -233,6 +291,9 @@ def _hf_dataset(source: str, split: str, training: bool):
         if files:
             dataset = datasets.load_dataset("parquet", data_files={split: files}, split=split)
         elif local.is_dir() and (local / "dataset_info.json").is_file():
+            if not training:
+                raise DataError(f"{local} is one saved dataset (save_to_disk), read as the training split; it holds "
+                                f"no {split} split")
             dataset = datasets.load_from_disk(str(local))
         else:
             dataset = datasets.load_dataset(source, split=split)

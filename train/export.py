@@ -24,6 +24,7 @@ from torchvision.utils import save_image
 from train import hub, images, models, model_card
 from train.checkpoint import load_network, tensor_shapes
 from train.config import CHOICES, DataConfig
+from train.data import recorded_config
 from train.errors import EXIT_BAD_INPUT, EXIT_WRITE_FAILED, CheckpointError, DataError
 from train.files import write_atomically
 from train.manifest import checked_json, read_state, resolve, sha256
@@ -31,7 +32,8 @@ from train.manifest import checked_json, read_state, resolve, sha256
 WEIGHTS = "generator.safetensors"
 SAMPLES_ON_CARD = 64
 DESCRIPTION = "generator.json"
-DATA_SCHEMA = {"source": str, "path": str, "split?": str, "torchvision_name?": str}  # where the images came from
+# Where the images came from.
+DATA_SCHEMA = {"source": str, "path": str, "split?": str, "torchvision_name?": str, "holdout?": (int, float)}
 # What `load_generator` reads from generator.json (a description without "conditional" is of an unconditional one).
 DESCRIPTION_SCHEMA = {"arch": str, "z_dim": int, "conditional?": bool, "images?": images.SCHEMA, "data?": DATA_SCHEMA,
                       "weights": str, "step": int, "source": str, "sha256": str}
@@ -107,8 +109,7 @@ def training_data(path: Path, data_path: str | None = None) -> DataConfig:
         recorded = checked_json(path / DESCRIPTION, DESCRIPTION_SCHEMA).get("data", {})
     else:
         recorded = read_state(resolve(path))["config"]["data"]
-    known = {key: value for key, value in recorded.items() if key in DataConfig.__dataclass_fields__}
-    return replace(DataConfig(**known), **({"path": data_path} if data_path else {}))
+    return replace(recorded_config(recorded), **({"path": data_path} if data_path else {}))
 
 
 def _build_to_fit(model: dict, drawn: images.ImageSpec, weights: Path, described_in: Path) -> nn.Module:

@@ -287,12 +287,15 @@ class Evaluator:
             raise DataError(f"{where} holds {training.spec.describe()}, not the {images.describe()} to be scored; "
                             f"{elsewhere}")
         test = _labelled_split(data_cfg, "test", "the quality metrics score samples against the data's test split, "
-                               "and it could not be read: {error}; or train without the metrics (eval.num_samples=0)")
+                               "and it could not be read: {error}; or hold out part of the training images as one "
+                               "(data.holdout, e.g. 0.1), or train without the metrics (eval.num_samples=0)")
         if test.spec.shape != images.shape:
             raise DataError(f"{where}: its test split holds {test.spec.describe()}, its training split "
                             f"{images.describe()}; give both splits images of one shape")
         network, digest = classifier.for_data(training, cache_dir, device)
-        return cls(network, digest, test, lambda: training.images, cache_dir, f"the test split of {images.dataset}")
+        against = (f"{len(test.images)} images held out of the training split (data.holdout={data_cfg.holdout}, never "
+                   f"trained on) of {images.dataset}" if data.holds_out(data_cfg) else f"the test split of {images.dataset}")
+        return cls(network, digest, test, lambda: training.images, cache_dir, against)
 
     @classmethod
     def mnist(cls, data_dir: Path, cache_dir: Path, device: torch.device | str = "cpu") -> Evaluator:

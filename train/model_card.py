@@ -14,6 +14,7 @@ from pathlib import Path
 import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from train.data import holds_out, recorded_config
 from train.images import MNIST_DATASET, ImageSpec
 from train.layout import CHECKPOINTS, METRICS_FILE
 from train.plots import read_metrics
@@ -57,9 +58,12 @@ def make_card(description: dict, state: dict, evaluation: dict | None, name: str
     conditional = description["conditional"]
     task = "class-conditional-image-generation" if conditional else "unconditional-image-generation"
     data_name, data_type, hub_dataset = dataset_identity(description["data"], images)
-    against = f"{data_name}'s test split"
+    held_out = images.dataset != MNIST_DATASET and holds_out(recorded_config(description["data"]))
+    split = "held-out part of train" if held_out else "test"
+    against = (f"{description['data']['holdout']:.0%} of {data_name}'s training images held out of training "
+               "(data.holdout)" if held_out else f"{data_name}'s test split")
     results = [] if evaluation is None else [
-        EvalResult(task_type=task, dataset_type=data_type, dataset_name=data_name, dataset_split="test",
+        EvalResult(task_type=task, dataset_type=data_type, dataset_name=data_name, dataset_split=split,
                    metric_type=key.removeprefix("eval/"), metric_name=label, metric_value=evaluation[key])
         for key, label, _ in REPORTED if key in evaluation]
     data = ModelCardData(
