@@ -154,6 +154,10 @@ def test_an_hf_image_column_without_images_or_string_labels_are_named(tmp_path):
     assert load(DataConfig(source="hf", path=str(tmp_path))).spec.num_classes == 0  # unconditional: no classes
     with pytest.raises(DataError, match="has a 'label' column of Value\\('string'.*class labels are whole numbers"):
         load(DataConfig(source="hf", path=str(tmp_path)), labelled=True)
+    datasets.Dataset.from_dict({"image": pictures, "label": [-1, 0] * 4}).to_parquet(str(tmp_path / "t.parquet"))
+    with pytest.raises(DataError, match=r"labels of shape \(8,\) from -1 to 0; model.conditional=true needs one class "
+                                        r"label \(0-0\) per image"):
+        load(DataConfig(source="hf", path=str(tmp_path), holdout=0), labelled=True)
 
 
 def test_hf_hub_id_without_network_says_how_to_use_local_files():
