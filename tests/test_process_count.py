@@ -89,7 +89,7 @@ def test_a_run_that_goes_from_1_to_2_to_1_processes_ends_where_a_1_process_run_d
     assert run_train(args(moved, 10)).returncode == 0
     two = accelerate_launch(2, ["-m", "train", *args(moved, 20)])
     assert two.returncode == 0, two.stderr[-3000:]
-    assert ("step_00000010 was written by 1 processes, this launch has 2: the global batch of 8, the data order and "
+    assert ("step_00000010 was written by 1 process, this launch has 2: the global batch of 8, the data order and "
             "the noise continue, each process taking its share (1 micro-batch(es) of 4)") in two.stdout + two.stderr
     back = run_train(args(moved, 30, "data.batch_size=4"))
     assert back.returncode == 0, back.stderr[-3000:]

@@ -113,7 +113,7 @@ def test_resuming_on_another_number_of_processes_keeps_the_global_batch(tiny_mni
     assert first.returncode == EXIT_PREEMPTED
     resumed = run_with_fault("none", 0, 0, tiny_run(tiny_mnist, tmp_path), 2)  # a share of 8: one BatchNorm group
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "was written by 1 processes, this launch has 2: the global batch of 16" in resumed.stdout + resumed.stderr
+    assert "was written by 1 process, this launch has 2: the global batch of 16" in resumed.stdout + resumed.stderr
 
 
 def test_a_global_batch_another_count_cannot_share_is_refused_with_the_counts_that_work(tiny_mnist, tmp_path):

@@ -293,8 +293,8 @@ class Training:
                                    "stream restarts")
             self.reseed_noise(salt=f"resumed@{self.progress.step}")
         elif written_by != self.accelerator.num_processes:
-            self.accelerator.print(f"{path.name} was written by {written_by} processes, this launch has "
-                                   f"{self.accelerator.num_processes}: the global batch of "
+            self.accelerator.print(f"{path.name} was written by {written_by} process{'es' * (written_by != 1)}, this "
+                                   f"launch has {self.accelerator.num_processes}: the global batch of "
                                    f"{self.batches.global_batch}, the data order and the noise continue, each "
                                    "process taking its share "
                                    f"({self.plan.accumulation} micro-batch(es) of "
