@@ -117,10 +117,12 @@ def test_hf_datasets_source_reads_a_local_parquet_dataset(tmp_path, mnist_train)
     assert torch.equal(loaded.images, torch.from_numpy(subset)[:, None]) and torch.equal(loaded.labels, torch.arange(300))
     assert loaded.spec == ImageSpec(1, 28, 28, 300, MNIST_DATASET)  # MNIST's images; classes up to the largest label
     # Without a test split, data.holdout (0.1) of the images are one: never trained on, in their order, by a fixed draw.
-    training, test = (load(DataConfig(source="hf", path=str(tmp_path)), split, labelled=True) for split in ("train", "test"))
+    config = DataConfig(source="hf", path=str(tmp_path))
+    training, test = (load(config, split, labelled=True) for split in ("train", "test"))
     assert (len(training.labels), len(test.labels)) == (270, 30)
     assert sorted(training.labels.tolist() + test.labels.tolist()) == list(range(300))
-    assert torch.equal(training.images, loaded.images[training.labels]) and torch.equal(test.labels, test.labels.sort()[0])
+    assert torch.equal(training.images, loaded.images[training.labels])
+    assert torch.equal(test.labels, test.labels.sort()[0])
     with pytest.raises(DataError, match="data.holdout=0.001 of 300 training images leaves 0 to test and 300 to train"):
         load(DataConfig(source="hf", path=str(tmp_path), holdout=0.001))
 

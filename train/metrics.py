@@ -293,8 +293,10 @@ class Evaluator:
             raise DataError(f"{where}: its test split holds {test.spec.describe()}, its training split "
                             f"{images.describe()}; give both splits images of one shape")
         network, digest = classifier.for_data(training, cache_dir, device)
-        against = (f"{len(test.images)} images held out of the training split (data.holdout={data_cfg.holdout}, never "
-                   f"trained on) of {images.dataset}" if data.holds_out(data_cfg) else f"the test split of {images.dataset}")
+        against = f"the test split of {images.dataset}"
+        if data.holds_out(data_cfg):
+            against = (f"{len(test.images)} images held out of the training split (data.holdout={data_cfg.holdout}, "
+                       f"never trained on) of {images.dataset}")
         return cls(network, digest, test, lambda: training.images, cache_dir, against)
 
     @classmethod
