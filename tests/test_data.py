@@ -116,12 +116,16 @@ def test_hf_datasets_source_reads_a_local_parquet_dataset(tmp_path, mnist_train)
     loaded = load(DataConfig(source="hf", path=str(tmp_path), holdout=0), labelled=True)
     assert torch.equal(loaded.images, torch.from_numpy(subset)[:, None]) and torch.equal(loaded.labels, torch.arange(300))
     assert loaded.spec == ImageSpec(1, 28, 28, 300, MNIST_DATASET)  # MNIST's images; classes up to the largest label
-    # Without a test split, data.holdout (0.1) of the images are one: never trained on, in their order, by a fixed draw.
+    assert len(load(DataConfig(source="hf", path=str(tmp_path)), labelled=True).images) == 300  # none held out:
+    # MNIST's images (from any source) are scored against MNIST's shipped test set
+    # Other data without a test split: data.holdout (0.1) of its images are one, never trained on, by a fixed draw.
+    records["image"] = [Image.fromarray(255 - image) for image in subset]
+    datasets.Dataset.from_dict(records, features=features).to_parquet(str(tmp_path / "train.parquet"))
     config = DataConfig(source="hf", path=str(tmp_path))
     training, test = (load(config, split, labelled=True) for split in ("train", "test"))
     assert (len(training.labels), len(test.labels)) == (270, 30)
     assert sorted(training.labels.tolist() + test.labels.tolist()) == list(range(300))
-    assert torch.equal(training.images, loaded.images[training.labels])
+    assert torch.equal(training.images, 255 - loaded.images[training.labels])
     assert torch.equal(test.labels, test.labels.sort()[0])
     with pytest.raises(DataError, match="data.holdout=0.001 of 300 training images leaves 0 to test and 300 to train"):
         load(DataConfig(source="hf", path=str(tmp_path), holdout=0.001))
@@ -133,7 +137,7 @@ def test_a_saved_hf_dataset_is_a_training_split_without_a_test_split(tmp_path, m
     pytest.importorskip("datasets")
     import datasets
     from PIL import Image
-    records = {"image": [Image.fromarray(image) for image in mnist_train[:40].numpy()], "label": [0, 1] * 20}
+    records = {"image": [Image.fromarray(255 - image) for image in mnist_train[:40].numpy()], "label": [0, 1] * 20}
     datasets.Dataset.from_dict(records, features=datasets.Features(
         {"image": datasets.Image(), "label": datasets.ClassLabel(num_classes=2)})).save_to_disk(str(tmp_path / "saved"))
     config = DataConfig(source="hf", path=str(tmp_path / "saved"))
