@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import logged_metrics, run_train, snapshot_files
+from conftest import TINY, logged_metrics, run_train, snapshot_files
 from train import classifier
 from train.manifest import complete_checkpoints
 
@@ -82,6 +82,24 @@ def test_resuming_a_conditional_checkpoint_unconditionally_is_refused_before_any
     assert result.returncode == 2, result.stderr[-2000:]
     assert ("error: model.conditional is false, the checkpoint's networks were made with true: set "
             "model.conditional=true to resume, or start a new run.dir") in result.stderr
+    assert snapshot_files(run_dir) == before
+
+
+def test_a_generator_with_class_norm_exports_draws_the_same_and_resumes_only_with_it(tiny_mnist, tmp_path, tool_here):
+    run_dir = tmp_path / "run"
+    args = TINY + ["model.conditional=true", "model.class_norm=true", f"data.path={tiny_mnist}", f"run.dir={run_dir}"]
+    assert (result := run_train(args)).returncode == 0, result.stderr[-3000:]
+    exported = tmp_path / "export"
+    assert tool_here("export", "--checkpoint", run_dir, "--out", exported).returncode == 0
+    assert json.loads((exported / "generator.json").read_text())["class_norm"] is True
+    for source, out in ((run_dir, tmp_path / "run.npy"), (exported, tmp_path / "export.npy")):
+        assert tool_here("sample", "--checkpoint", source, "--label", 9, "--num", 8, "--out", out).returncode == 0
+    assert np.array_equal(np.load(tmp_path / "run.npy"), np.load(tmp_path / "export.npy"))
+    before = snapshot_files(run_dir)
+    result = run_train(args + ["train.steps=9", "model.class_norm=false"])
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert ("error: model.class_norm is false, the checkpoint's generator was made with true: set "
+            "model.class_norm=true to resume, or start a new run.dir") in result.stderr
     assert snapshot_files(run_dir) == before
 
 

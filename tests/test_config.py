@@ -32,6 +32,10 @@ def test_overrides_take_dotted_keys_and_convert_types():
     (["loss.r1_gamma=-1"], "config key 'loss.r1_gamma' is -1.0; it must be 0 or more"),
     (["loss.r1_every=0"], "config key 'loss.r1_every' is 0; it must be greater than 0"),
     (["loss.r1_gamma=1", "train.compile=true"], "loss.r1_gamma > 0 needs train.compile=false"),
+    (["model.class_norm=true"], "model.class_norm=true needs model.conditional=true and model.arch=dcgan"),
+    (["model.class_norm=true", "model.conditional=true", "model.arch=seed"], "needs model.conditional=true and "
+                                                                             "model.arch=dcgan"),
+    (["data.holdout=1"], "config key 'data.holdout' is 1.0; it must be in [0, 1)"),
     (["logging.wandb=maybe"], "allowed values: online, offline, disabled"),
     (["train.mixed_precision=fp8"], "allowed values: null, fp32, bf16, fp16"),
     (["train.steps"], "override 'train.steps' is not of the form key=value"),

@@ -187,3 +187,20 @@ def test_conditional_networks_read_the_label_and_add_only_its_embeddings(arch):
     other = (labels + 1) % 10
     assert not torch.allclose(images, generator(z, other))
     assert not torch.allclose(discriminator(images, labels), discriminator(images, other))
+
+
+def test_class_norm_moves_each_batchnorm_of_g_by_its_class_and_starts_as_the_plain_conditional_g():
+    """model.class_norm: per-class offsets of every BatchNorm's gain and bias, zero at the start, so a new generator
+    draws what the conditional generator of the same weights draws; trained offsets make each class's maps its own."""
+    plain = models.build_generator("dcgan", 100, conditional=True)
+    generator = models.build_generator("dcgan", 100, conditional=True, class_norm=True)
+    added = set(generator.state_dict()) - set(plain.state_dict())
+    assert added == {f"net.{i}.class_{kind}.weight" for i in (1, 4) for kind in ("gain", "bias")}
+    assert generator.net[1].class_gain.weight.shape == (10, 128) and generator.net[4].class_bias.weight.shape == (10, 64)
+    plain.load_state_dict({k: v for k, v in generator.state_dict().items() if k not in added})
+    z, labels = torch.randn(10, 100), torch.arange(10)
+    assert torch.equal(generator(z, labels), plain(z, labels))
+    with torch.no_grad():
+        generator.net[4].class_bias.weight[3].fill_(1.0)  # class 3's maps only
+    moved = generator(z, labels) != plain(z, labels)
+    assert moved[3].any() and not moved[torch.arange(10) != 3].any()

@@ -61,7 +61,8 @@ def start(cfg: Config, report) -> int:
         if (met := quality_target_met(state["progress"], cfg)) is not None:
             report(f"nothing to train: {resume_from} {met}")
             return 0
-        state["config"]["model"].setdefault("conditional", False)  # a checkpoint without the key is unconditional
+        for key in ("conditional", "class_norm"):  # a checkpoint without the key was made without the feature
+            state["config"]["model"].setdefault(key, False)
         report_changed_settings(changed_settings(state["config"], cfg), report)
     from train.loop import train  # loaded only for a run that can start
 
@@ -83,7 +84,8 @@ def quality_target_met(progress: dict, cfg: Config) -> str | None:
 
 # Settings the checkpoint's tensors were made for: another value cannot resume from them.
 FIXED_ON_RESUME = {"optim.amsgrad": "the checkpoint's Adam state was made with",
-                   "model.conditional": "the checkpoint's networks were made with"}
+                   "model.conditional": "the checkpoint's networks were made with",
+                   "model.class_norm": "the checkpoint's generator was made with"}
 
 
 def report_changed_settings(changed: dict[str, tuple], report) -> None:

@@ -49,6 +49,7 @@ class ModelConfig:
     z_dim: int = 100
     upsample: str = "fused"  # seed generator's upsample+conv: fused (the same function, fewer operations) | native
     conditional: bool = False  # class-conditional G and D: G draws the digit it is given (train.sample --label)
+    class_norm: bool = False  # conditional DCGAN: G's BatchNorms also take the class (conditional BatchNorm)
     bn_group: int | None = None  # BatchNorm normalises over groups of this many samples; null: each process's share
 
 
@@ -292,6 +293,9 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{key}={value} needs evaluations during training: set eval.every (steps between "
                               f"them; it is {cfg.eval.every}) and eval.num_samples (it is {cfg.eval.num_samples}), "
                               f"or {key}=null")
+    if cfg.model.class_norm and not (cfg.model.conditional and cfg.model.arch == "dcgan"):
+        raise ConfigError("model.class_norm=true needs model.conditional=true and model.arch=dcgan: it gives a "
+                          "class-conditional DCGAN generator's BatchNorms the class")
     if cfg.loss.r1_gamma and cfg.train.compile:
         raise ConfigError("loss.r1_gamma > 0 needs train.compile=false: the R1 penalty backpropagates through D's "
                           "gradient, and torch.compile (AOTAutograd) has no double backward")

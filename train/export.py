@@ -12,6 +12,7 @@ generator of a checkpoint or a run directory.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 from dataclasses import replace
@@ -35,8 +36,8 @@ DESCRIPTION = "generator.json"
 # Where the images came from.
 DATA_SCHEMA = {"source": str, "path": str, "split?": str, "torchvision_name?": str, "holdout?": (int, float)}
 # What `load_generator` reads from generator.json (a description without "conditional" is of an unconditional one).
-DESCRIPTION_SCHEMA = {"arch": str, "z_dim": int, "conditional?": bool, "images?": images.SCHEMA, "data?": DATA_SCHEMA,
-                      "weights": str, "step": int, "source": str, "sha256": str}
+DESCRIPTION_SCHEMA = {"arch": str, "z_dim": int, "conditional?": bool, "class_norm?": bool, "images?": images.SCHEMA,
+                      "data?": DATA_SCHEMA, "weights": str, "step": int, "source": str, "sha256": str}
 
 
 def export_generator(path: Path, out: Path, use_ema: bool = True, name: str | None = None) -> Path:
@@ -58,6 +59,7 @@ def export_generator(path: Path, out: Path, use_ema: bool = True, name: str | No
     model = state["config"]["model"]
     description = {
         "arch": model["arch"], "z_dim": model["z_dim"], "conditional": model.get("conditional", False),
+        "class_norm": model.get("class_norm", False),
         "images": images.recorded(state).as_dict(), "data": state["config"]["data"], "weights": weights_name,
         "step": state["progress"]["step"], "source": str(source.resolve())}
     out.mkdir(parents=True, exist_ok=True)
@@ -117,12 +119,14 @@ def _build_to_fit(model: dict, drawn: images.ImageSpec, weights: Path, described
     `weights`: they are compared on a network without memory (the meta device), so an edited description (an unknown
     arch, an absurd z_dim, a size no network has) is refused by name instead of being allocated."""
     arch, z_dim, conditional = model["arch"], model["z_dim"], model.get("conditional", False)
+    build = functools.partial(models.build_generator, arch, z_dim, conditional=conditional, images=drawn,
+                              class_norm=model.get("class_norm", False))
     if arch not in CHOICES["model.arch"]:
         raise CheckpointError(f"{described_in} names the architecture {arch!r}; this code builds "
                               f"{', '.join(CHOICES['model.arch'])}")
     try:
         with torch.device("meta"):
-            skeleton = models.build_generator(arch, z_dim, conditional=conditional, images=drawn)
+            skeleton = build()
     except DataError as error:
         raise CheckpointError(f"{described_in} describes a generator this code cannot build: {error}") from None
     needed = {key: tuple(value.shape) for key, value in skeleton.state_dict().items()}
@@ -133,7 +137,7 @@ def _build_to_fit(model: dict, drawn: images.ImageSpec, weights: Path, described
                               f"{z_dim}, conditional {str(conditional).lower()}): " + "; ".join(
                                   f"{key}: file {saved.get(key, 'missing')}, network {needed.get(key, 'missing')}"
                                   for key in different[:3]))
-    return models.build_generator(arch, z_dim, conditional=conditional, images=drawn)
+    return build()
 
 
 def _generator_name(use_ema: bool) -> str:

@@ -96,8 +96,8 @@ class Training:
         # The plain modules (no DDP, no torch.compile wrapper): what is saved, averaged and sampled from.
         plain_generator, plain_discriminator = (accelerator.unwrap_model(m, keep_torch_compile=False)
                                                 for m in (generator, discriminator))
-        average = models.build_generator(cfg.model.arch, cfg.model.z_dim, cfg.model.upsample,
-                                         cfg.model.conditional, self.images).to(accelerator.device)
+        average = models.build_generator(cfg.model.arch, cfg.model.z_dim, cfg.model.upsample, cfg.model.conditional,
+                                         self.images, cfg.model.class_norm).to(accelerator.device)
         self.ema = GeneratorEMA(average, plain_generator, cfg.ema.half_life_images, cfg.ema.rampup,
                                 cfg.ema.statistics_images, seed=derived_seed(cfg.run.seed, *b"ema statistics"))
         self.snapshot = Snapshot(
@@ -312,7 +312,7 @@ def build_networks(cfg: Config, images: ImageSpec) -> tuple[torch.nn.Module, tor
     everywhere)."""
     torch.manual_seed(cfg.run.seed)
     generator, discriminator = models.build(cfg.model.arch, cfg.model.z_dim, cfg.model.upsample, cfg.model.conditional,
-                                            images)
+                                            images, cfg.model.class_norm)
     for network in (generator, discriminator):
         models.set_batchnorm_group(network, cfg.model.bn_group)
     if cfg.train.channels_last:

@@ -11,6 +11,8 @@ projection of the label onto its features to its logit (Miyato & Koyama 2018).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -86,6 +88,22 @@ class GroupBatchNorm2d(nn.BatchNorm2d):
         first, *rest = x.split(self.group)
         return torch.cat([super().forward(first)] + [
             F.batch_norm(part, None, None, self.weight, self.bias, True, 0.0, self.eps) for part in rest])
+
+
+class ClassBatchNorm2d(GroupBatchNorm2d):
+    """Conditional BatchNorm (de Vries et al. 2017; the generator Miyato & Koyama pair with the projection
+    discriminator): the normalised map's gain and bias also move with the class, by learned per-class offsets that
+    start at zero, so the class shapes every stage of G, not only its first."""
+
+    def __init__(self, channels: int, num_classes: int):
+        super().__init__(channels)
+        self.class_gain, self.class_bias = nn.Embedding(num_classes, channels), nn.Embedding(num_classes, channels)
+        nn.init.zeros_(self.class_gain.weight)
+        nn.init.zeros_(self.class_bias.weight)
+
+    def forward(self, x: Tensor, labels: Tensor) -> Tensor:
+        gain, bias = (offsets(labels)[:, :, None, None] for offsets in (self.class_gain, self.class_bias))
+        return super().forward(x) * (1 + gain) + bias
 
 
 def set_batchnorm_group(network: nn.Module, group: int | None) -> None:
@@ -220,23 +238,27 @@ class DCGANGenerator(nn.Module):
     """DCGAN (Radford et al. 2016): a projection to a small map, then transposed convolutions with BN+ReLU, each
     doubling the size and halving the channels, to the data's size and channels."""
 
-    def __init__(self, z_dim: int = 100, width: int = 64, num_classes: int = 0, images: ImageSpec = MNIST):
+    def __init__(self, z_dim: int = 100, width: int = 64, num_classes: int = 0, images: ImageSpec = MNIST,
+                 class_norm: bool = False):
+        """`class_norm`: a conditional G's BatchNorms are ClassBatchNorm2d (model.class_norm)."""
         super().__init__()
         self.z_dim, self.num_classes, self.images = z_dim, num_classes, images
         base, doublings = dcgan_stages(images)
         channels = [width * 2 ** i for i in reversed(range(doublings))]  # e.g. 128, 64 for 28x28
+        norm = functools.partial(ClassBatchNorm2d, num_classes=num_classes) if class_norm else GroupBatchNorm2d
         layers = [LatentToMap(z_dim + (LABEL_EMBEDDING_DIM if num_classes else 0), channels[0], base, bias=False),
-                  GroupBatchNorm2d(channels[0]), nn.ReLU()]
+                  norm(channels[0]), nn.ReLU()]
         for wider, narrower in zip(channels, channels[1:]):
-            layers += [nn.ConvTranspose2d(wider, narrower, 4, 2, 1, bias=False), GroupBatchNorm2d(narrower),
-                       nn.ReLU()]
+            layers += [nn.ConvTranspose2d(wider, narrower, 4, 2, 1, bias=False), norm(narrower), nn.ReLU()]
         self.net = nn.Sequential(*layers, nn.ConvTranspose2d(width, images.channels, 4, 2, 1), nn.Sigmoid())
         self.label = LabelledLatent(num_classes) if num_classes else None
 
     def forward(self, z: Tensor, labels: Tensor | None = None) -> Tensor:
         if self.label is not None:
             z = self.label(z, labels)
-        return self.net(z)
+        for layer in self.net:
+            z = layer(z, labels) if isinstance(layer, ClassBatchNorm2d) else layer(z)
+        return z
 
 
 class DCGANDiscriminator(nn.Module):
@@ -269,23 +291,23 @@ def check_seed_images(images: ImageSpec) -> None:
 
 
 def build_generator(arch: str, z_dim: int, upsample: str = "fused", conditional: bool = False,
-                    images: ImageSpec = MNIST) -> nn.Module:
+                    images: ImageSpec = MNIST, class_norm: bool = False) -> nn.Module:
     """The generator of `model.arch` for `images`; `upsample` picks the seed generator's implementation. A
-    conditional one draws the images' classes."""
+    conditional one draws the images' classes; with `class_norm` (DCGAN) through every BatchNorm too."""
     num_classes = images.num_classes if conditional else 0
     if arch == "seed":
         check_seed_images(images)
         return SeedGenerator(z_dim, upsample, num_classes)
     if arch == "dcgan":
-        return DCGANGenerator(z_dim, num_classes=num_classes, images=images)
+        return DCGANGenerator(z_dim, num_classes=num_classes, images=images, class_norm=class_norm)
     raise ValueError(f"unknown model.arch {arch!r}")
 
 
 def build(arch: str, z_dim: int, upsample: str = "fused", conditional: bool = False,
-          images: ImageSpec = MNIST) -> tuple[nn.Module, nn.Module]:
+          images: ImageSpec = MNIST, class_norm: bool = False) -> tuple[nn.Module, nn.Module]:
     """(generator, discriminator) for `model.arch` and `images`, built in that order (the order their weights are
     drawn in)."""
-    generator = build_generator(arch, z_dim, upsample, conditional, images)
+    generator = build_generator(arch, z_dim, upsample, conditional, images, class_norm)
     num_classes = images.num_classes if conditional else 0
     discriminator = (SeedDiscriminator(num_classes) if arch == "seed" else
                      DCGANDiscriminator(num_classes=num_classes, images=images))
