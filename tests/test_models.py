@@ -196,7 +196,8 @@ def test_class_norm_moves_each_batchnorm_of_g_by_its_class_and_starts_as_the_pla
     generator = models.build_generator("dcgan", 100, conditional=True, class_norm=True)
     added = set(generator.state_dict()) - set(plain.state_dict())
     assert added == {f"net.{i}.class_{kind}.weight" for i in (1, 4) for kind in ("gain", "bias")}
-    assert generator.net[1].class_gain.weight.shape == (10, 128) and generator.net[4].class_bias.weight.shape == (10, 64)
+    assert generator.net[1].class_gain.weight.shape == (10, 128)
+    assert generator.net[4].class_bias.weight.shape == (10, 64)
     plain.load_state_dict({k: v for k, v in generator.state_dict().items() if k not in added})
     z, labels = torch.randn(10, 100), torch.arange(10)
     assert torch.equal(generator(z, labels), plain(z, labels))
