@@ -7,7 +7,7 @@ import pytest
 import scipy.linalg
 import torch
 
-from train import metrics
+from train import metrics, tensor_cache
 
 FD_TOLERANCE = 1e-6  # float64 arithmetic on float32 features
 EXACT = 1e-12
@@ -193,8 +193,9 @@ def test_real_features_are_cached_on_disk_and_reused(tmp_path):
 
 
 def test_a_damaged_or_edited_features_cache_is_extracted_again_and_an_unwritable_one_is_a_warning(tmp_path):
-    """Before: a cut-short cache ended in a traceback, edited features were scored against unchecked, and an
-    eval.cache_dir that is a file ended in a traceback."""
+    """Before: a cut-short cache ended in a traceback, edited features were scored against unchecked, a cache without
+    the probabilities (as an earlier version wrote the training set's) ended the run at its first evaluation with a
+    KeyError, and an eval.cache_dir that is a file ended in a traceback."""
     from conftest import write_idx_images, write_idx_labels
     from safetensors import safe_open
     from safetensors.torch import save_file
@@ -209,8 +210,10 @@ def test_a_damaged_or_edited_features_cache_is_extracted_again_and_an_unwritable
     with safe_open(cached, framework="pt") as file:
         tensors, metadata = {name: file.get_tensor(name).clone() for name in file.keys()}, file.metadata()
     scaled = tensors | {"features": tensors["features"] * 1.5}
+    older = {"features": tensors["features"]}  # a whole, checked cache of another version, without the rest
     for damage in (lambda: cached.write_bytes(whole[:len(whole) // 2]),
-                   lambda: save_file(scaled, cached, metadata=metadata)):
+                   lambda: save_file(scaled, cached, metadata=metadata),
+                   lambda: save_file(older, cached, metadata={"sha256": tensor_cache.tensors_sha256(older)})):
         damage()
         with pytest.warns(UserWarning, match=f"not using the cached test-set features {cached}: .*; computing them "
                                              "again"):

@@ -396,7 +396,7 @@ class Evaluator:
         path = self._cache_dir / f"{split}_features_{key}.safetensors"
         what = f"{split}-set features"
         device = str(next(self.network.parameters()).device)
-        cached = tensor_cache.read(path, what)
+        cached = tensor_cache.read(path, what, needed=("features", "probabilities"))
         if cached is not None:
             return Features(cached["features"].to(device), cached["probabilities"].to(device))
         real = extract(self.network, images)

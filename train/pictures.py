@@ -131,7 +131,7 @@ def read_folder(root: Path, split: str, resolution: int | None, channels: int | 
     for path in files:
         digest.update(str(path.relative_to(folder)).encode() + b"\0" + path.read_bytes())
     cache = cache_dir / f"folder_{digest.hexdigest()[:24]}.safetensors"
-    cached = tensor_cache.read(cache, "decoded pictures")
+    cached = tensor_cache.read(cache, "decoded pictures", needed=("images", "labels") if classes else ("images",))
     if cached is not None:
         return Decoded(cached["images"], cached.get("labels"), classes)
     images = to_tensor([(str(path.relative_to(folder)), functools.partial(Image.open, path)) for path in files],

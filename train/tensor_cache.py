@@ -39,10 +39,11 @@ def write(path: Path, tensors: dict[str, Tensor], what: str, metadata: dict[str,
                       "(train.evaluate's --cache-dir) saves the time they take", stacklevel=3)
 
 
-def read(path: Path, what: str, expected: dict[str, str] | None = None) -> dict[str, Tensor] | None:
-    """The cached tensors if the file is whole, its tensors match the SHA-256 it was written with and its metadata
-    has the `expected` entries; None (after a warning) for a damaged, edited or other cache. None, silently, where
-    there is no file."""
+def read(path: Path, what: str, expected: dict[str, str] | None = None,
+         needed: tuple[str, ...] = ()) -> dict[str, Tensor] | None:
+    """The cached tensors if the file is whole, its tensors match the SHA-256 it was written with, its metadata
+    has the `expected` entries and it holds the `needed` tensors; None (after a warning) for a damaged, edited or
+    other cache. None, silently, where there is no file."""
     if not path.is_file():
         return None
     try:
@@ -57,6 +58,8 @@ def read(path: Path, what: str, expected: dict[str, str] | None = None) -> dict[
             problem = "its tensors do not match the SHA-256 it was written with"
         elif mismatched:
             problem = f"its {', '.join(mismatched)} is not this one's"
+        elif missing := [name for name in needed if name not in tensors]:
+            problem = f"it holds no {', '.join(missing)} (written by another version)"
         else:
             return tensors
     except Exception as error:  # safetensors' own error for a cut-short or garbled file
