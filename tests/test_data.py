@@ -127,8 +127,10 @@ def test_hf_datasets_source_reads_a_local_parquet_dataset(tmp_path, mnist_train)
     assert sorted(training.labels.tolist() + test.labels.tolist()) == list(range(300))
     assert torch.equal(training.images, 255 - loaded.images[training.labels])
     assert torch.equal(test.labels, test.labels.sort()[0])
+    too_few = DataConfig(source="hf", path=str(tmp_path), holdout=0.001)  # nothing to hold out: all is training
+    assert torch.equal(load(too_few).images, 255 - loaded.images)
     with pytest.raises(DataError, match="data.holdout=0.001 of 300 training images leaves 0 to test and 300 to train"):
-        load(DataConfig(source="hf", path=str(tmp_path), holdout=0.001))
+        load(too_few, "test")
 
 
 def test_a_saved_hf_dataset_is_a_training_split_without_a_test_split(tmp_path, mnist_train):

@@ -87,14 +87,15 @@ def _has_test_split(cfg: DataConfig) -> bool:
 
 def _held_out(training: ImageSet, share: float, split: str) -> ImageSet:
     """The test split (`share` of `training`'s images, drawn by a fixed seed: the same on every rank, run and tool)
-    or the training split (the others, in their order)."""
-    count = len(training.images)
+    or the training split (the others, in their order). Data too small for `share` to hold out an image is all
+    training split, and has no test split."""
+    count, held = len(training.images), round(share * len(training.images))
+    if held == count or (held == 0 and split == "test"):
+        raise DataError(f"data.holdout={share} of {count} training images leaves {held} to test and {count - held} "
+                        "to train on; this data has no test split of its own, so give it one (a test split beside the "
+                        "training one) or set data.holdout to leave some of each")
     test = torch.zeros(count, dtype=torch.bool)
-    test[torch.randperm(count, generator=torch.Generator().manual_seed(HOLDOUT_SEED))[:round(share * count)]] = True
-    if test.all() or not test.any():
-        raise DataError(f"data.holdout={share} of {count} training images leaves {int(test.sum())} to test and "
-                        f"{int((~test).sum())} to train on; this data has no test split of its own, so give it one "
-                        "(a test split beside the training one) or set data.holdout to leave some of each")
+    test[torch.randperm(count, generator=torch.Generator().manual_seed(HOLDOUT_SEED))[:held]] = True
     chosen = test if split == "test" else ~test
     images = training.images[chosen]
     return ImageSet(images, None if training.labels is None else training.labels[chosen],
