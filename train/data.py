@@ -48,13 +48,12 @@ def load(cfg: DataConfig, split: str = "train", labelled: bool = False) -> Image
     (class-conditional training), which the source must then have. Labelled data without a test split is split
     here: `data.holdout` of its training images are its test split, and the rest its training split (except MNIST's
     images, which MNIST's shipped test set scores)."""
-    if holds_out(cfg):
-        training = _read(cfg, "train", labelled)
-        if training.spec.num_classes and training.spec.dataset != MNIST_DATASET:
-            return _held_out(training, cfg.holdout, split)
-        if split == "train":
-            return training
-    return _read(cfg, split, labelled)
+    if cfg.holdout == 0 or _has_test_split(cfg):
+        return _read(cfg, split, labelled)
+    training = _read(cfg, "train", labelled)
+    if holds_out(cfg, training.spec):
+        return _held_out(training, cfg.holdout, split)
+    return training if split == "train" else _read(cfg, split, labelled)
 
 
 def recorded_config(recorded: dict) -> DataConfig:
@@ -63,10 +62,11 @@ def recorded_config(recorded: dict) -> DataConfig:
     return DataConfig(**{"holdout": 0.0} | known)  # recorded before data.holdout: nothing was held out
 
 
-def holds_out(cfg: DataConfig) -> bool:
-    """Whether the data's test split is a held-out part of its training images (where the data is labelled and not
-    MNIST's): a source without a test split of its own, and data.holdout above 0."""
-    return cfg.holdout > 0 and not _has_test_split(cfg)
+def holds_out(cfg: DataConfig, images: ImageSpec) -> bool:
+    """Whether the test split of the data `cfg` reads, `images`, is a held-out part of its training images: labelled
+    data other than MNIST's, from a source without a test split of its own, with data.holdout above 0."""
+    return (cfg.holdout > 0 and images.num_classes > 0 and images.dataset != MNIST_DATASET
+            and not _has_test_split(cfg))
 
 
 def _has_test_split(cfg: DataConfig) -> bool:

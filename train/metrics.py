@@ -294,7 +294,7 @@ class Evaluator:
                             f"{images.describe()}; give both splits images of one shape")
         network, digest = classifier.for_data(training, cache_dir, device)
         against = f"the test split of {images.dataset}"
-        if data.holds_out(data_cfg):
+        if data.holds_out(data_cfg, images):
             against = (f"{len(test.images)} images held out of the training split (data.holdout={data_cfg.holdout}, "
                        f"never trained on) of {images.dataset}")
         return cls(network, digest, test, lambda: training.images, cache_dir, against)

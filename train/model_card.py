@@ -58,10 +58,11 @@ def make_card(description: dict, state: dict, evaluation: dict | None, name: str
     conditional = description["conditional"]
     task = "class-conditional-image-generation" if conditional else "unconditional-image-generation"
     data_name, data_type, hub_dataset = dataset_identity(description["data"], images)
-    held_out = images.dataset != MNIST_DATASET and holds_out(recorded_config(description["data"]))
+    data_cfg = recorded_config(description["data"])
+    held_out = holds_out(data_cfg, images)
     split = "held-out part of train" if held_out else "test"
-    against = (f"{description['data']['holdout']:.0%} of {data_name}'s training images held out of training "
-               "(data.holdout)" if held_out else f"{data_name}'s test split")
+    against = (f"{data_cfg.holdout:.0%} of {data_name}'s training images held out of training (data.holdout)"
+               if held_out else f"{data_name}'s test split")
     results = [] if evaluation is None else [
         EvalResult(task_type=task, dataset_type=data_type, dataset_name=data_name, dataset_split=split,
                    metric_type=key.removeprefix("eval/"), metric_name=label, metric_value=evaluation[key])
