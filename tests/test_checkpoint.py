@@ -345,6 +345,10 @@ def test_a_resumed_run_uses_its_own_settings_and_says_which_changed(finished_run
     assert refused.returncode == 2, refused.stderr[-2000:]
     assert ("error: model.conditional is true, the checkpoint's networks were made with false: set "
             "model.conditional=false to resume, or start a new run.dir") in refused.stderr
+    refused = run_train(TINY + [f"run.dir={run_dir}", "train.steps=7", "model.d_width=32"])
+    assert refused.returncode == 2, refused.stderr[-2000:]
+    assert ("error: model.d_width is 32, the checkpoint's discriminator was made with 64: set model.d_width=64 to "
+            "resume, or start a new run.dir") in refused.stderr
     assert snapshot_files(run_dir) == before
     result = run_train(TINY + [f"run.dir={run_dir}", "train.steps=7", "checkpoint.every=7", "optim.g_lr=0.5"])
     assert result.returncode == 0, result.stderr[-2000:]

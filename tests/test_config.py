@@ -35,6 +35,8 @@ def test_overrides_take_dotted_keys_and_convert_types():
     (["model.class_norm=true"], "model.class_norm=true needs model.conditional=true and model.arch=dcgan"),
     (["model.class_norm=true", "model.conditional=true", "model.arch=seed"], "needs model.conditional=true and "
                                                                              "model.arch=dcgan"),
+    (["model.d_width=0"], "config key 'model.d_width' is 0; it must be greater than 0"),
+    (["model.arch=seed", "model.d_width=48"], "model.d_width=48 needs model.arch=dcgan: the blog's discriminator"),
     (["data.holdout=1"], "config key 'data.holdout' is 1.0; it must be in [0, 1)"),
     (["logging.wandb=maybe"], "allowed values: online, offline, disabled"),
     (["train.mixed_precision=fp8"], "allowed values: null, fp32, bf16, fp16"),

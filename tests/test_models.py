@@ -116,6 +116,15 @@ def test_dcgan_is_built_for_the_datas_size_channels_and_classes(channels, size):
     assert discriminator(drawn, labels).shape == (3,)
 
 
+def test_dcgans_discriminator_is_built_at_the_width_asked():
+    """model.d_width: the first convolution's channels, doubled at each halving; the same logit shape."""
+    generator, discriminator = models.build("dcgan", z_dim=16, conditional=True, d_width=48)
+    convolutions = [m for m in discriminator.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert [m.out_channels for m in convolutions] == [48, 96, 1]
+    labels = torch.tensor([0, 3, 1])
+    assert discriminator(generator(torch.randn(3, 16), labels), labels).shape == (3,)
+
+
 def test_mnists_dcgan_keeps_its_parameter_names_and_shapes():
     """Checkpoints and exports written before the networks were built from the data load into today's."""
     shapes = {name: tuple(p.shape) for name, p in models.build_generator("dcgan", 100).state_dict().items()}

@@ -61,8 +61,8 @@ def start(cfg: Config, report) -> int:
         if (met := quality_target_met(state["progress"], cfg)) is not None:
             report(f"nothing to train: {resume_from} {met}")
             return 0
-        for key in ("conditional", "class_norm"):  # a checkpoint without the key was made without the feature
-            state["config"]["model"].setdefault(key, False)
+        for key, made_before_the_key in (("conditional", False), ("class_norm", False), ("d_width", 64)):
+            state["config"]["model"].setdefault(key, made_before_the_key)
         report_changed_settings(changed_settings(state["config"], cfg), report)
     from train.loop import train  # loaded only for a run that can start
 
@@ -85,7 +85,8 @@ def quality_target_met(progress: dict, cfg: Config) -> str | None:
 # Settings the checkpoint's tensors were made for: another value cannot resume from them.
 FIXED_ON_RESUME = {"optim.amsgrad": "the checkpoint's Adam state was made with",
                    "model.conditional": "the checkpoint's networks were made with",
-                   "model.class_norm": "the checkpoint's generator was made with"}
+                   "model.class_norm": "the checkpoint's generator was made with",
+                   "model.d_width": "the checkpoint's discriminator was made with"}
 
 
 def report_changed_settings(changed: dict[str, tuple], report) -> None:

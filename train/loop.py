@@ -312,7 +312,7 @@ def build_networks(cfg: Config, images: ImageSpec) -> tuple[torch.nn.Module, tor
     everywhere)."""
     torch.manual_seed(cfg.run.seed)
     generator, discriminator = models.build(cfg.model.arch, cfg.model.z_dim, cfg.model.upsample, cfg.model.conditional,
-                                            images, cfg.model.class_norm)
+                                            images, cfg.model.class_norm, cfg.model.d_width)
     for network in (generator, discriminator):
         models.set_batchnorm_group(network, cfg.model.bn_group)
     if cfg.train.channels_last:

@@ -304,11 +304,11 @@ def build_generator(arch: str, z_dim: int, upsample: str = "fused", conditional:
 
 
 def build(arch: str, z_dim: int, upsample: str = "fused", conditional: bool = False,
-          images: ImageSpec = MNIST, class_norm: bool = False) -> tuple[nn.Module, nn.Module]:
+          images: ImageSpec = MNIST, class_norm: bool = False, d_width: int = 64) -> tuple[nn.Module, nn.Module]:
     """(generator, discriminator) for `model.arch` and `images`, built in that order (the order their weights are
-    drawn in)."""
+    drawn in); `d_width`: DCGAN's D's first width (model.d_width)."""
     generator = build_generator(arch, z_dim, upsample, conditional, images, class_norm)
     num_classes = images.num_classes if conditional else 0
     discriminator = (SeedDiscriminator(num_classes) if arch == "seed" else
-                     DCGANDiscriminator(num_classes=num_classes, images=images))
+                     DCGANDiscriminator(d_width, num_classes, images))
     return generator, discriminator
