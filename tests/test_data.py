@@ -164,7 +164,7 @@ def test_an_hf_image_column_without_images_or_string_labels_are_named(tmp_path):
         load(DataConfig(source="hf", path=str(tmp_path)), labelled=True)
     datasets.Dataset.from_dict({"image": pictures, "label": [-1, 0] * 4}).to_parquet(str(tmp_path / "t.parquet"))
     with pytest.raises(DataError, match=r"labels of shape \(8,\) from -1 to 0; model.conditional=true needs one class "
-                                        r"label \(0-0\) per image"):
+                                        r"label \(0\) per image"):
         load(DataConfig(source="hf", path=str(tmp_path), holdout=0), labelled=True)
 
 

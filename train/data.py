@@ -130,9 +130,10 @@ def _read(cfg: DataConfig, split: str, labelled: bool) -> ImageSet:
                             "model.conditional=false)")
         labels = _labels(cfg, split, dataset)
         if labels.dim() != 1 or len(labels) and not 0 <= int(labels.min()) <= int(labels.max()) < num_classes:
-            raise DataError(f"{where} gave labels of shape "
-                            f"{tuple(labels.shape)}{f' from {int(labels.min())} to {int(labels.max())}' if labels.numel() else ''}; "
-                            f"model.conditional=true needs one class label (0-{num_classes - 1}) per image")
+            span = f" from {int(labels.min())} to {int(labels.max())}" if labels.numel() else ""
+            allowed = "0" if num_classes == 1 else f"0-{num_classes - 1}"
+            raise DataError(f"{where} gave labels of shape {tuple(labels.shape)}{span}; model.conditional=true needs "
+                            f"one class label ({allowed}) per image")
     return ImageSet(images, labels, ImageSpec(images.shape[1], images.shape[2], images.shape[3], num_classes,
                                               identify(images)))
 
