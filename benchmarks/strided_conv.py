@@ -1,12 +1,20 @@
 """`python -m benchmarks.strided_conv`: DCGAN's discriminator convolution (4x4, stride 2, 64 to 128 channels, 14x14 to
 7x7, batch 128), the largest share of `make train`'s CPU step, timed forward and backward in bf16 autocast in the
 forms that compute the same function: direct, as a 2x2 stride-1 convolution on pixel_unshuffle of the padded input,
-as unfold and a matrix product, and in channels_last. Prints ms per forward+backward, the mean of 20 after 20."""
+as unfold and a matrix product, and in channels_last. Prints ms per forward+backward, the mean of 20 after 20, and
+the direct form's FLOP/s forward and forward+backward beside a large bf16 matrix product's in the same run: how near
+the machine's limit the step's largest operator already runs."""
 
 import time
 
 import torch
 import torch.nn.functional as F
+
+from benchmarks.bench import matmul_flops_per_second
+
+BATCH, IN_CHANNELS, OUT_CHANNELS, SIZE = 128, 64, 128, 14
+# Multiply-adds of one forward: every output value (batch x out channels x 7 x 7) sums in channels x 4 x 4 products.
+FORWARD_FLOP = 2 * BATCH * OUT_CHANNELS * (SIZE // 2) ** 2 * IN_CHANNELS * 4 * 4
 
 
 def space_to_depth(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -26,21 +34,32 @@ def channels_last(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 def main() -> None:
-    x = torch.randn(128, 64, 14, 14, requires_grad=True)
-    w = torch.randn(128, 64, 4, 4, requires_grad=True)
+    x = torch.randn(BATCH, IN_CHANNELS, SIZE, SIZE, requires_grad=True)
+    w = torch.randn(OUT_CHANNELS, IN_CHANNELS, 4, 4, requires_grad=True)
     direct = F.conv2d(x, w, stride=2, padding=1)
     forms = {"direct": lambda: F.conv2d(x, w, stride=2, padding=1), "space_to_depth": lambda: space_to_depth(x, w),
              "unfold_matmul": lambda: unfold_matmul(x, w), "channels_last": lambda: channels_last(x, w)}
     for name, form in forms.items():
         difference = (form() - direct).abs().max().item()  # fp32: the same function up to rounding
-        for repeat in range(2):
-            started = time.perf_counter()
-            for _ in range(20):
-                with torch.autocast("cpu", torch.bfloat16):
-                    y = form()
+        print(f"{name}: {timed(form, backward=True) * 1000:.1f} ms (fp32 difference {difference:.1e})")
+    forward, both = (timed(forms["direct"], backward) for backward in (False, True))
+    peak = matmul_flops_per_second(torch.device("cpu"), "bf16")
+    # The backward computes the input's and the weight's gradients: two more products of the forward's size.
+    for name, seconds, flop in (("forward", forward, FORWARD_FLOP), ("forward+backward", both, 3 * FORWARD_FLOP)):
+        print(f"direct {name}: {seconds * 1000:.1f} ms, {flop / seconds / 1e9:.0f} GFLOP/s, "
+              f"{100 * flop / seconds / peak:.0f}% of a bf16 matrix product's {peak / 1e9:.0f} GFLOP/s")
+
+
+def timed(form, backward: bool, repeats: int = 20) -> float:
+    """Seconds per forward of `form` in bf16 autocast (and its backward), the mean of `repeats` after as many."""
+    for _ in range(2):
+        started = time.perf_counter()
+        for _ in range(repeats):
+            with torch.autocast("cpu", torch.bfloat16):
+                y = form()
+            if backward:
                 y.float().square().mean().backward()
-            if repeat:
-                print(f"{name}: {(time.perf_counter() - started) / 20 * 1000:.1f} ms (fp32 difference {difference:.1e})")
+    return (time.perf_counter() - started) / repeats
 
 
 if __name__ == "__main__":
