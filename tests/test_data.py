@@ -22,6 +22,11 @@ def mnist_train():
     return read_idx_images(REPO / "data" / "mnist", "train")
 
 
+def hf_config(tmp_path, path: str, **overrides) -> DataConfig:
+    """data.source=hf with its decode cache inside the test's folder."""
+    return DataConfig(source="hf", path=path, cache_dir=str(tmp_path / "decoded"), **overrides)
+
+
 def copy_mnist(mnist_dir, destination):
     shutil.copytree(mnist_dir, destination)
     return destination
@@ -113,21 +118,21 @@ def test_hf_datasets_source_reads_a_local_parquet_dataset(tmp_path, mnist_train)
     records = {"image": [Image.fromarray(image) for image in subset], "label": list(range(300))}
     features = datasets.Features({"image": datasets.Image(), "label": datasets.Value("int64")})
     datasets.Dataset.from_dict(records, features=features).to_parquet(str(tmp_path / "train.parquet"))
-    loaded = load(DataConfig(source="hf", path=str(tmp_path), holdout=0), labelled=True)
+    loaded = load(hf_config(tmp_path, str(tmp_path), holdout=0), labelled=True)
     assert torch.equal(loaded.images, torch.from_numpy(subset)[:, None]) and torch.equal(loaded.labels, torch.arange(300))
     assert loaded.spec == ImageSpec(1, 28, 28, 300, MNIST_DATASET)  # MNIST's images; classes up to the largest label
-    assert len(load(DataConfig(source="hf", path=str(tmp_path)), labelled=True).images) == 300  # none held out:
+    assert len(load(hf_config(tmp_path, str(tmp_path)), labelled=True).images) == 300  # none held out:
     # MNIST's images (from any source) are scored against MNIST's shipped test set
     # Other data without a test split: data.holdout (0.1) of its images are one, never trained on, by a fixed draw.
     records["image"] = [Image.fromarray(255 - image) for image in subset]
     datasets.Dataset.from_dict(records, features=features).to_parquet(str(tmp_path / "train.parquet"))
-    config = DataConfig(source="hf", path=str(tmp_path))
+    config = hf_config(tmp_path, str(tmp_path))
     training, test = (load(config, split, labelled=True) for split in ("train", "test"))
     assert (len(training.labels), len(test.labels)) == (270, 30)
     assert sorted(training.labels.tolist() + test.labels.tolist()) == list(range(300))
     assert torch.equal(training.images, 255 - loaded.images[training.labels])
     assert torch.equal(test.labels, test.labels.sort()[0])
-    too_few = DataConfig(source="hf", path=str(tmp_path), holdout=0.001)  # nothing to hold out: all is training
+    too_few = hf_config(tmp_path, str(tmp_path), holdout=0.001)  # nothing to hold out: all is training
     assert torch.equal(load(too_few).images, 255 - loaded.images)
     with pytest.raises(DataError, match="data.holdout=0.001 of 300 training images leaves 0 to test and 300 to train"):
         load(too_few, "test")
@@ -142,11 +147,54 @@ def test_a_saved_hf_dataset_is_a_training_split_without_a_test_split(tmp_path, m
     records = {"image": [Image.fromarray(255 - image) for image in mnist_train[:40].numpy()], "label": [0, 1] * 20}
     datasets.Dataset.from_dict(records, features=datasets.Features(
         {"image": datasets.Image(), "label": datasets.ClassLabel(num_classes=2)})).save_to_disk(str(tmp_path / "saved"))
-    config = DataConfig(source="hf", path=str(tmp_path / "saved"))
+    config = hf_config(tmp_path, str(tmp_path / "saved"))
     assert (len(load(config).images), len(load(config, "test").images)) == (36, 4)
     with pytest.raises(DataError, match="is one saved dataset \\(save_to_disk\\), read as the training split; it holds "
                                         "no test split"):
-        load(DataConfig(source="hf", path=str(tmp_path / "saved"), holdout=0), "test")
+        load(hf_config(tmp_path, str(tmp_path / "saved"), holdout=0), "test")
+
+
+def test_an_hf_image_column_is_decoded_once_into_a_cache_keyed_by_its_pictures(tmp_path, mnist_train, monkeypatch):
+    """Before, every load decoded the column again: a training run decoded it for the loop, again for the
+    evaluation's feature network and once more for its held-out test split."""
+    pytest.importorskip("datasets")
+    import datasets
+    from PIL import Image
+    from train import pictures
+    folder = tmp_path / "parquet"
+    folder.mkdir()
+
+    def write(images):
+        datasets.Dataset.from_dict({"image": [Image.fromarray(image) for image in images], "label": [0, 1] * 20},
+                                   features=datasets.Features({"image": datasets.Image(), "label": datasets.Value(
+                                       "int64")})).to_parquet(str(folder / "train.parquet"))
+
+    inverted = 255 - mnist_train[:40].numpy()  # not MNIST's images: a test split is held out of them
+    write(inverted)
+    config = hf_config(tmp_path, str(folder))
+    training = load(config, labelled=True)
+    (cache,) = (tmp_path / "decoded").iterdir()
+    assert cache.name.startswith("hf_") and len(training.images) == 36
+
+    def decoding(*args):
+        raise AssertionError("decoded again")
+    with monkeypatch.context() as patched:
+        patched.setattr(pictures, "to_tensor", decoding)
+        assert torch.equal(load(config, labelled=True).images, training.images)
+        test = load(config, "test", labelled=True)
+    assert torch.equal(torch.cat([training.images, test.images]).sort(0).values,
+                       torch.from_numpy(inverted)[:, None].sort(0).values)
+    # Other pictures, or another conversion, are another entry, never the first one's.
+    inverted[0, 0, 0] ^= 1
+    write(inverted)
+    assert torch.equal(load(hf_config(tmp_path, str(folder), holdout=0)).images, torch.from_numpy(inverted)[:, None])
+    load(hf_config(tmp_path, str(folder), resolution=32))
+    assert len(list((tmp_path / "decoded").iterdir())) == 3
+    # A cache that cannot be written is a warning naming the key that moves it; the pictures are still read.
+    (tmp_path / "not_a_folder").write_text("")
+    with pytest.warns(UserWarning, match="could not cache the decoded pictures in .*a writable data.cache_dir"):
+        unwritable = load(DataConfig(source="hf", path=str(folder), cache_dir=str(tmp_path / "not_a_folder")))
+    assert len(unwritable.images) == 36
 
 
 def test_an_hf_image_column_without_images_or_string_labels_are_named(tmp_path):
@@ -155,17 +203,22 @@ def test_an_hf_image_column_without_images_or_string_labels_are_named(tmp_path):
     import datasets
     datasets.Dataset.from_dict({"image": list(range(8)), "label": ["seven"] * 8}).to_parquet(str(tmp_path / "t.parquet"))
     with pytest.raises(DataError, match="has an 'image' column of Value\\('int64'.*not of images"):
-        load(DataConfig(source="hf", path=str(tmp_path)))
+        load(hf_config(tmp_path, str(tmp_path)))
     from PIL import Image
     pictures = [Image.fromarray(np.zeros((28, 28), np.uint8))] * 8
     datasets.Dataset.from_dict({"image": pictures, "label": ["seven"] * 8}).to_parquet(str(tmp_path / "t.parquet"))
-    assert load(DataConfig(source="hf", path=str(tmp_path))).spec.num_classes == 0  # unconditional: no classes
+    assert load(hf_config(tmp_path, str(tmp_path))).spec.num_classes == 0  # unconditional: no classes
     with pytest.raises(DataError, match="has a 'label' column of Value\\('string'.*class labels are whole numbers"):
-        load(DataConfig(source="hf", path=str(tmp_path)), labelled=True)
+        load(hf_config(tmp_path, str(tmp_path)), labelled=True)
     datasets.Dataset.from_dict({"image": pictures, "label": [-1, 0] * 4}).to_parquet(str(tmp_path / "t.parquet"))
     with pytest.raises(DataError, match=r"labels of shape \(8,\) from -1 to 0; model.conditional=true needs one class "
                                         r"label \(0\) per image"):
-        load(DataConfig(source="hf", path=str(tmp_path), holdout=0), labelled=True)
+        load(hf_config(tmp_path, str(tmp_path), holdout=0), labelled=True)
+    datasets.Dataset.from_dict({"image": [None] + pictures[1:], "label": [0] * 8}, features=datasets.Features(
+        {"image": datasets.Image(), "label": datasets.Value("int64")})).to_parquet(str(tmp_path / "t.parquet"))
+    with pytest.raises(DataError, match="row 0 in Hugging Face dataset .* is not a readable picture \\(ValueError: the "
+                                        "row holds no picture\\); replace or remove it"):  # was a TypeError's traceback
+        load(hf_config(tmp_path, str(tmp_path)))
 
 
 def test_hf_hub_id_without_network_says_how_to_use_local_files():

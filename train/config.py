@@ -39,7 +39,7 @@ class DataConfig:
     torchvision_name: str = "MNIST"  # MNIST | FashionMNIST | KMNIST | CIFAR10
     resolution: int | None = None  # the square size the networks get (scaled, centre-cropped); null: as they are
     channels: int | None = None  # 1 (grey) | 3 (RGB); null: grey where every picture is grey, else RGB
-    cache_dir: str = ".cache/data"  # image folders decoded once, keyed by their files' content
+    cache_dir: str = ".cache/data"  # image folders and HF image columns decoded once, keyed by their pictures' bytes
     holdout: float = 0.1  # labelled data without a test split: this share of it is held out as one, never trained on
 
 

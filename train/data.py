@@ -110,7 +110,7 @@ def _read(cfg: DataConfig, split: str, labelled: bool) -> ImageSet:
         images, num_classes = read_idx_images(Path(cfg.path), split)[:, None], IDX_CLASSES
     elif cfg.source == "hf":
         dataset = _hf_dataset(cfg.path, cfg.split if split == "train" else split, training=split == "train")
-        images = _hf_images(cfg.path, dataset, cfg.resolution, cfg.channels)
+        images = _hf_images(cfg.path, dataset, cfg.resolution, cfg.channels, Path(cfg.cache_dir))
         num_classes = _hf_num_classes(cfg.path, dataset, labelled)
     elif cfg.source == "torchvision":
         dataset = _torchvision_dataset(cfg.path, cfg.torchvision_name, train=split == "train")
@@ -245,23 +245,38 @@ def read_checksums(sums_file: Path) -> dict[str, str]:
     return checksums
 
 
-def _hf_images(source: str, dataset, resolution: int | None, channels: int | None) -> torch.Tensor:
-    """The `image` column as uint8 [N, C, H, W], converted by train/pictures.py's rule."""
+def _hf_images(source: str, dataset, resolution: int | None, channels: int | None, cache_dir: Path) -> torch.Tensor:
+    """The `image` column as uint8 [N, C, H, W], converted by train/pictures.py's rule; decoded once into
+    `cache_dir`, keyed by the column's encoded pictures (so a training run's evaluation reads them again at once)."""
     if "image" not in dataset.column_names:
         raise DataError(f"Hugging Face dataset {source!r} has columns {dataset.column_names}; it needs an 'image' column")
     import datasets
     if not isinstance(dataset.features["image"], datasets.Image):
         raise DataError(f"Hugging Face dataset {source!r} has an 'image' column of {dataset.features['image']}, not "
                         "of images (datasets.Image): give the pictures themselves in that column")
-    encoded = dataset.cast_column("image", datasets.Image(decode=False))["image"]  # decoded once, by to_tensor
-    return pictures.to_tensor([(f"row {row}", functools.partial(_hf_picture, picture))
-                               for row, picture in enumerate(encoded)], resolution, channels,
-                              f"Hugging Face dataset {source!r}")
+    column = dataset.cast_column("image", datasets.Image(decode=False))["image"]
+    encoded = [_hf_bytes(picture, row, source) for row, picture in enumerate(column)]
+    digest = pictures.conversion_digest(resolution, channels)
+    for raw in encoded:
+        digest.update(len(raw).to_bytes(8, "little") + raw)
+    return pictures.decoded_once("hf", digest, cache_dir, ("images",), lambda: {"images": pictures.to_tensor(
+        [(f"row {row}", functools.partial(_hf_picture, raw)) for row, raw in enumerate(encoded)], resolution, channels,
+        f"Hugging Face dataset {source!r}")})["images"]
 
 
-def _hf_picture(encoded: dict) -> Image.Image:
-    """A picture of a `datasets.Image` column read without decoding: {"bytes": ..., "path": ...}."""
-    return Image.open(io.BytesIO(encoded["bytes"]) if encoded.get("bytes") is not None else encoded["path"])
+def _hf_bytes(encoded: dict | None, row: int, source: str) -> bytes:
+    """A picture of a `datasets.Image` column read without decoding ({"bytes": ..., "path": ...}): its file's bytes."""
+    try:
+        if encoded is None or encoded.get("bytes") is None and encoded.get("path") is None:
+            raise ValueError("the row holds no picture")
+        return encoded["bytes"] if encoded.get("bytes") is not None else Path(encoded["path"]).read_bytes()
+    except (OSError, ValueError) as error:
+        raise DataError(f"row {row} in Hugging Face dataset {source!r} is not a readable picture "
+                        f"({type(error).__name__}: {error}); replace or remove it") from None
+
+
+def _hf_picture(raw: bytes) -> Image.Image:
+    return Image.open(io.BytesIO(raw))
 
 
 def _hf_num_classes(source: str, dataset, labelled: bool) -> int:

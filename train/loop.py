@@ -75,7 +75,7 @@ class Training:
         # checkpoints/best, whichever way that checkpoint is written (when due, or on a preemption).
         self.unsaved_best_fd: float | None = None
         self.stop_reason: str | None = None  # the quality target is met (train.stop_at_fd, train.patience)
-        with accelerator.main_process_first():  # an image folder is decoded (and cached) by one process
+        with accelerator.main_process_first():  # pictures are decoded (and cached) by one process
             dataset = data.load(cfg.data, labelled=cfg.model.conditional)
         self.images = dataset.spec  # what the networks, the metrics and every checkpoint are made for
         if resume_from is not None:

@@ -8,8 +8,9 @@ scales each picture whose size differs so that its shorter side fits and crops t
 
 An image folder: `ROOT/<class>/<pictures>` (one folder per class, labels in the sorted order of
 the folder names) or `ROOT/<pictures>` (unlabelled), with the test split, where there is one, in
-`ROOT/test/` beside the training split in `ROOT/train/`. Decoded once into a uint8 cache keyed by
-the files' content and the conversion (`data.cache_dir`), so the next run starts at once.
+`ROOT/test/` beside the training split in `ROOT/train/`. Pictures are decoded once into a uint8 cache
+keyed by their encoded bytes and the conversion (`data.cache_dir`; image folders and Hugging Face
+image columns), so the next run, and a run's evaluation, reads them at once.
 """
 
 from __future__ import annotations
@@ -127,18 +128,31 @@ def read_folder(root: Path, split: str, resolution: int | None, channels: int | 
     if split != "train" and classes != (trained := [p.name for p in _class_folders(root / "train", root)[0]]):
         raise DataError(f"{folder} has the classes {classes}, the training split {trained}: give both the same class "
                         "folders")
-    digest = hashlib.sha256(json.dumps([FORMAT, resolution, channels, classes]).encode())
+    digest = conversion_digest(resolution, channels, classes)
     for path in files:
         digest.update(str(path.relative_to(folder)).encode() + b"\0" + path.read_bytes())
-    cache = cache_dir / f"folder_{digest.hexdigest()[:24]}.safetensors"
-    cached = tensor_cache.read(cache, "decoded pictures", needed=("images", "labels") if classes else ("images",))
-    if cached is not None:
-        return Decoded(cached["images"], cached.get("labels"), classes)
-    images = to_tensor([(str(path.relative_to(folder)), functools.partial(Image.open, path)) for path in files],
-                       resolution, channels, str(folder))
-    label_tensor = torch.tensor(labels) if classes else None
-    tensor_cache.write(cache, {"images": images} | ({"labels": label_tensor} if classes else {}), "decoded pictures")
-    return Decoded(images, label_tensor, classes)
+    decoded = decoded_once("folder", digest, cache_dir, ("images", "labels") if classes else ("images",), lambda: {
+        "images": to_tensor([(str(path.relative_to(folder)), functools.partial(Image.open, path)) for path in files],
+                            resolution, channels, str(folder))} | ({"labels": torch.tensor(labels)} if classes else {}))
+    return Decoded(decoded["images"], decoded.get("labels"), classes)
+
+
+def conversion_digest(resolution: int | None, channels: int | None, *more) -> hashlib._Hash:
+    """A SHA-256 begun with the decoding's version and the conversion (and `more`, e.g. the class names); the caller
+    adds the pictures' bytes."""
+    return hashlib.sha256(json.dumps([FORMAT, resolution, channels, *more]).encode())
+
+
+def decoded_once(source: str, digest: hashlib._Hash, cache_dir: Path, needed: tuple[str, ...],
+                 decode: Callable[[], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The tensors `decode` makes, read instead from `cache_dir` where a run with the same `digest` (the pictures'
+    bytes and their conversion) wrote them; `source` names the kind of data in the cache's file name."""
+    cache = cache_dir / f"{source}_{digest.hexdigest()[:24]}.safetensors"
+    tensors = tensor_cache.read(cache, "decoded pictures", needed=needed)
+    if tensors is None:
+        tensors = decode()
+        tensor_cache.write(cache, tensors, "decoded pictures", setting="data.cache_dir")
+    return tensors
 
 
 def _list(root: Path, folder: Path) -> tuple[list[Path], list[int], list[str]]:

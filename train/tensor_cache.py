@@ -1,6 +1,6 @@
-"""Tensors cached on disk (test-set features, feature networks trained for a data set): written whole with the
-SHA-256 of their tensors, read back only if they still match it; a cache that cannot be used is only a warning, and
-the caller computes the tensors again."""
+"""Tensors cached on disk (test-set features, feature networks trained for a data set, decoded pictures): written
+whole with the SHA-256 of their tensors, read back only if they still match it; a cache that cannot be used is only a
+warning, and the caller computes the tensors again."""
 
 from __future__ import annotations
 
@@ -22,9 +22,14 @@ def tensors_sha256(tensors: dict[str, Tensor]) -> str:
     return digest.hexdigest()
 
 
-def write(path: Path, tensors: dict[str, Tensor], what: str, metadata: dict[str, str] | None = None) -> None:
+EVAL_CACHE = "eval.cache_dir (train.evaluate's --cache-dir)"
+
+
+def write(path: Path, tensors: dict[str, Tensor], what: str, metadata: dict[str, str] | None = None,
+          setting: str = EVAL_CACHE) -> None:
     """Cache `tensors` (`what` they are, for the warning) with their SHA-256 and `metadata`; one that cannot be
-    written is a warning: the work goes on, and is done again next time."""
+    written is a warning, which names the `setting` that moves the cache: the work goes on, and is done again next
+    time."""
     tensors = {name: tensor.cpu().contiguous() for name, tensor in tensors.items()}
     staging = path.with_name(f".{path.name}.{os.getpid()}.incomplete")
     try:  # written by Python, so that a full disk or a read-only cache is an OSError
@@ -35,8 +40,8 @@ def write(path: Path, tensors: dict[str, Tensor], what: str, metadata: dict[str,
     except OSError as error:
         with contextlib.suppress(OSError):  # e.g. eval.cache_dir is a file: there is no staging file
             staging.unlink()
-        warnings.warn(f"could not cache the {what} in {path} ({error}); a writable eval.cache_dir "
-                      "(train.evaluate's --cache-dir) saves the time they take", stacklevel=3)
+        warnings.warn(f"could not cache the {what} in {path} ({error}); a writable {setting} saves the time they "
+                      "take", stacklevel=3)
 
 
 def read(path: Path, what: str, expected: dict[str, str] | None = None,
