@@ -35,11 +35,13 @@ def coloured(split: str, count: int | None = None) -> tuple[np.ndarray, np.ndarr
 
 
 def write(out: Path, counts: dict[str, int | None]) -> dict[str, int]:
-    """The folder: `counts[split]` pictures of each split (all: None); returns how many were written."""
+    """The folder: `counts[split]` pictures of each split (all: None); returns how many were written. Every split
+    has a folder for each digit the training split holds (a training class without pictures would be refused)."""
     written = {}
+    digits = sorted(set(coloured("train", counts.get("train"))[1].tolist())) if "train" in counts else range(10)
     for split, count in counts.items():
         pictures, labels = coloured(split, count)
-        for digit in range(10):
+        for digit in digits:
             (out / split / str(digit)).mkdir(parents=True, exist_ok=True)
         for index, (picture, label) in enumerate(zip(pictures, labels)):
             Image.fromarray(picture).save(out / split / str(label) / f"{index:05d}.png")

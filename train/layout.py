@@ -28,6 +28,12 @@ FOLDERS = (SAMPLES_DIR, PROFILE_DIR, WANDB_DIR, CHECKPOINTS)
 MAY_BE_A_LINK = (CHECKPOINTS,)
 
 
+def is_run_dir(folder: Path) -> bool:
+    """Whether `folder` is (or was) a run directory: the config a run writes beside its metrics or checkpoints."""
+    folder = Path(folder)
+    return (folder / CONFIG_FILE).is_file() and ((folder / METRICS_FILE).is_file() or (folder / CHECKPOINTS).is_dir())
+
+
 def check(run_dir: Path) -> None:
     """Refuse, by name, anything planted in run_dir where the run writes (RunError: exit 2, nothing written)."""
     run_dir = Path(run_dir)

@@ -78,6 +78,9 @@ class Training:
         with accelerator.main_process_first():  # pictures are decoded (and cached) by one process
             dataset = data.load(cfg.data, labelled=cfg.model.conditional)
         self.images = dataset.spec  # what the networks, the metrics and every checkpoint are made for
+        with torch.device("meta"):  # networks that cannot be made for these images are refused before any more work
+            models.build(cfg.model.arch, cfg.model.z_dim, cfg.model.upsample, cfg.model.conditional, self.images,
+                         cfg.model.class_norm, cfg.model.d_width)
         if resume_from is not None:
             checkpoint.check_images(resume_from, self.images)
         self.plan = setup.batch_plan(cfg, accelerator.num_processes)  # checked in setup.set_up

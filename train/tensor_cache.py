@@ -7,6 +7,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import socket
+import time
 import warnings
 from pathlib import Path
 
@@ -23,17 +25,26 @@ def tensors_sha256(tensors: dict[str, Tensor]) -> str:
 
 
 EVAL_CACHE = "eval.cache_dir (train.evaluate's --cache-dir)"
+# The cache-directory tag (bford.info/cachedir): backup tools skip the folder, and image folders never read it as data.
+CACHE_TAG = "CACHEDIR.TAG"
+TAG_TEXT = ("Signature: 8a477f597d28d172789f06886806bc55\n"
+            "# A cache of mnist-gan (decoded pictures, features, feature networks): safe to delete.\n")
+STAGED = ".incomplete"  # a cache file being written: .<name>.<host>.<pid>.incomplete
+STAGED_MAX_AGE_S = 86400  # a staged file this old is a dead writer's, on whichever machine it ran
 
 
 def write(path: Path, tensors: dict[str, Tensor], what: str, metadata: dict[str, str] | None = None,
-          setting: str = EVAL_CACHE) -> None:
-    """Cache `tensors` (`what` they are, for the warning) with their SHA-256 and `metadata`; one that cannot be
-    written is a warning, which names the `setting` that moves the cache: the work goes on, and is done again next
-    time."""
+          setting: str = EVAL_CACHE) -> bool:
+    """Cache `tensors` (`what` they are, for the warning) with their SHA-256 and `metadata`; whether it was written.
+    One that cannot be written is a warning, which names the `setting` that moves the cache: the work goes on, and
+    is done again next time. Staged files that dead writers left in the folder are removed first."""
     tensors = {name: tensor.cpu().contiguous() for name, tensor in tensors.items()}
-    staging = path.with_name(f".{path.name}.{os.getpid()}.incomplete")
+    staging = path.with_name(f".{path.name}.{_host()}.{os.getpid()}{STAGED}")
     try:  # written by Python, so that a full disk or a read-only cache is an OSError
         path.parent.mkdir(parents=True, exist_ok=True)
+        if not (path.parent / CACHE_TAG).is_file():
+            (path.parent / CACHE_TAG).write_text(TAG_TEXT)
+        remove_dead_writers_files(path.parent)
         staging.write_bytes(safetensors.torch.save(tensors, metadata={**(metadata or {}),
                                                                       "sha256": tensors_sha256(tensors)}))
         os.replace(staging, path)  # atomic: concurrent runs never read a half-written cache
@@ -42,6 +53,33 @@ def write(path: Path, tensors: dict[str, Tensor], what: str, metadata: dict[str,
             staging.unlink()
         warnings.warn(f"could not cache the {what} in {path} ({error}); a writable {setting} saves the time they "
                       "take", stacklevel=3)
+        return False
+    return True
+
+
+def remove_dead_writers_files(folder: Path) -> None:
+    """Staged files of writers that are gone: of this machine's processes that no longer run, or older than a day."""
+    host = _host()
+    for staged in folder.glob(f".*{STAGED}"):
+        *_, writer_host, pid = staged.name.removesuffix(STAGED).rsplit(".", 2)
+        with contextlib.suppress(OSError):
+            if (writer_host == host and pid.isdigit() and not _running(int(pid))
+                    or time.time() - staged.stat().st_mtime > STAGED_MAX_AGE_S):
+                staged.unlink()
+
+
+def _host() -> str:
+    return socket.gethostname().replace(".", "_")  # the staged name's fields are split at dots
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def read(path: Path, what: str, expected: dict[str, str] | None = None,
