@@ -182,14 +182,14 @@ def test_real_features_are_cached_on_disk_and_reused(tmp_path):
         write_idx_labels(folder, "test", test_labels[chosen])
     cache = tmp_path / "cache"
     first = metrics.Evaluator.mnist(data, cache)
-    (cached,) = cache.iterdir()
+    (cached,) = cache.glob("*.safetensors")
     assert first.real.features.shape == (100, 128)
     stamp = cached.stat().st_mtime_ns
     again = metrics.Evaluator.mnist(data, cache)
     assert cached.stat().st_mtime_ns == stamp  # read, not rewritten
     assert torch.equal(again.real.features, first.real.features)
     other = metrics.Evaluator.mnist(other_data, cache)  # another test set: its own entry, not the first one's
-    assert len(list(cache.iterdir())) == 2 and not torch.equal(other.real.features, first.real.features)
+    assert len(list(cache.glob("*.safetensors"))) == 2 and not torch.equal(other.real.features, first.real.features)
 
 
 def test_a_damaged_or_edited_features_cache_is_extracted_again_and_an_unwritable_one_is_a_warning(tmp_path):
@@ -205,7 +205,7 @@ def test_a_damaged_or_edited_features_cache_is_extracted_again_and_an_unwritable
     write_idx_labels(tmp_path, "test", read_idx_labels(SHIPPED_MNIST, "test")[:100])
     cache = tmp_path / "cache"
     truth = metrics.Evaluator.mnist(tmp_path, cache).real.features
-    (cached,) = cache.iterdir()
+    (cached,) = cache.glob("*.safetensors")
     whole = cached.read_bytes()
     with safe_open(cached, framework="pt") as file:
         tensors, metadata = {name: file.get_tensor(name).clone() for name in file.keys()}, file.metadata()
@@ -284,3 +284,30 @@ def test_scoring_with_the_real_sets_cached_neighbour_distances_gives_the_same_nu
     assert first == second
     assert (first["precision"], first["recall"], first["density"], first["coverage"]) == \
         (precision, recall, density, coverage)
+
+
+def test_a_test_split_too_small_for_the_neighbour_metrics_is_refused_before_any_work(tmp_path):
+    """28 pictures of two classes, 3 held out (data.holdout=0.1): refused before a feature network is trained, not
+    a k-nearest-neighbour crash after the run."""
+    from PIL import Image
+
+    from train.config import DataConfig
+    from train.data import load
+    from train.errors import DataError
+    for index in range(28):
+        folder = tmp_path / "data" / "ab"[index % 2]
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.full((28, 28), 9 * index, np.uint8)).save(folder / f"{index}.png")
+    data = DataConfig(source="folder", path=str(tmp_path / "data"), cache_dir=str(tmp_path / "decoded"), holdout=0.1)
+    images = load(data, labelled=True).spec
+    with pytest.raises(DataError, match=r"its test split holds 3 images, and the neighbour metrics .*need more than 5.*"
+                                        r"raise data.holdout, 0.1 now"):
+        metrics.Evaluator.for_data(data, images, tmp_path / "eval")
+    assert not (tmp_path / "eval").exists()
+
+
+def test_a_digit_with_too_few_test_images_has_no_recall_instead_of_a_crash():
+    real = metrics.Features(random_features(40), torch.eye(2)[torch.tensor([0] * 38 + [1] * 2)].float())
+    fake = metrics.Features(random_features(60, seed=1), torch.eye(2)[torch.tensor([0] * 30 + [1] * 30)].float())
+    digits = metrics.per_digit(real, real.probabilities.argmax(1), fake)
+    assert "recall" in digits[0] and "recall" not in digits[1] and digits[1]["count"] == 30

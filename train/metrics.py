@@ -237,7 +237,7 @@ def compare(real: Features, fake: Features) -> dict[str, float]:
 def per_digit(real: Features, real_labels: Tensor, fake: Features, asked: Tensor | None = None
               ) -> dict[int, dict[str, float]]:
     """Each digit's generated samples against the test images of that digit: their count, and where there are
-    at least MIN_PER_DIGIT of them their FD and recall, which show the digits a generator makes badly or misses.
+    at least MIN_PER_DIGIT of them (and more test images than k) their FD and recall, which show the digits a generator makes badly or misses.
     The samples are grouped by the classifier's label, or by `asked`, the labels a conditional generator was
     given; then each digit also has `agreement`, the share of its samples the classifier labels as asked."""
     predicted, real_labels = fake.probabilities.argmax(1), real_labels.to(real.features.device)
@@ -249,8 +249,8 @@ def per_digit(real: Features, real_labels: Tensor, fake: Features, asked: Tensor
         digits[digit] = {"count": len(generated)}
         if asked is not None and len(generated):
             digits[digit]["agreement"] = (predicted[chosen] == digit).double().mean().item()
-        if len(generated) >= MIN_PER_DIGIT:
-            own = real.features[real_labels == digit]
+        own = real.features[real_labels == digit]
+        if len(generated) >= MIN_PER_DIGIT and len(own) > PRECISION_RECALL_K:  # a recall needs k+1 real images
             digits[digit] |= {"fd": frechet_distance(own, generated), "recall": precision_recall(own, generated)[1]}
     return digits
 
@@ -292,6 +292,12 @@ class Evaluator:
         if test.spec.shape != images.shape:
             raise DataError(f"{where}: its test split holds {test.spec.describe()}, its training split "
                             f"{images.describe()}; give both splits images of one shape")
+        if len(test.images) <= (least := max(PRECISION_RECALL_K, DENSITY_COVERAGE_K)):
+            raise DataError(f"{where}: its test split holds {len(test.images)} images, and the neighbour metrics "
+                            f"(precision/recall with k={PRECISION_RECALL_K}, density/coverage with "
+                            f"k={DENSITY_COVERAGE_K}) need more than {least}: give it more images (or raise "
+                            f"data.holdout, {data_cfg.holdout} now, where it is held out of the training split), or "
+                            "train without the metrics (eval.num_samples=0)")
         network, digest = classifier.for_data(training, cache_dir, device)
         against = f"the test split of {images.dataset}"
         if data.holds_out(data_cfg, images):
