@@ -95,3 +95,22 @@ def test_a_config_file_that_is_not_a_yaml_mapping_is_named(tmp_path, content, ex
 def test_a_config_folder_is_named_as_a_folder():
     with pytest.raises(ConfigError, match="config file 'configs' is a folder; pick one of .*configs/smoke.yaml"):
         load("configs", [])
+
+
+@pytest.mark.parametrize("value", ["`backtick", "@home", '"unclosed', "'unclosed"])
+def test_an_override_yaml_cannot_read_is_named_with_the_quoting_that_reads_it(value):
+    with pytest.raises(ConfigError, match=r"override .*run.dir=.*: YAML cannot read the value .*quote it as a YAML "
+                                          "string") as refused:
+        load(None, [f"run.dir={value}"])
+    import shlex
+    suggested = shlex.split(str(refused.value).rsplit("in the shell as ", 1)[1])
+    assert load(None, suggested).run.dir.endswith(value)  # the suggestion reads as the value meant
+
+
+def test_an_unreadable_override_exits_2_from_the_command_line():
+    import subprocess
+    import sys
+    result = subprocess.run([sys.executable, "-m", "train", "run.dir=`x"], capture_output=True, text=True,
+                            cwd=Path(__file__).resolve().parent.parent)
+    assert result.returncode == 2 and "YAML cannot read the value '`x'" in result.stderr
+    assert "Traceback" not in result.stderr

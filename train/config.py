@@ -7,8 +7,10 @@ caught here, before any data is read or any directory is written.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -205,6 +207,13 @@ def load(config_path: str | None, overrides: list[str]) -> Config:
         for item in overrides:
             if "=" not in item:
                 raise ConfigError(f"override {item!r} is not of the form key=value (e.g. train.steps=200)")
+            try:
+                OmegaConf.from_dotlist([item])
+            except yaml.YAMLError as error:  # a value YAML cannot read: a leading ` or @, an unclosed quote
+                key, value = item.split("=", 1)
+                raise ConfigError(f"override {item!r}: YAML cannot read the value {value!r} "
+                                  f"({' '.join(str(error).split())}); quote it as a YAML string, in the shell as "
+                                  f"{shlex.quote(key + '=' + json.dumps(value))}") from None
         merged = OmegaConf.merge(merged, _sections_kept(OmegaConf.from_dotlist(overrides), merged))
         cfg: Config = OmegaConf.to_object(merged)  # resolves ${...} interpolations
     except OmegaConfBaseException as error:
