@@ -67,9 +67,14 @@ def test_an_out_of_the_wrong_kind_is_refused(finished_run, tmp_path, tool_here):
     (lambda d: d.update(z_dim=10 ** 9), "does not fit the generator "),
     (lambda d: "{not json", "generator.json is damaged: not JSON"),
     (lambda d: [d], "generator.json is damaged: not a JSON object"),
+    (lambda d: d.update(z_dim=10 ** 15), "generator.json is damaged: z_dim 1000000000000000 with 1x28x28 images"),
+    (lambda d: d["images"].update(height=2 ** 40, width=2 ** 40), "generator.json records ImageSpec(channels=1, "
+                                                                  "height=1099511627776"),
+    (lambda d: "[" * 100_000 + "]" * 100_000, "generator.json is damaged: JSON nested too deeply"),
 ])
 def test_a_hand_edited_generator_description_is_refused_by_name(exported, tmp_path, tool_here, edit, message):
-    """Before: six different tracebacks, one of them a 25 TB allocation (z_dim 10^9)."""
+    """Before: nine different tracebacks, one of them a 25 TB allocation (z_dim 10^9), one a storage overflow (z_dim
+    10^15), one a RecursionError."""
     folder = shutil.copytree(exported, tmp_path / "edited")
     description = json.loads((folder / "generator.json").read_text())
     edited = edit(description)
@@ -102,3 +107,15 @@ def test_a_checkpoint_whose_rehashed_state_names_another_generator_is_refused(fi
     refused(tool_here("evaluate", "--checkpoint", folder, "--cache-dir", tmp_path / "cache", "--device", "cpu"),
             message)
     assert snapshot_files(folder) == before and not (tmp_path / "cache").exists()
+
+
+@pytest.mark.parametrize("name", ["export", "sample"])
+def test_a_write_that_fails_for_another_cause_than_room_is_named_by_its_cause(finished_run, tmp_path, tool_here, name):
+    """An --out below a file: before, both tools said "make room"."""
+    (tmp_path / "a-file").write_text("mine\n")
+    out = tmp_path / "a-file" / ("generator" if name == "export" else "x.png")
+    result = tool_here(name, "--checkpoint", finished_run, "--out", out, *(["--device", "cpu"] * (name == "sample")))
+    assert result.returncode == errors.EXIT_WRITE_FAILED, result.stderr[-2000:]
+    assert ("a file stands where" in result.stderr or "something stands where" in result.stderr)
+    assert "make room" not in result.stderr
+    assert (tmp_path / "a-file").read_text() == "mine\n"

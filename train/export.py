@@ -28,7 +28,7 @@ from train.config import CHOICES, DataConfig
 from train.data import recorded_config
 from train.errors import EXIT_BAD_INPUT, EXIT_WRITE_FAILED, CheckpointError, DataError
 from train.files import write_atomically
-from train.manifest import checked_json, read_state, resolve, sha256
+from train.manifest import checked_json, read_state, resolve, sha256, write_failure_fix
 
 WEIGHTS = "generator.safetensors"
 SAMPLES_ON_CARD = 64
@@ -92,12 +92,12 @@ def load_generator(path: Path, device: str = "cpu", use_ema: bool = True) -> nn.
         if sha256(path / WEIGHTS) != description["sha256"]:
             raise CheckpointError(f"{path / WEIGHTS} is damaged: its SHA-256 does not match {DESCRIPTION}")
         model, folder, name, described_in = description, path, WEIGHTS.removesuffix(".safetensors"), DESCRIPTION
-        drawn = images.recorded(description)
+        drawn = images.recorded(description, str(path / DESCRIPTION))
     else:
         folder = resolve(path)  # verified: state.json follows its schema
         state = read_state(folder)
         model, name, described_in = state["config"]["model"], _generator_name(use_ema), "state.json"
-        drawn = images.recorded(state)
+        drawn = images.recorded(state, str(folder / "state.json"))
     network = _build_to_fit(model, drawn, folder / f"{name}.safetensors", folder / described_in).to(device)
     load_network(folder, name, network)
     return network.eval()
@@ -124,11 +124,16 @@ def _build_to_fit(model: dict, drawn: images.ImageSpec, weights: Path, described
     if arch not in CHOICES["model.arch"]:
         raise CheckpointError(f"{described_in} names the architecture {arch!r}; this code builds "
                               f"{', '.join(CHOICES['model.arch'])}")
+    if z_dim < 1:
+        raise CheckpointError(f"{described_in} is damaged: z_dim is {z_dim}, not a latent size (1 or more)")
     try:
         with torch.device("meta"):
             skeleton = build()
     except DataError as error:
         raise CheckpointError(f"{described_in} describes a generator this code cannot build: {error}") from None
+    except (RuntimeError, ValueError, OverflowError) as error:  # a size torch cannot even describe
+        raise CheckpointError(f"{described_in} is damaged: z_dim {z_dim} with {drawn.describe()} makes tensors too "
+                              f"large to describe ({type(error).__name__}: {error}); restore the file") from None
     needed = {key: tuple(value.shape) for key, value in skeleton.state_dict().items()}
     saved = tensor_shapes(weights)
     if saved != needed:
@@ -172,8 +177,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except OSError as error:
-        print(f"error: exporting into {args.out} failed ({error}); nothing of it is left there: make room and "
-              "run the same command again", file=sys.stderr)
+        print(f"error: exporting into {args.out} failed ({error}); nothing of it is left there: "
+              f"{write_failure_fix(error)} and run the same command again", file=sys.stderr)
         return EXIT_WRITE_FAILED
     return 0
 

@@ -31,16 +31,19 @@ class ImageSpec:
 
 
 MNIST = ImageSpec(1, 28, 28, 10)
+MAX_SIDE = 4096  # the largest image side a recorded description may claim: larger is a damaged or edited file
+MAX_CLASSES = 2 ** 16
 SCHEMA = {"channels": int, "height": int, "width": int, "num_classes": int, "dataset": str}  # manifest's form
 
 
-def recorded(description: dict) -> ImageSpec:
+def recorded(description: dict, where: str = "the description") -> ImageSpec:
     """The images a state.json or a generator.json describes; MNIST's for those written before images were recorded
     (every run could only train on MNIST-shaped data then)."""
     if "images" not in description:
         return MNIST
     spec = ImageSpec(**description["images"])
-    if spec.channels not in (1, 3) or min(spec.height, spec.width) < 1 or spec.num_classes < 0:
-        raise CheckpointError(f"the description records {spec}: not images a network is made for (1 or 3 channels, "
-                              "a positive size, classes from 0); restore the file")
+    if (spec.channels not in (1, 3) or not 1 <= min(spec.height, spec.width) <= max(spec.height, spec.width) <= MAX_SIDE
+            or not 0 <= spec.num_classes <= MAX_CLASSES):
+        raise CheckpointError(f"{where} records {spec}: not images a network is made for (1 or 3 channels, "
+                              f"a size from 1 to {MAX_SIDE}, 0 to {MAX_CLASSES} classes); restore the file")
     return spec

@@ -62,6 +62,11 @@ WRITE_FAILURE_FIXES = {
 }
 
 
+def write_failure_fix(error: OSError) -> str:
+    """What to do about a failed write, by its cause (to be followed by "and run the same command again")."""
+    return WRITE_FAILURE_FIXES.get(error.errno, "remove the cause")
+
+
 @contextmanager
 def stop_on_write_failure(what: str, run_dir: Path, partial_folder: Path | None = None):
     """Turn a failed write (`what`: "writing <file>") into a RunWriteError that says what to do about that failure
@@ -75,7 +80,7 @@ def stop_on_write_failure(what: str, run_dir: Path, partial_folder: Path | None 
         if partial_folder is not None:
             shutil.rmtree(partial_folder, ignore_errors=True)
         newest = newest_valid(run_dir, report=lambda _: None)
-        fix = WRITE_FAILURE_FIXES.get(error.errno, "remove the cause")
+        fix = write_failure_fix(error)
         raise RunWriteError(
             f"{what} failed ({error}){'; its partial folder is removed' if partial_folder else ''}. "
             + (f"The newest intact checkpoint is {newest}: " if newest else "There is no checkpoint yet: ")
@@ -201,6 +206,8 @@ def _json_file(path: Path) -> dict:
         value = json.loads(path.read_bytes())
     except ValueError:  # also a UnicodeDecodeError
         raise CheckpointError(f"{path} is damaged: not JSON") from None
+    except RecursionError:  # nested deeper than the parser's stack: no file this code writes
+        raise CheckpointError(f"{path} is damaged: JSON nested too deeply to be a description this code wrote") from None
     if not isinstance(value, dict):
         raise CheckpointError(f"{path} is damaged: not a JSON object")
     return value

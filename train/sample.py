@@ -19,6 +19,7 @@ from torchvision.utils import make_grid, save_image
 from train.errors import EXIT_BAD_INPUT, EXIT_WRITE_FAILED, CheckpointError
 from train.export import load_generator
 from train.files import write_atomically
+from train.manifest import write_failure_fix
 from train.memory import available_memory
 from train.metrics import to_uint8
 from train.models import generate
@@ -120,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
         out.parent.mkdir(parents=True, exist_ok=True)
         write_atomically(out, encoded.getvalue())  # whole or not at all: a file already there stays until then
     except OSError as error:
-        print(f"error: writing {out} failed ({error}); make room and run the same command again", file=sys.stderr)
+        print(f"error: writing {out} failed ({error}); {write_failure_fix(error)} and run the same command again",
+              file=sys.stderr)
         return EXIT_WRITE_FAILED
     print(f"wrote {args.num} samples to {out}")
     return 0
