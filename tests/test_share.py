@@ -19,6 +19,7 @@ from PIL import Image
 
 from conftest import REPO, TINY, logged_metrics, run_env, run_train, snapshot_files
 from train.export import export_generator, load_generator
+from train.model_card import shareable_config
 from train.models import generate
 
 pytest.importorskip("wandb")
@@ -80,9 +81,34 @@ def test_the_card_holds_the_evaluation_of_the_exported_step_as_hub_metadata(eval
             f"{measured['eval/fd_high']:.4g}) | lower |") in card.text  # the page for people says the same
     assert f"| 0 | {measured['digits/count_0']:.4g} |" in card.text  # and per class
     state = json.loads((best / "state.json").read_text())
-    assert yaml.safe_dump(state["config"], sort_keys=False).strip() in card.text
+    assert yaml.safe_dump(shareable_config(state["config"]), sort_keys=False).strip() in card.text
+    assert str(evaluated_run.parent) not in card.text and state["config"]["run"]["dir"] == str(evaluated_run)
     assert state["hardware"]["device"].split(":")[0] in card.text and "processes" in state["hardware"]
     assert Image.open(out / "samples.png").size == (8 * 30 + 2, 8 * 30 + 2)  # 64 samples of 28 px, 2 px apart
+
+
+def test_names_reach_the_card_escaped_and_quoted_and_no_absolute_path_of_the_trainer(tmp_path):
+    """A run folder named as HTML, an --out name holding a quote and a backtick fence: before, pasted raw into the
+    card's heading and into the Python snippet a reader copies."""
+    import ast
+    import re
+    run_dir = tmp_path / "<img src=x onerror=alert(1)>"
+    assert run_train(TINY + [f"run.dir={run_dir}", "train.steps=2", "logging.every=1"]).returncode == 0
+    out = tmp_path / 'gen"); import os; os.system("echo pwned") #```'
+    assert export_generator(run_dir, out, name=run_dir.name) == out
+    card = (out / "README.md").read_text()
+    page = ModelCard(card).text  # the markdown below the metadata (there the name is YAML data, read back as is)
+    assert ModelCard(card).data.model_name == run_dir.name
+    prose = re.sub(r"(`{3,})[a-z]*\n.*?\n\1\n", "", page, flags=re.S)  # in a code block it is shown as text
+    assert "<img" not in prose and "# &lt;img src=x onerror=alert\\(1\\)&gt;" in page
+    assert str(tmp_path) not in card and str(tmp_path) not in (out / "generator.json").read_text().replace(
+        json.loads((out / "generator.json").read_text())["data"]["path"], "")  # data.path: where to re-evaluate
+    assert json.loads((out / "generator.json").read_text())["source"] == "checkpoints/step_00000002"
+    quoted = tmp_path / "q"
+    export_generator(run_dir, quoted, name=out.name)
+    snippet = re.search(r"load_generator\((.*)\)  # a folder", (quoted / "README.md").read_text()).group(1)
+    assert ast.literal_eval(snippet) == out.name  # the reader's copy names the model, and runs nothing else
+    assert "\n```python\n" not in (quoted / "README.md").read_text()  # a fence the name's backticks cannot close
 
 
 def test_a_card_of_a_checkpoint_never_evaluated_has_no_numbers_and_says_so(tmp_path):

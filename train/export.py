@@ -28,6 +28,7 @@ from train.config import CHOICES, DataConfig
 from train.data import recorded_config
 from train.errors import EXIT_BAD_INPUT, EXIT_WRITE_FAILED, CheckpointError, DataError
 from train.files import write_atomically
+from train.layout import CHECKPOINTS
 from train.manifest import checked_json, read_state, resolve, sha256, write_failure_fix
 
 WEIGHTS = "generator.safetensors"
@@ -61,7 +62,7 @@ def export_generator(path: Path, out: Path, use_ema: bool = True, name: str | No
         "arch": model["arch"], "z_dim": model["z_dim"], "conditional": model.get("conditional", False),
         "class_norm": model.get("class_norm", False),
         "images": images.recorded(state).as_dict(), "data": state["config"]["data"], "weights": weights_name,
-        "step": state["progress"]["step"], "source": str(source.resolve())}
+        "step": state["progress"]["step"], "source": _shown_source(source)}
     out.mkdir(parents=True, exist_ok=True)
     written = [out / WEIGHTS, out / model_card.SAMPLES, out / model_card.CARD, out / DESCRIPTION]
     try:
@@ -79,6 +80,12 @@ def export_generator(path: Path, out: Path, use_ema: bool = True, name: str | No
             path_written.unlink(missing_ok=True)
         raise
     return out
+
+
+def _shown_source(checkpoint: Path) -> str:
+    """The checkpoint an export came from, relative to its run (checkpoints/step_N): never the trainer's paths."""
+    checkpoint = checkpoint.resolve()
+    return f"{CHECKPOINTS}/{checkpoint.name}" if checkpoint.parent.name == CHECKPOINTS else checkpoint.name
 
 
 def load_generator(path: Path, device: str = "cpu", use_ema: bool = True) -> nn.Module:

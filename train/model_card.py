@@ -9,11 +9,15 @@ KID, precision/recall, per-class numbers, copy rate), the training config, steps
 
 from __future__ import annotations
 
+import copy
+import html
+import re
 from pathlib import Path
 
 import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from train.config import PATHS
 from train.data import holds_out, recorded_config
 from train.images import MNIST_DATASET, ImageSpec
 from train.layout import CHECKPOINTS, METRICS_FILE
@@ -51,6 +55,34 @@ def dataset_identity(data: dict, images: ImageSpec) -> tuple[str, str, str | Non
     return Path(data.get("path", "images")).name, "image-folder", None
 
 
+def text(value) -> str:
+    """`value` as literal text on a markdown page: HTML and markdown's own characters escaped, so a name cannot
+    become a tag, a link or a heading."""
+    return re.sub(r"([\\`*_{}\[\]()#+\-.!|~])", r"\\\1", html.escape(str(value)))
+
+
+def shareable(path: str) -> str:
+    """A path as a shared file shows it: relative ones as given, absolute ones by their last component (never the
+    trainer's home)."""
+    return f".../{Path(path).name}" if Path(path).is_absolute() else path
+
+
+def shareable_config(config: dict) -> dict:
+    """The training config with its paths (`config.PATHS`) as `shareable` shows them."""
+    config = copy.deepcopy(config)
+    for key in PATHS:
+        section, name = key.split(".")
+        if isinstance(config.get(section, {}).get(name), str):
+            config[section][name] = shareable(config[section][name])
+    return config
+
+
+def fenced(body: str, language: str) -> list[str]:
+    """A markdown code block that `body` cannot close: its fence is longer than any run of backticks in it."""
+    fence = "`" * max(3, 1 + max((len(run) for run in re.findall(r"`+", body)), default=0))
+    return [fence + language, body, fence]
+
+
 def make_card(description: dict, state: dict, evaluation: dict | None, name: str) -> ModelCard:
     """The card of the generator `description` (generator.json's contents), exported from the checkpoint whose
     state.json is `state`, evaluated as `evaluation` (a metrics.jsonl line, or None); `name`: the model's name."""
@@ -61,8 +93,8 @@ def make_card(description: dict, state: dict, evaluation: dict | None, name: str
     data_cfg = recorded_config(description["data"])
     held_out = holds_out(data_cfg, images)
     split = "held-out part of train" if held_out else "test"
-    against = (f"{data_cfg.holdout:.0%} of {data_name}'s training images held out of training (data.holdout)"
-               if held_out else f"{data_name}'s test split")
+    against = (f"{data_cfg.holdout:.0%} of {text(data_name)}'s training images held out of training "
+               "(data.holdout)" if held_out else f"{text(data_name)}'s test split")
     results = [] if evaluation is None else [
         EvalResult(task_type=task, dataset_type=data_type, dataset_name=data_name, dataset_split=split,
                    metric_type=key.removeprefix("eval/"), metric_name=label, metric_value=evaluation[key])
@@ -72,11 +104,11 @@ def make_card(description: dict, state: dict, evaluation: dict | None, name: str
         pipeline_tag=None if conditional else "unconditional-image-generation", eval_results=results or None,
         tags=["gan", description["arch"], "image-generation", "safetensors", "accelerate"]
         + (["conditional-gan"] if conditional else []))
-    page = [f"# {name}", "",
+    page = [f"# {text(name)}", "",
             f"A {'class-conditional ' if conditional else ''}{description['arch'].upper()} generator of "
-            f"{images.describe()}, trained on {data_name} for {state['progress']['step']:,} steps "
+            f"{text(images.describe())}, trained on {text(data_name)} for {state['progress']['step']:,} steps "
             f"({state['progress']['images_seen']:,} images); the weights are {description['weights']} of checkpoint "
-            f"{Path(description['source']).name}.", "", f"![64 samples (seed 0)]({SAMPLES})", ""]
+            f"{text(Path(description['source']).name)}.", "", f"![64 samples (seed 0)]({SAMPLES})", ""]
     page += _quality(evaluation, images, against) + _training(state, evaluation, config) + _use(description, name)
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(page) + "\n")
 
@@ -116,20 +148,19 @@ def _training(state: dict, evaluation: dict | None, config: dict) -> list[str]:
     lines = ["## Training", "",
              f"- steps: {state['progress']['step']:,}, global batch {state['global_batch']}, "
              f"{state['progress']['images_seen']:,} images",
-             "- hardware: " + (f"{hardware['device']}, {hardware['processes']} process(es), mixed precision "
+             "- hardware: " + (f"{text(hardware['device'])}, {hardware['processes']} process(es), mixed precision "
                                f"{hardware['mixed_precision']}" if hardware else "not recorded")]
     if evaluation is not None and "train_seconds" in evaluation:
         lines.append(f"- training time to this step: {evaluation['train_seconds']:.0f} s (evaluations excluded)")
-    return lines + ["", "The training config:", "", "```yaml", yaml.safe_dump(config, sort_keys=False).strip(),
-                    "```", ""]
+    return lines + ["", "The training config (absolute paths by their last component):", "",
+                    *fenced(yaml.safe_dump(shareable_config(config), sort_keys=False).strip(), "yaml"), ""]
 
 
 def _use(description: dict, name: str) -> list[str]:
     labels = ", labels=torch.arange(16) % generator.num_classes" if description["conditional"] else ""
+    snippet = ("import torch\nfrom train.export import load_generator\nfrom train.models import generate\n\n"
+               f"generator = load_generator({name!r})  # a folder, or a Hub repository id: a Python literal\n"
+               f"images = generate(generator, 16, seed=0{labels})  # [16, C, H, W] in [0, 1]")
     return ["## Use", "",
             "With this project installed (`pip install -e .` in its checkout), from this folder or its Hub "
-            "repository:", "", "```python",
-            f'import torch\nfrom train.export import load_generator\nfrom train.models import generate\n\n'
-            f'generator = load_generator("{name}")  # a folder, or a Hub repository id\n'
-            f"images = generate(generator, 16, seed=0{labels})  # [16, C, H, W] in [0, 1]",
-            "```", ""]
+            "repository:", "", *fenced(snippet, "python"), ""]
