@@ -178,6 +178,32 @@ def test_a_push_that_cannot_happen_is_refused_before_any_work(evaluated_run, tmp
     assert not (tmp_path / "export").exists() and local_hub.requests == []
 
 
+@pytest.mark.parametrize("server", ["closed port", "never answers"])
+def test_a_push_to_a_hub_that_is_not_there_fails_by_name_within_its_time_limit(evaluated_run, tmp_path, server):
+    """Before: an httpx ConnectError traceback (closed port), or a hang past 300 s (a server that never answers)."""
+    import socket
+    import time
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    if server == "never answers":
+        listener.listen(8)  # the kernel completes the connections; nobody reads or answers them
+    port = listener.getsockname()[1]
+    if server == "closed port":
+        listener.close()
+    env = run_env(HF_ENDPOINT=f"http://127.0.0.1:{port}", HF_HOME=str(tmp_path / "hf_home"), HF_HUB_OFFLINE="0",
+                  HF_HUB_DISABLE_TELEMETRY="1", HF_TOKEN=HUB_TOKEN)
+    started = time.monotonic()
+    result = export("--checkpoint", evaluated_run, "--out", tmp_path / "export", "--push-to-hub", "alice/mnist-gan",
+                    "--hub-timeout", 8, env=env)
+    listener.close()
+    assert time.monotonic() - started < 120  # the limit, start-up and export included: not the hang it was
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    expected = "did not finish the upload" if server == "never answers" else "could not reach the Hub at"
+    assert expected in result.stderr and "pushed" not in result.stdout
+    assert f"the export in {tmp_path / 'export'} is complete" in result.stderr
+    assert (tmp_path / "export" / "generator.json").is_file()
+
+
 def test_a_repository_id_that_is_no_folder_and_not_on_the_hub_is_refused_by_name(tool_here):
     result = tool_here("sample", "--checkpoint", "alice/no-such-gan", "--num", 4, "--out", "unused.png")
     assert result.returncode == 2, result.stderr

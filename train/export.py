@@ -164,7 +164,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--push-to-hub", metavar="USER/REPO",
                         help="then upload the folder to this Hugging Face Hub model repository (made if missing; "
                         "the token from HF_TOKEN or `hf auth login`)")
+    parser.add_argument("--hub-timeout", type=float, default=hub.PUSH_TIMEOUT_S, metavar="SECONDS",
+                        help="give up a push that has not finished in this time (default %(default)s)")
     args = parser.parse_args(argv)
+    if args.hub_timeout <= 0:
+        parser.error(f"--hub-timeout {args.hub_timeout:g}: give a time in seconds above 0")
     if Path(args.out).exists() and not Path(args.out).is_dir():
         parser.error(f"--out {args.out} is a file; give the folder to write the generator into")
     try:
@@ -178,7 +182,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"note: its run logged no evaluation at step {step}, so {model_card.CARD} has no quality numbers; "
                   f"`python -m train.evaluate --checkpoint {out}` measures them")
         if args.push_to_hub:
-            url = hub.push(out, args.push_to_hub, access_token, f"Generator at step {step}, exported by train.export")
+            url = hub.push(out, args.push_to_hub, access_token, f"Generator at step {step}, exported by train.export",
+                           timeout_s=args.hub_timeout)
             print(f"pushed {out} to {args.push_to_hub}: {url}")
     except CheckpointError as error:  # HubError too
         print(f"error: {error}", file=sys.stderr)
