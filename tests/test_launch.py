@@ -15,7 +15,7 @@ from accelerate.commands.config.config_args import load_config_from_file
 
 from conftest import REPO, TINY, run_env
 from train import manifest
-from train.launch import ACCELERATE_CONFIGS, LaunchError, Topology, command, detect
+from train.launch import ACCELERATE_CONFIGS, LaunchError, Topology, children, command, detect
 from train.errors import EXIT_PREEMPTED
 
 SHELL_SCRIPTS = sorted(str(p.relative_to(REPO))
@@ -104,31 +104,21 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
-def training_processes(pid: int) -> list[int]:
-    """The processes below `pid` that torchrun started as ranks: RANK is in their environment from the start."""
-    ranks = []
-    for child in descendants(pid):
-        try:
-            environment = Path(f"/proc/{child}/environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if any(variable.startswith(b"RANK=") for variable in environment):
-            ranks.append(child)
-    return ranks
-
-
 @pytest.mark.slow
-def test_sigterm_during_the_start_up_is_a_preemption_and_the_helper_returns_its_exit_code(tmp_path, tiny_mnist):
+@pytest.mark.parametrize("processes", [1, 2])
+def test_sigterm_during_the_start_up_is_a_preemption_and_the_helper_returns_its_exit_code(tmp_path, tiny_mnist,
+                                                                                         processes):
     """Before: ranks signalled in their first seconds (imports, the process group) died of it (exit 143) instead
-    of checkpointing, and the helper returned torchrun's 1 where the ranks had exited with 75."""
+    of checkpointing, and the helper returned torchrun's 1 where the ranks had exited with 75. With one process,
+    Accelerate's launcher, signalled too, killed the training (SIGKILL) 5 s later, before its checkpoint."""
     run_dir = tmp_path / "run"
     output = (tmp_path / "out.txt").open("w")
     helper = subprocess.Popen(
-        [sys.executable, "-m", "train.launch", "--processes-per-node", "2", "--", *TINY, "train.steps=100000",
-         "train.check_every=1", f"data.path={tiny_mnist}", f"run.dir={run_dir}"],
+        [sys.executable, "-m", "train.launch", "--processes-per-node", str(processes), "--", *TINY,
+         "train.steps=100000", "train.check_every=1", f"data.path={tiny_mnist}", f"run.dir={run_dir}"],
         cwd=REPO, env=run_env(), stdout=output, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 60
-    while len(training_processes(helper.pid)) < 2:
+    while len(launched(helper.pid)) < processes:
         assert helper.poll() is None and time.monotonic() < deadline, (tmp_path / "out.txt").read_text()
         time.sleep(0.05)
     time.sleep(1.5)  # past the interpreter's own start, seconds before torch is imported
@@ -137,8 +127,14 @@ def test_sigterm_during_the_start_up_is_a_preemption_and_the_helper_returns_its_
     code = helper.wait(timeout=120)
     log = (tmp_path / "out.txt").read_text()
     assert code == EXIT_PREEMPTED, log[-3000:]
-    assert log.count("SIGTERM received: checkpointing at the next step boundary") >= 2, log[-3000:]
+    assert log.count("SIGTERM received: checkpointing at the next step boundary") >= processes, log[-3000:]
     manifest.verify(manifest.newest_valid(run_dir, print))
+
+
+def launched(helper: int) -> list[int]:
+    """The training processes below the helper: the children of the launcher it started (one process's simple
+    launcher sets no RANK)."""
+    return [pid for launcher in children(helper) for pid in children(launcher)]
 
 
 @pytest.mark.skipif(shutil.which("shellcheck") is None and os.environ.get("GAN_REQUIRE_SYSTEM_TOOLS") != "1",
@@ -191,3 +187,22 @@ def test_a_killed_helper_leaves_no_training_behind_and_its_ranks_checkpoint(tmp_
     log = (tmp_path / "out.txt").read_text()
     assert log.count("SIGTERM received: checkpointing at the next step boundary") >= processes, log[-3000:]
     manifest.verify(manifest.newest_valid(run_dir, print))
+
+
+@pytest.mark.parametrize("processes, batch, message", [
+    (2, "data.global_batch=97", "a global batch of 97 (data.global_batch) cannot be shared by 2 processes: each would "
+                                "take 48.5 samples; process counts that work: 1, 97; or, on 2 processes, "
+                                "data.global_batch=96 or 98"),
+    (5, "data.global_batch=32", "cannot be shared by 5 processes: each would take 6.4 samples, not a whole number of "
+                                "groups; process counts that work: 1, 2, 4; or, on 5 processes, data.global_batch=40"),
+])
+def test_a_batch_the_process_count_cannot_share_is_refused_before_anything_is_launched(tmp_path, processes, batch,
+                                                                                      message):
+    """Before: "process counts that work: []", and under torchrun its ChildFailedError traceback after the refusal."""
+    result = subprocess.run([sys.executable, "-m", "train.launch", "--processes-per-node", str(processes), "--", *TINY,
+                             "model.bn_group=8" if processes == 5 else "data.batch_size=8", batch,
+                             f"run.dir={tmp_path / 'run'}"], cwd=REPO, env=run_env(), capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 2 and message in result.stderr, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr and "accelerate.commands.launch" not in result.stdout
+    assert not (tmp_path / "run").exists()

@@ -5,7 +5,8 @@ picks the matching file in launch/accelerate/, fills in what only the environmen
 rank, main address and port, process counts), prints the line and runs it.
 
 While it runs it stays the parent of everything it started: SIGTERM, SIGUSR1 (Slurm's warning) or
-SIGINT (Ctrl-C) is passed on as SIGTERM to the launcher and to every training process, and this
+SIGINT (Ctrl-C) is passed on as SIGTERM to every training process (not to the launcher, which would kill them
+before their checkpoint is written), and this
 helper returns only when all of them have exited, so a caller that waits for it knows the checkpoint
 is written. (torchrun itself dies on SIGUSR1, and Accelerate's one-process launcher does not pass
 signals on at all.) Should this helper itself be killed (SIGKILL, the OOM killer), the launcher and the
@@ -16,6 +17,7 @@ training on unattended.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import os
 import shlex
@@ -139,16 +141,31 @@ def stop_with_parent() -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
+def children(pid: int) -> list[int]:
+    """The processes `pid` started (each of its threads' children, from /proc): the training processes of a launcher."""
+    found = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        with contextlib.suppress(OSError):  # gone meanwhile
+            found += [int(child) for child in (task / "children").read_text().split()]
+    return found
+
+
 def _run_and_wait(line: list[str], environment: dict[str, str]) -> int:
     if sys.platform.startswith("linux"):
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
     launcher = subprocess.Popen(line, env=environment, start_new_session=True, preexec_fn=stop_with_parent)
 
     def forward(signum, frame) -> None:
-        try:  # each of them means "checkpoint and stop": the SIGTERM every process handles
-            os.killpg(launcher.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
+        """Each of them means "checkpoint and stop": the SIGTERM every training process handles. Only they get it:
+        the launcher, signalled, kills them a few seconds later (Accelerate's one-process launcher: SIGKILL after
+        5 s) and would cut a checkpoint short. Before they exist, the launcher's whole group gets it."""
+        targets = children(launcher.pid)
+        for pid in targets:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+        if not targets:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(launcher.pid, signal.SIGTERM)
 
     for signum in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
         signal.signal(signum, forward)
@@ -161,6 +178,21 @@ def _run_and_wait(line: list[str], environment: dict[str, str]) -> int:
         if pid == launcher.pid:
             code = os.waitstatus_to_exitcode(status)
     return code if code >= 0 else 128 - code
+
+
+def refused_before_launch(train_args: list[str], processes: int) -> str | None:
+    """What `python -m train TRAIN_ARGS` on `processes` processes would refuse of its config and batch (read here,
+    before any process starts: a refusal from inside a launcher ends in the launcher's traceback), or None."""
+    from train.batches import resolve_batches
+    from train.config import parse_args
+    from train.errors import RunError
+    from train.manifest import resume_point
+    try:
+        cfg = parse_args(train_args)
+        resolve_batches(cfg, resume_point(cfg.resume, Path(cfg.run.dir), lambda _: None), processes)
+    except RunError as error:
+        return str(error)
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -183,6 +215,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
     line = command(topology, train_args)
+    if not args.dry_run and (refusal := refused_before_launch(train_args, topology.processes)) is not None:
+        print(f"error: {refusal}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     print(shlex.join(line), flush=True)
     if args.dry_run:
         return 0

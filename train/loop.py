@@ -17,7 +17,7 @@ import torch
 from accelerate.utils import broadcast
 from tqdm import tqdm
 
-from train import checkpoint, config, data, losses, manifest, metrics, models, setup, tracking
+from train import batches, checkpoint, config, data, losses, manifest, metrics, models, setup, tracking
 from train.checkpoint import Progress, Snapshot
 from train.config import Config
 from train.cuda_graph import ReplayableStep
@@ -83,7 +83,7 @@ class Training:
                          cfg.model.class_norm, cfg.model.d_width)
         if resume_from is not None:
             checkpoint.check_images(resume_from, self.images)
-        self.plan = setup.batch_plan(cfg, accelerator.num_processes)  # checked in setup.set_up
+        self.plan = batches.batch_plan(cfg, accelerator.num_processes)  # checked in setup.set_up
         self.batches = ShardedBatches(dataset.images, self.plan.share, accelerator.process_index,
                                       accelerator.num_processes, cfg.run.seed, accelerator.device,
                                       position=self.progress.data, channels_last=cfg.train.channels_last,
