@@ -17,7 +17,7 @@ import yaml
 from huggingface_hub import ModelCard
 from PIL import Image
 
-from conftest import REPO, TINY, logged_metrics, run_env, run_train, snapshot_files
+from conftest import REPO, TINY, logged_metrics, run_env, run_train, run_with_fault, snapshot_files
 from train.export import export_generator, load_generator
 from train.model_card import shareable_config
 from train.models import generate
@@ -243,3 +243,57 @@ def test_a_resumed_run_logs_a_new_artifact_version_and_a_finished_one_none(tmp_p
     weights = [{entry.path: entry.digest for entry in artifact.manifest.contents}["generator.safetensors"]
                for artifact in logged]
     assert weights[0] != weights[1]
+
+
+def history_steps(run_dir: Path) -> list[int]:
+    """The history steps of every offline W&B run under run_dir (a resumed run writes another), in order."""
+    return [record.history.step.num for path in sorted(run_dir.glob("wandb/offline-run-*/run-*.wandb"))
+            for record in records(path) if record.WhichOneof("record_type") == "history"]
+
+
+def test_a_best_found_just_before_a_preemption_or_a_kill_reaches_wandb(tmp_path, eval_cache):
+    """Preempted at the step whose evaluation set a new best: before, that best never became an artifact, and a
+    run killed with SIGKILL lost W&B's history of what metrics.jsonl had."""
+    env = run_env(WANDB_API_KEY=FAKE_KEY)
+    run = TINY + ["logging.wandb=offline", "eval.num_samples=100", "eval.every=3", f"eval.cache_dir={eval_cache}",
+                  "train.check_every=1", "logging.every=1"]
+    preempted = tmp_path / "preempted"
+    result = run_with_fault("signal:TERM", 3, 0, run + [f"run.dir={preempted}"], env=env)
+    assert result.returncode == 75, result.stderr[-3000:]
+    assert (preempted / "checkpoints" / "best").resolve().name == "step_00000003"
+    assert [json.loads(a.metadata)["step"] for a in artifacts(preempted)] == [3]
+    resumed = run_train(run + [f"run.dir={preempted}"], env=env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert [json.loads(a.metadata)["step"] for a in artifacts(preempted)][0] == 3  # not logged twice
+    assert sorted(json.loads(a.metadata)["step"] for a in artifacts(preempted)).count(3) == 1
+
+    killed = tmp_path / "killed"
+    result = run_with_fault("die", 5, 0, run + [f"run.dir={killed}", "checkpoint.every=2"], env=env)
+    assert result.returncode == -9
+    kept = [line["step"] for line in logged_metrics(killed)]
+    assert kept == [1, 2, 3, 4]
+    resumed = run_train(run + [f"run.dir={killed}", "checkpoint.every=2"], env=env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "that the run before this one had not sent (it was killed)" in resumed.stderr
+    assert set(history_steps(killed)) == {1, 2, 3, 4, 5, 6}  # the killed run's steps too, from metrics.jsonl
+    assert 3 in [json.loads(a.metadata)["step"] for a in artifacts(killed)]  # its best (step 3), killed or not
+
+
+def test_a_full_temporary_folder_during_the_artifact_export_is_named_and_the_artifact_sent_on_resume(tmp_path,
+                                                                                                  eval_cache):
+    """Before: exit 74 named the run and W&B folders although TMPDIR was full, and the best never became an
+    artifact."""
+    from helpers.mounts import tmpfs
+    env = run_env(WANDB_API_KEY=FAKE_KEY)
+    run_dir = tmp_path / "run"
+    run = TINY + [f"run.dir={run_dir}", "logging.wandb=offline", "eval.num_samples=100", "eval.every=3",
+                  f"eval.cache_dir={eval_cache}"]
+    with tmpfs(tmp_path / "small_tmp", "size=64k") as small:
+        full = run_train(run, env=run_env(WANDB_API_KEY=FAKE_KEY, TMPDIR=str(small)))
+    assert full.returncode == 74, full.stderr[-3000:]
+    assert f"exporting step_00000003's generator for W&B into {small}/generator-" in full.stderr
+    assert "No space left on device" in full.stderr and "Traceback" not in full.stderr
+    assert artifacts(run_dir) == []
+    resumed = run_train(run, env=env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert 3 in [json.loads(a.metadata)["step"] for a in artifacts(run_dir)]

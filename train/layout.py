@@ -16,6 +16,7 @@ from train.files import link_refused
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
 CURVES_FILE = "curves.png"
+WANDB_SENT = "wandb_sent.json"  # what W&B has of the run: the last history step of a closed run, the artifacts
 SAMPLES_DIR = "samples"
 PROFILE_DIR = "profile"
 WANDB_DIR = "wandb"
@@ -23,7 +24,7 @@ CHECKPOINTS = "checkpoints"
 LATEST = "latest"  # checkpoints/latest: the name of the newest checkpoint
 BEST = "best"  # checkpoints/best: a link to the checkpoint with the lowest FD of the run; keep_last never deletes it
 
-FILES = (CONFIG_FILE, METRICS_FILE, CURVES_FILE, f"{CHECKPOINTS}/{LATEST}")
+FILES = (CONFIG_FILE, METRICS_FILE, CURVES_FILE, WANDB_SENT, f"{CHECKPOINTS}/{LATEST}")
 FOLDERS = (SAMPLES_DIR, PROFILE_DIR, WANDB_DIR, CHECKPOINTS)
 MAY_BE_A_LINK = (CHECKPOINTS,)
 

@@ -46,6 +46,8 @@ def train(cfg: Config, resume_from: Path | None) -> int:
         best = training.unsaved_best_fd is not None  # an evaluation of this step set a new best: keep it
         path = training.save_checkpoint()
         preempted.flag.report_saved(path.name)
+        if best:
+            training.log.send_best()  # its W&B artifact, as a best written when due has
         training.log.message(f"preempted: checkpoint {path.name}{f' (now {manifest.BEST})' if best else ''} written; "
                              f"exiting with {EXIT_PREEMPTED} so the job can be requeued (the run resumes from it)")
         return EXIT_PREEMPTED
@@ -118,6 +120,8 @@ class Training:
             self.restore(resume_from, rollback=False)
         self.log = tracking.RunLog(accelerator, cfg, self.run_dir, self.progress.step, self.progress.wandb_run_id)
         self.progress.wandb_run_id = self.log.wandb_run_id  # kept in the checkpoints: a resumed run continues it
+        if resume_from is not None:
+            self.log.send_best()  # where the run before this one stopped before W&B had it
         self.faults = FaultMonitor(cfg.train.on_nonfinite, accelerator.device,
                                    check_gradients=accelerator.scaler is None, check_every=cfg.train.check_every,
                                    timeout_s=cfg.train.timeout_s)
@@ -225,6 +229,7 @@ class Training:
                 raise
             offset = self.progress.seed_offset + 1
             self.restore(newest, rollback=True)
+            self.log.rewind(self.progress.step)  # the undone steps' lines: redone, they are logged again
             self.log.message(f"{error}; rolled back to {newest.name} (train.on_nonfinite=rollback, seed offset "
                              f"{offset})")
             return True

@@ -15,6 +15,7 @@ import secrets
 import sys
 import tempfile
 import time
+import contextlib
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -23,10 +24,10 @@ from accelerate import Accelerator
 from torchvision.utils import make_grid, save_image
 
 from train.config import Config, to_dict, to_yaml
-from train.errors import ConfigError
+from train.errors import ConfigError, RunWriteError
 from train.files import open_in_place, write_atomically
-from train.layout import CONFIG_FILE, CURVES_FILE, METRICS_FILE, SAMPLES_DIR, WANDB_DIR
-from train.manifest import stop_on_write_failure
+from train.layout import BEST, CHECKPOINTS, CONFIG_FILE, CURVES_FILE, METRICS_FILE, SAMPLES_DIR, WANDB_DIR, WANDB_SENT
+from train.manifest import read_state, stop_on_write_failure
 from train.metrics import to_uint8
 from train.plots import plot_curves, read_metrics
 
@@ -104,16 +105,56 @@ class RunLog:
             with stop_on_write_failure(f"starting W&B in {run_dir / WANDB_DIR}", run_dir):
                 _start_wandb(accelerator, cfg, run_dir, self.wandb_run_id)
         self.metrics_descriptor = None
+        self.sent = self._read_sent()  # what W&B has: {"history_step": ..., "artifacts": [...]}
+        if self.use_wandb and accelerator.is_main_process and not (run_dir / WANDB_SENT).exists():
+            if step:  # a run begun before WANDB_SENT: W&B had what it logged up to its checkpoint, and its best
+                best = run_dir / CHECKPOINTS / BEST
+                self.sent = {"history_step": step, "artifacts": [best.resolve().name] if best.is_dir() else []}
+            self._write_sent()  # from the start: a run killed before it closes is known to have sent nothing
         if accelerator.is_main_process:
             with stop_on_write_failure(f"rewriting {run_dir / METRICS_FILE}", run_dir):
                 self.metrics_descriptor = self._open_metrics()  # refuses a link before anything is read
-                if _drop_lines_after(run_dir / METRICS_FILE, step, accelerator.print):
-                    os.close(self.metrics_descriptor)
-                    self.metrics_descriptor = self._open_metrics()  # the file that replaced it
+                self.rewind(step)
+            if self.use_wandb:
+                self._send_history_not_sent(step)
             with stop_on_write_failure(f"making {run_dir / SAMPLES_DIR}", run_dir):
                 (run_dir / SAMPLES_DIR).mkdir(exist_ok=True)
             with stop_on_write_failure(f"writing {run_dir / CONFIG_FILE}", run_dir):
                 write_atomically(run_dir / CONFIG_FILE, to_yaml(cfg))  # what this run uses, resolved
+
+    def rewind(self, step: int) -> None:
+        """Forget the metric lines after `step`: a resumed run's (written after its checkpoint), a rolled-back
+        run's (the steps undone), so that no step has two lines."""
+        if self.metrics_descriptor is not None and _drop_lines_after(self.run_dir / METRICS_FILE, step,
+                                                                     self.accelerator.print):
+            os.close(self.metrics_descriptor)
+            self.metrics_descriptor = self._open_metrics()  # the file that replaced it
+
+    def _read_sent(self) -> dict:
+        """WANDB_SENT's record; an unreadable one is taken as nothing known to be sent (sent again: no loss)."""
+        try:
+            sent = json.loads((self.run_dir / WANDB_SENT).read_text())
+            return {"history_step": int(sent["history_step"]), "artifacts": [str(a) for a in sent["artifacts"]]}
+        except (OSError, ValueError, KeyError, TypeError):
+            return {"history_step": 0, "artifacts": []}
+
+    def _write_sent(self) -> None:
+        if self.accelerator.is_main_process and self.use_wandb:
+            with stop_on_write_failure(f"writing {self.run_dir / WANDB_SENT}", self.run_dir):
+                write_atomically(self.run_dir / WANDB_SENT, json.dumps(self.sent))
+
+    def _send_history_not_sent(self, step: int) -> None:
+        """Send W&B the metric lines up to `step` that no closed attempt sent: those of a run that was killed
+        (SIGKILL, a lost node) before W&B had them."""
+        lines = [line for line in read_metrics(self.run_dir / METRICS_FILE)[0]
+                 if self.sent["history_step"] < line["step"] <= step]
+        with stop_on_write_failure(f"logging the history of a killed run to W&B in {self.run_dir / WANDB_DIR}",
+                                   self.run_dir):
+            for line in lines:
+                self.accelerator.log({key: value for key, value in line.items() if key != "step"}, step=line["step"])
+        if lines:
+            self.message(f"sent W&B the {len(lines)} metric line(s) of steps {lines[0]['step']}-{lines[-1]['step']} "
+                         "that the run before this one had not sent (it was killed)")
 
     def _open_metrics(self) -> int:
         """Opened once for the run, never through a link: appends cannot land outside run.dir."""
@@ -135,6 +176,7 @@ class RunLog:
         if self.use_wandb:
             with stop_on_write_failure(f"logging step {step} to W&B in {self.run_dir / WANDB_DIR}", self.run_dir):
                 self.accelerator.log(values, step=step)
+            self.logged_step = step
 
     def samples(self, step: int, panels: dict[str, torch.Tensor]) -> Path | None:
         """Save grids of each panel's images (in [0, 1]) side by side as one PNG, and send it to W&B."""
@@ -156,10 +198,11 @@ class RunLog:
 
     def generator_artifact(self, checkpoint: Path, step: int) -> None:
         """Log the generator of `checkpoint` (exported: weights, description, model card) as a W&B model artifact,
-        with its step and the evaluation that made it the best as metadata. Called for each new best checkpoint (or
-        the final one of a run without evaluations): a resumed run adds versions, it never repeats one."""
-        if not (self.use_wandb and self.accelerator.is_main_process):
-            return
+        with its step and the evaluation that made it the best as metadata, unless W&B has it already (WANDB_SENT).
+        Called for each new best checkpoint (or the final one of a run without evaluations), and for the best of a
+        run that stopped before it was logged (`send_best`): a resumed run adds versions, it never repeats one."""
+        if not (self.use_wandb and self.accelerator.is_main_process) or checkpoint.name in self.sent["artifacts"]:
+            return  # in W&B already: logged by this process, or by one that closed
         import wandb  # installed: check_available said so
 
         from train import model_card  # with huggingface_hub: a quarter second a run without W&B does not spend
@@ -170,12 +213,25 @@ class RunLog:
             key: value for key, value in evaluation.items() if key.startswith("eval/")}
         artifact = wandb.Artifact(f"generator-{self.wandb_run_id}", type="model", metadata=metadata,
                                   description=f"The generator of {checkpoint.name}, exported by train.export")
-        with (stop_on_write_failure(f"logging {checkpoint.name}'s generator to W&B in {self.run_dir / WANDB_DIR}",
-                                    self.run_dir), tempfile.TemporaryDirectory(prefix="generator-") as folder):
-            artifact.add_dir(str(export_generator(checkpoint, Path(folder) / "generator", name=self.run_dir.name)))
-            aliases = ["best"] if evaluation else []
-            self.accelerator.get_tracker("wandb", unwrap=True).log_artifact(artifact,
-                                                                            aliases=aliases + [f"step-{step}"])
+        with tempfile.TemporaryDirectory(prefix="generator-") as folder:
+            with stop_on_write_failure(f"exporting {checkpoint.name}'s generator for W&B into {folder} (the "
+                                       f"temporary folder: TMPDIR, or {tempfile.gettempdir()})", self.run_dir):
+                exported = export_generator(checkpoint, Path(folder) / "generator", name=self.run_dir.name)
+            with stop_on_write_failure(f"logging {checkpoint.name}'s generator to W&B in {self.run_dir / WANDB_DIR}",
+                                       self.run_dir):
+                artifact.add_dir(str(exported))
+                aliases = ["best"] if evaluation else []
+                self.accelerator.get_tracker("wandb", unwrap=True).log_artifact(artifact,
+                                                                                aliases=aliases + [f"step-{step}"])
+        self.sent["artifacts"].append(checkpoint.name)  # recorded in WANDB_SENT once W&B has flushed it (close)
+
+    def send_best(self) -> None:
+        """Log checkpoints/best's generator where W&B does not have it yet: the best of a run preempted right after
+        finding it, or of one whose artifact could not be written (a full disk) or that was killed."""
+        best = self.run_dir / CHECKPOINTS / BEST
+        if self.use_wandb and self.accelerator.is_main_process and best.is_dir():
+            target = best.resolve()
+            self.generator_artifact(target, read_state(target)["progress"]["step"])
 
     def close(self) -> None:
         """Draw the curves of the whole run so far (main process, `logging.curves`), flush W&B and end
@@ -185,6 +241,7 @@ class RunLog:
         drawn again from metrics.jsonl by `python -m train.plots`."""
         if self.metrics_descriptor is not None:
             os.close(self.metrics_descriptor)
+            self.metrics_descriptor = None
         if self.draw_curves and self.accelerator.is_main_process and (self.run_dir / METRICS_FILE).is_file():
             try:
                 plot_curves(self.run_dir / METRICS_FILE, self.run_dir / CURVES_FILE)
@@ -192,6 +249,10 @@ class RunLog:
                 self.message(f"warning: drawing {self.run_dir / CURVES_FILE} failed ({error}); "
                              f"`python -m train.plots --run {self.run_dir}` draws it once there is room")
         self.accelerator.end_training()
+        if self.use_wandb and self.accelerator.is_main_process:  # W&B has flushed what it was sent: now it has it
+            self.sent["history_step"] = max(self.sent["history_step"], self.logged_step)
+            with contextlib.suppress(RunWriteError):  # not knowing costs only a resend
+                self._write_sent()
 
 
 def _start_wandb(accelerator: Accelerator, cfg: Config, run_dir: Path, run_id: str) -> None:
