@@ -112,3 +112,23 @@ def test_a_rank_stopped_in_the_fault_check_fails_the_other_after_train_timeout_s
     assert processes[0].returncode != 0
     assert seconds < 90, errors[-3000:]
     assert "Traceback" in errors and "all_gather" in errors  # the check's collective raised
+
+
+def test_a_skipped_step_leaves_no_nan_in_the_batchnorm_statistics(tiny_mnist, tmp_path):
+    """One process, the NaN batch on rank 0 (whose statistics every checkpoint keeps). Before: D's running
+    statistics kept the NaN of the skipped batch, so every later evaluation of D was NaN."""
+    result = run_with_fault("nan", 8, 0, tiny_run(tiny_mnist, tmp_path, "train.on_nonfinite=skip"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    from safetensors.torch import load_file
+    final = manifest.complete_checkpoints(tmp_path)[-1]
+    for name in ("generator", "discriminator", "generator_ema"):
+        tensors = load_file(final / f"{name}.safetensors")
+        assert all(torch.isfinite(t.float()).all() for t in tensors.values()), name
+
+
+def test_a_rollback_leaves_one_metrics_line_per_step(tiny_mnist, tmp_path):
+    result = run_with_fault("nan", 8, 0, tiny_run(tiny_mnist, tmp_path, "train.on_nonfinite=rollback",
+                                                  "logging.every=1"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 17))  # the undone steps 6-8 were logged, then dropped and logged again

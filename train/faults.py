@@ -11,6 +11,7 @@ rank and names the first bad one. In `skip` mode the decision is taken before ev
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -57,6 +58,7 @@ class FaultMonitor:
     def __init__(self, action: str, device: torch.device, check_gradients: bool, check_every: int, timeout_s: int):
         self.action = action
         self.check_gradients = check_gradients
+        self.skipped = False  # in skip mode: whether an update of the current step was skipped
         self.preemption = preemption.install()
         # A CPU group for control messages, so a check never waits on the accelerator's stream. A group takes
         # torch's 30-minute default, not the default group's, unless told: a stopped rank must fail the check
@@ -76,9 +78,27 @@ class FaultMonitor:
         # Under fp16 loss scaling, inf gradients are GradScaler's to handle: only the loss is checked.
         health = torch.stack([loss, self._largest_gradient_norm(optimizer) if self.check_gradients else loss])
         if self.action == "skip":
-            return self._everyone_agrees(bool(health.isfinite().all()))
+            allowed = self._everyone_agrees(bool(health.isfinite().all()))
+            self.skipped = self.skipped or not allowed
+            return allowed
         self.current[NETWORK_INDEX[network]].copy_(health)
         return True
+
+    @contextmanager
+    def statistics_kept_if_skipped(self, *networks: torch.nn.Module):
+        """In `skip` mode: the networks' buffers (BatchNorm's running statistics) put back as they were where an
+        update inside was skipped; elsewhere nothing (no copies, and nothing a CUDA graph cannot replay)."""
+        if self.action != "skip":
+            yield
+            return
+        saved = [[buffer.clone() for buffer in network.buffers()] for network in networks]
+        self.skipped = False
+        yield
+        if self.skipped:
+            with torch.no_grad():
+                for network, buffers in zip(networks, saved):
+                    for buffer, before in zip(network.buffers(), buffers):
+                        buffer.copy_(before)
 
     def end_step(self, step: int) -> None:
         """File this step's record for the next check (outside the step: the slot changes every step)."""

@@ -66,7 +66,13 @@ class GANStep:
             self.fake_labels.copy_(asked[share])
 
     def __call__(self, r1_weight: float) -> None:
-        """Update D, update G through the new D, average G; `r1_weight` > 0 adds the R1 penalty to D's loss."""
+        """Update D, update G through the new D, average G; `r1_weight` > 0 adds the R1 penalty to D's loss.
+        With `train.on_nonfinite=skip`, a step whose update is skipped leaves both networks' BatchNorm statistics
+        as they were before it: the bad batch leaves no trace."""
+        with self.faults.statistics_kept_if_skipped(self.generator, self.discriminator):
+            self.update(r1_weight)
+
+    def update(self, r1_weight: float) -> None:
         if self.accumulation > 1:
             statistics = self.accumulated_update(r1_weight)
         else:
