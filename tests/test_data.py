@@ -173,7 +173,7 @@ def test_an_hf_image_column_is_decoded_once_into_a_cache_keyed_by_its_pictures(t
     write(inverted)
     config = hf_config(tmp_path, str(folder))
     training = load(config, labelled=True)
-    (cache,) = (tmp_path / "decoded").iterdir()
+    (cache,) = (tmp_path / "decoded").glob("*.safetensors")
     assert cache.name.startswith("hf_") and len(training.images) == 36
 
     def decoding(*args):
@@ -189,7 +189,7 @@ def test_an_hf_image_column_is_decoded_once_into_a_cache_keyed_by_its_pictures(t
     write(inverted)
     assert torch.equal(load(hf_config(tmp_path, str(folder), holdout=0)).images, torch.from_numpy(inverted)[:, None])
     load(hf_config(tmp_path, str(folder), resolution=32))
-    assert len(list((tmp_path / "decoded").iterdir())) == 3
+    assert len(list((tmp_path / "decoded").glob("*.safetensors"))) == 3
     # A cache that cannot be written is a warning naming the key that moves it; the pictures are still read.
     (tmp_path / "not_a_folder").write_text("")
     with pytest.warns(UserWarning, match="could not cache the decoded pictures in .*a writable data.cache_dir"):
