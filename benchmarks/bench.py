@@ -40,10 +40,10 @@ from torch.utils.flop_counter import flop_registry
 from train import models
 from train.config import REPO_ROOT, SHIPPED_MNIST, EvalConfig
 from train.errors import EXIT_PREEMPTED
-from train.files import write_atomically
 from train.launch import free_port
-from train.metrics import Evaluator
 from train.plots import read_metrics
+from train.quality.metrics import Evaluator
+from train.storage.files import write_atomically
 
 BUILT_IN_VARIANTS = ("blog", "project", "default", "fastest", "dcgan")  # (a)-(e)
 DEFAULT_CONFIG = "configs/default.yaml"

@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from train import manifest  # noqa: E402
+from train.storage import manifest  # noqa: E402
 from benchmarks.bench import QUIET, run_checked  # noqa: E402
 
 SEED = ["--config", "configs/seed.yaml", "train.mixed_precision=fp32"]

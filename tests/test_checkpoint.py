@@ -15,8 +15,9 @@ from safetensors.torch import load_file, save_file
 
 from conftest import (REPO, TINY, all_state, assert_bitwise_equal, logged_metrics, run_env, run_train,
                       snapshot_files)
-from train import errors, manifest, models
-from train.checkpoint import Progress, Snapshot, restore
+from train import errors, models
+from train.storage import manifest
+from train.storage.checkpoint import Progress, Snapshot, restore
 
 
 @pytest.fixture(scope="module")
@@ -129,7 +130,7 @@ def test_auto_resume_with_every_checkpoint_damaged_stops_and_changes_nothing(fin
 def test_saving_a_step_that_has_a_valid_checkpoint_is_refused_and_keeps_it(finished_run, tmp_path):
     """The guard behind "nothing good is overwritten", for a run that reaches a step twice."""
     from accelerate import Accelerator
-    from train.checkpoint import save
+    from train.storage.checkpoint import save
     run_dir = copy_run(finished_run, tmp_path)
     generator, discriminator = models.build("dcgan", 100)
     snapshot = Snapshot(networks={"generator": generator, "discriminator": discriminator}, optimizers={},

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from conftest import TINY, logged_metrics, run_train, snapshot_files
-from train import classifier
-from train.manifest import complete_checkpoints
+from train.quality import classifier
+from train.storage.manifest import complete_checkpoints
 
 # Chance is 0.1. Measured at step 60 with seeds 0, 1 and 2: 0.52, 0.315 and 0.665 (the run below uses seed 0).
 AGREEMENT_FLOOR = 0.25

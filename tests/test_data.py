@@ -9,8 +9,9 @@ import torch
 
 from conftest import write_idx_images, write_idx_labels
 from train.config import DataConfig
-from train.data import DataPosition, ShardedBatches, load, read_idx_images
-from train.images import MNIST, MNIST_DATASET, ImageSpec
+from train.data.images import MNIST, MNIST_DATASET, ImageSpec
+from train.data.sharding import DataPosition, ShardedBatches
+from train.data.sources import load, read_idx_images
 from train.errors import DataError
 
 CPU = torch.device("cpu")
@@ -160,7 +161,7 @@ def test_an_hf_image_column_is_decoded_once_into_a_cache_keyed_by_its_pictures(t
     pytest.importorskip("datasets")
     import datasets
     from PIL import Image
-    from train import pictures
+    from train.data import pictures
     folder = tmp_path / "parquet"
     folder.mkdir()
 

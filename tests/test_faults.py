@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from conftest import REPO, free_port, run_env, run_with_fault
-from train import manifest
 from train.errors import EXIT_NONFINITE
+from train.storage import manifest
 
 pytestmark = pytest.mark.slow
 

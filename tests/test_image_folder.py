@@ -15,7 +15,7 @@ from PIL import ExifTags, Image
 from conftest import TINY, run_train
 from train import colour_digits
 from train.config import SHIPPED_MNIST, DataConfig
-from train.data import load, read_idx_images
+from train.data.sources import load, read_idx_images
 from train.errors import DataError
 
 

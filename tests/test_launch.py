@@ -14,9 +14,9 @@ import pytest
 from accelerate.commands.config.config_args import load_config_from_file
 
 from conftest import REPO, TINY, run_env
-from train import manifest
-from train.launch import ACCELERATE_CONFIGS, LaunchError, Topology, children, command, detect
 from train.errors import EXIT_PREEMPTED
+from train.launch import ACCELERATE_CONFIGS, LaunchError, Topology, children, command, detect
+from train.storage import manifest
 
 SHELL_SCRIPTS = sorted(str(p.relative_to(REPO))
                        for pattern in ("slurm/*.sbatch", "slurm/*.sh", "benchmarks/*.sh", "tests/helpers/*.sh")

@@ -6,8 +6,8 @@ from torch import nn
 
 from helpers.blog_reference import Discriminator as BlogDiscriminator, Generator as BlogGenerator, blog_losses
 from train import losses, models
+from train.data.images import ImageSpec
 from train.errors import DataError
-from train.images import ImageSpec
 
 LOSS_TOLERANCE = 1e-5  # float32 BCE on probabilities vs softplus on logits
 UPSAMPLE_TOLERANCE = 1e-5  # float32, relative to the reference's norm: the same sums, in another order

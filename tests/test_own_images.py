@@ -13,10 +13,11 @@ from PIL import Image
 
 from conftest import (REPO, TINY, accelerate_launch, all_state, assert_bitwise_equal, logged_metrics, run_train,
                       write_idx_images, write_idx_labels)
-from train import classifier, colour_digits
+from train import colour_digits
 from train.config import DataConfig
-from train.data import load, read_idx_images, read_idx_labels
-from train.metrics import Evaluator
+from train.data.sources import load, read_idx_images, read_idx_labels
+from train.quality import classifier
+from train.quality.metrics import Evaluator
 
 RGB_RUN = TINY + ["model.conditional=true", "data.source=folder"]
 TRAIN_IMAGES, TEST_IMAGES = 600, 200  # enough for a feature network that tells the digits apart

@@ -11,11 +11,11 @@ from torch import nn
 
 from conftest import (PROCESS_COUNT_TOLERANCE, accelerate_launch, all_state, largest_relative_difference,
                       logged_metrics, run_train, weights)
+from train.batches import batch_plan, resolve_batches
 from train.config import Config
-from train import manifest
 from train.errors import ConfigError
 from train.models import GroupBatchNorm2d
-from train.batches import batch_plan, resolve_batches
+from train.storage import manifest
 
 def plan(global_batch, processes, batch_size, bn_group):
     cfg = Config()

@@ -5,7 +5,8 @@ written), or, for links among the checkpoints, never followed and never deleted 
 import pytest
 
 from conftest import TINY, run_train, snapshot_files
-from train import errors, manifest
+from train import errors
+from train.storage import manifest
 
 LINK_MESSAGE = "is a symbolic link; a run writes its files in place, never through a link"
 

@@ -18,9 +18,9 @@ from huggingface_hub import ModelCard
 from PIL import Image
 
 from conftest import REPO, TINY, logged_metrics, run_env, run_train, run_with_fault, snapshot_files
-from train.export import export_generator, load_generator
-from train.model_card import shareable_config
 from train.models import generate
+from train.sharing.export import export_generator, load_generator
+from train.sharing.model_card import shareable_config
 
 pytest.importorskip("wandb")
 from helpers.local_hub import LocalHub  # noqa: E402
@@ -155,7 +155,7 @@ def test_push_to_hub_uploads_the_export_and_it_loads_back_by_repository_id(evalu
     for content in snapshot_files(tmp_path).values():  # the token is in no file: not the export, not the cache
         assert HUB_TOKEN.encode() not in content
     # Loaded back by repository id in a fresh process, it draws what the local folder draws.
-    script = ("import sys, torch; from train.export import load_generator; from train.models import generate; "
+    script = ("import sys, torch; from train.sharing.export import load_generator; from train.models import generate; "
               "torch.save(generate(load_generator('alice/mnist-gan'), 16, 0), sys.argv[1])")
     loaded = subprocess.run([sys.executable, "-c", script, str(tmp_path / "drawn.pt")], cwd=REPO, env=env,
                             capture_output=True, text=True, timeout=300)

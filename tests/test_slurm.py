@@ -18,9 +18,9 @@ from safetensors.torch import load_file
 from conftest import (PROCESS_COUNT_TOLERANCE, REPO, all_state, final_weights, largest_relative_difference,
                       latest_checkpoint, run_env, weights)
 from helpers.slurm_cluster import HOSTS_FILE, LocalSlurm, missing_programs, resolves
-from train import manifest
 from train.distributed import weights_digest
 from train.plots import read_metrics
+from train.storage import manifest
 
 pytestmark = [pytest.mark.slow, pytest.mark.slurm]
 # The smoke config shortened through GAN_ARGS, as a user would: 80 steps, checkpoints at 40 and 80,

@@ -7,7 +7,8 @@ import shutil
 import pytest
 
 from conftest import TINY, run_train, snapshot_files
-from train import errors, manifest
+from train import errors
+from train.storage import manifest
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +21,7 @@ def finished_run(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def exported(finished_run, tmp_path_factory):
-    from train.export import export_generator
+    from train.sharing.export import export_generator
     return export_generator(finished_run, tmp_path_factory.mktemp("exported") / "generator")
 
 

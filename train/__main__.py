@@ -15,11 +15,11 @@ import sys  # noqa: E402
 from contextlib import nullcontext  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from train import layout, run_lock  # noqa: E402
+from train.storage import layout, run_lock  # noqa: E402
 from train.config import Config, changed_settings, parse_args  # noqa: E402
 from train.errors import EXIT_BAD_INPUT, EXIT_WRITE_FAILED, ConfigError, RunError, RunWriteError  # noqa: E402
 from train.launch import EXIT_CODES_ENV, stop_with_parent  # noqa: E402
-from train.manifest import read_state, resume_point  # noqa: E402
+from train.storage.manifest import read_state, resume_point  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

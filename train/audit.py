@@ -24,14 +24,14 @@ import torch
 from torch import Tensor
 from torchvision.utils import save_image
 
-from train import data
 from train.config import EvalConfig
+from train.data import sources
 from train.errors import EXIT_BAD_INPUT, CheckpointError, DataError
 from train.evaluate import bytes_per_sample
-from train.export import load_generator, training_data
-from train.metrics import Evaluator, copy_threshold, extract, nearest, to_uint8
 from train.models import balanced_labels, generate
+from train.quality.metrics import Evaluator, copy_threshold, extract, nearest, to_uint8
 from train.sample import available_device, check_fits_in_memory, seed
+from train.sharing.export import load_generator, training_data
 
 REPORTED_PERCENTILES = (1, 5, 25, 50)
 GRID_PAIRS = 32
@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         generator = load_generator(args.checkpoint, args.device)
         check_fits_in_memory(parser, args.num, bytes_per_sample(generator.images))
         data_cfg = training_data(args.checkpoint, args.data_path)
-        training = data.load(data_cfg)
+        training = sources.load(data_cfg)
         if training.spec.dataset != generator.images.dataset:
             raise DataError(f"data.source={data_cfg.source} data.path={data_cfg.path!r} is not the data the generator "
                             f"was trained on ({generator.images.describe()}): an audit against other images says "

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from train.config import Config
 from train.errors import ConfigError
-from train.manifest import read_state
+from train.storage.manifest import read_state
 
 
 @dataclasses.dataclass(frozen=True)

@@ -2,7 +2,7 @@
 
 Scores `--num` samples (latents from `--seed`; the EMA generator unless --no-ema) against the test
 split of the data the generator was trained on (MNIST's 10,000 test images for MNIST), with that
-data's feature network (train/classifier.py), overall and per class; the data is read where the
+data's feature network (train/quality/classifier.py), overall and per class; the data is read where the
 checkpoint or export records it, or from `--data-path`. `--floor` adds
 the same metrics for as many real training images (the values a perfect generator would reach) and
 for those images slightly degraded (noise, a 1-pixel shift, a 3x3 blur): how far visible defects
@@ -19,14 +19,14 @@ from pathlib import Path
 
 import torch
 
-from train.classifier import FEATURE_DIM
 from train.config import MIN_EVAL_SAMPLES, SHIPPED_MNIST, EvalConfig
+from train.data.images import MNIST, ImageSpec
 from train.errors import EXIT_BAD_INPUT, CheckpointError, DataError
-from train.export import load_generator, training_data
-from train.images import MNIST, ImageSpec
-from train.metrics import DISTANCE_CHUNK, Evaluator, to_uint8
 from train.models import balanced_labels, generate
+from train.quality.classifier import FEATURE_DIM
+from train.quality.metrics import DISTANCE_CHUNK, Evaluator, to_uint8
 from train.sample import available_device, check_fits_in_memory, seed
+from train.sharing.export import load_generator, training_data
 
 
 def bytes_per_sample(images: ImageSpec) -> int:

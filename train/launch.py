@@ -186,7 +186,7 @@ def refused_before_launch(train_args: list[str], processes: int) -> str | None:
     from train.batches import resolve_batches
     from train.config import parse_args
     from train.errors import RunError
-    from train.manifest import resume_point
+    from train.storage.manifest import resume_point
     try:
         cfg = parse_args(train_args)
         resolve_batches(cfg, resume_point(cfg.resume, Path(cfg.run.dir), lambda _: None), processes)

@@ -17,18 +17,21 @@ import torch
 from accelerate.utils import broadcast
 from tqdm import tqdm
 
-from train import batches, checkpoint, config, data, losses, manifest, metrics, models, setup, tracking
-from train.checkpoint import Progress, Snapshot
+from train import batches, config, losses, models, setup, tracking
 from train.config import Config
 from train.cuda_graph import ReplayableStep
-from train.data import ShardedBatches, derived_seed
+from train.data import sources
+from train.data.images import ImageSpec
+from train.data.sharding import ShardedBatches, derived_seed
 from train.distributed import check_ranks_agree, share_buffers
 from train.ema import GeneratorEMA
 from train.errors import EXIT_NONFINITE, EXIT_PREEMPTED
 from train.faults import FaultMonitor, NonFiniteError, Preempted
-from train.images import ImageSpec
 from train.profiling import StepProfiler
+from train.quality import metrics
 from train.step import GANStep
+from train.storage import checkpoint, manifest
+from train.storage.checkpoint import Progress, Snapshot
 
 SAMPLE_GRID_SIZE = 64
 
@@ -78,7 +81,7 @@ class Training:
         self.unsaved_best_fd: float | None = None
         self.stop_reason: str | None = None  # the quality target is met (train.stop_at_fd, train.patience)
         with accelerator.main_process_first():  # pictures are decoded (and cached) by one process
-            dataset = data.load(cfg.data, labelled=cfg.model.conditional)
+            dataset = sources.load(cfg.data, labelled=cfg.model.conditional)
         self.images = dataset.spec  # what the networks, the metrics and every checkpoint are made for
         with torch.device("meta"):  # networks that cannot be made for these images are refused before any more work
             models.build(cfg.model.arch, cfg.model.z_dim, cfg.model.upsample, cfg.model.conditional, self.images,

@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from train.data.images import MNIST, ImageSpec
 from train.errors import DataError
-from train.images import MNIST, ImageSpec
 
 
 LABEL_EMBEDDING_DIM = 32  # the size of the label code a conditional generator reads beside z

@@ -12,7 +12,7 @@ import json
 import sys
 from pathlib import Path
 
-from train.files import write_atomically
+from train.storage.files import write_atomically
 
 PANELS = (
     ("losses", ("loss/d", "loss/g")),

@@ -19,7 +19,7 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile, schedule
 
 from train.config import ProfileConfig
-from train.layout import PROFILE_DIR
+from train.storage.layout import PROFILE_DIR
 
 
 class StepProfiler:

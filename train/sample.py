@@ -16,13 +16,13 @@ import numpy as np
 import torch
 from torchvision.utils import make_grid, save_image
 
+from train.data.memory import available_memory
 from train.errors import EXIT_BAD_INPUT, EXIT_WRITE_FAILED, CheckpointError
-from train.export import load_generator
-from train.files import write_atomically
-from train.manifest import write_failure_fix
-from train.memory import available_memory
-from train.metrics import to_uint8
 from train.models import generate
+from train.quality.metrics import to_uint8
+from train.sharing.export import load_generator
+from train.storage.files import write_atomically
+from train.storage.manifest import write_failure_fix
 
 
 def available_device(name: str) -> str:

@@ -16,10 +16,10 @@ from accelerate import Accelerator
 from accelerate.utils import AutocastKwargs, InitProcessGroupKwargs, TorchDynamoPlugin
 
 from train import tracking
+from train.batches import batch_plan, resolve_batches
 from train.config import Config
 from train.distributed import ddp_without_forward_buffer_sync
 from train.errors import ConfigError
-from train.batches import batch_plan, resolve_batches
 
 
 def set_up(cfg: Config, resume_from: Path | None) -> tuple[Accelerator, Config]:

@@ -28,7 +28,7 @@ from accelerate import Accelerator
 from torch import nn
 
 from train import losses
-from train.data import ShardedBatches
+from train.data.sharding import ShardedBatches
 from train.ema import GeneratorEMA
 from train.faults import FaultMonitor
 from train.tracking import TrainingWindow

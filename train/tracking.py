@@ -25,11 +25,13 @@ from torchvision.utils import make_grid, save_image
 
 from train.config import Config, to_dict, to_yaml
 from train.errors import ConfigError, RunWriteError
-from train.files import open_in_place, write_atomically
-from train.layout import BEST, CHECKPOINTS, CONFIG_FILE, CURVES_FILE, METRICS_FILE, SAMPLES_DIR, WANDB_DIR, WANDB_SENT
-from train.manifest import read_state, stop_on_write_failure
-from train.metrics import to_uint8
+from train.storage.files import open_in_place, write_atomically
+from train.storage.layout import (
+    BEST, CHECKPOINTS, CONFIG_FILE, CURVES_FILE, METRICS_FILE, SAMPLES_DIR, WANDB_DIR, WANDB_SENT
+)
 from train.plots import plot_curves, read_metrics
+from train.quality.metrics import to_uint8
+from train.storage.manifest import read_state, stop_on_write_failure
 
 
 class TrainingWindow:
@@ -205,8 +207,8 @@ class RunLog:
             return  # in W&B already: logged by this process, or by one that closed
         import wandb  # installed: check_available said so
 
-        from train import model_card  # with huggingface_hub: a quarter second a run without W&B does not spend
-        from train.export import export_generator
+        from train.sharing import model_card  # with huggingface_hub: a quarter second a run without W&B does not spend
+        from train.sharing.export import export_generator
 
         evaluation = model_card.evaluation_at(checkpoint, step) or {}
         metadata = {"step": step, "checkpoint": checkpoint.name} | {

@@ -13,7 +13,8 @@ import torch
 from safetensors.torch import save_file
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
-from train import config, data, loop, losses, models, setup
+from train import config, loop, losses, models, setup
+from train.data import sharding, sources
 from train.distributed import share_buffers
 from train.ema import GeneratorEMA
 from train.faults import FaultMonitor
@@ -23,8 +24,8 @@ from train.tracking import TrainingWindow
 out, overrides = Path(sys.argv[1]), sys.argv[2:]
 cfg = config.load(None, overrides)
 accelerator, cfg = setup.set_up(cfg, resume_from=None)
-dataset = data.load(cfg.data)
-batches = data.ShardedBatches(dataset.images, cfg.data.batch_size, accelerator.process_index,
+dataset = sources.load(cfg.data)
+batches = sharding.ShardedBatches(dataset.images, cfg.data.batch_size, accelerator.process_index,
                               accelerator.num_processes, cfg.run.seed, accelerator.device)
 faults = FaultMonitor("stop", accelerator.device, check_gradients=True, check_every=cfg.train.steps,
                       timeout_s=cfg.train.timeout_s)

@@ -19,12 +19,14 @@ import sys
 
 import torch
 
-from train import checkpoint, data, faults
+from train import faults
 from train.__main__ import main
+from train.data import sharding
+from train.storage import checkpoint
 
 fault, fault_step, fault_rank = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 rank = int(os.environ.get("RANK", "0"))
-draw = data.ShardedBatches.next
+draw = sharding.ShardedBatches.next
 write_tensors = checkpoint._write_tensors
 check = faults.FaultMonitor.check
 state = {"step": 0, "armed": False}
@@ -63,7 +65,7 @@ def check_or_stop(self):
     check(self)
 
 
-data.ShardedBatches.next = next_batch
+sharding.ShardedBatches.next = next_batch
 faults.FaultMonitor.check = check_or_stop
 checkpoint._write_tensors = write_tensors_then_fault
 sys.exit(main(sys.argv[4:]))

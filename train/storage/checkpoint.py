@@ -15,7 +15,7 @@ are done the main process writes the manifest, renames the folder into place and
 the `latest` marker (and, for the lowest FD of the run so far, the `best` link). A crash at any
 moment leaves the previous checkpoint valid. Loading reads only the files the manifest names,
 after checking their hashes; nothing is ever unpickled. The layout and the manifest, which need
-no torch, are train/manifest.py.
+no torch, are train/storage/manifest.py.
 """
 
 from __future__ import annotations
@@ -34,12 +34,14 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
-from train.data import DataPosition
-from train.files import fsync, write_atomically, write_file
+from train.data.images import ImageSpec, recorded
+from train.data.sharding import DataPosition
 from train.errors import CheckpointError
-from train.images import ImageSpec, recorded
-from train.manifest import (BEST, LATEST, STATE, checkpoint_name, checkpoints_dir, mark_best, prune, read_state,
-                            stop_on_write_failure, verify, write_manifest)
+from train.storage.files import fsync, write_atomically, write_file
+from train.storage.manifest import (
+    BEST, LATEST, STATE, checkpoint_name, checkpoints_dir, mark_best, prune, read_state, stop_on_write_failure,
+    verify, write_manifest
+)
 
 GLOBAL_NOISE = "one stream for the global batch"  # state.json's "noise" since every rank draws the global batch
 

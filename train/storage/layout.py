@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 
 from train.errors import RunError
-from train.files import link_refused
+from train.storage.files import link_refused
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"

@@ -40,10 +40,10 @@ import PIL
 import torch
 from PIL import ExifTags, Image, ImageOps
 
-from train import tensor_cache
+from train.data.memory import available_memory, gib
 from train.errors import DataError
-from train.layout import is_run_dir
-from train.memory import available_memory, gib
+from train.storage import tensor_cache
+from train.storage.layout import is_run_dir
 
 PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 GREY_BANDS = ("L", "1", "I", "F")  # PIL's first band of a mode without colour (alpha aside)

@@ -1,7 +1,7 @@
 """Checkpoint folders on disk, without torch: their layout, the manifest that makes a folder a
 checkpoint, verification, pruning, and which checkpoint a run resumes from.
 
-Kept apart from train/checkpoint.py (the tensors) so that `python -m train` can refuse a bad
+Kept apart from train/storage/checkpoint.py (the tensors) so that `python -m train` can refuse a bad
 `resume=` in a moment, before torch and the training code are imported (~7 s).
 """
 
@@ -17,11 +17,11 @@ import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
-from train import images
+from train.data import images
 from train.errors import CheckpointError, ConfigError, RunWriteError
-from train.files import fsync, write_file
-from train.layout import BEST, CHECKPOINTS, LATEST, check_best_link
-from train.run_lock import LOCK_FILE
+from train.storage.files import fsync, write_file
+from train.storage.layout import BEST, CHECKPOINTS, LATEST, check_best_link
+from train.storage.run_lock import LOCK_FILE
 
 FORMAT_VERSION = 1
 CHECKPOINT_FOLDER = re.compile(r"step_(\d{8,})")

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Iterator
 
 from train.errors import RunError
-from train.files import open_in_place
+from train.storage.files import open_in_place
 
 LOCK_FILE = ".lock"
 

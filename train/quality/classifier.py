@@ -1,6 +1,6 @@
 """The feature networks behind the quality metrics: classifiers trained on the data's own labelled training split.
 
-MNIST's is committed: `python -m train.classifier` trains it on the MNIST training set, prints its
+MNIST's is committed: `python -m train.quality.classifier` trains it on the MNIST training set, prints its
 test accuracy and writes `train/assets/mnist_classifier.safetensors`; the SHA-256 below pins the
 committed weights, so every evaluation uses exactly the same features. Any other labelled data set
 gets one trained the same way the first time it is evaluated (`for_data`), cached beside the
@@ -22,9 +22,9 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from train import tensor_cache
-from train.data import ImageSet, read_idx_images, read_idx_labels
-from train.images import MNIST, ImageSpec
+from train.data.images import MNIST, ImageSpec
+from train.data.sources import ImageSet, read_idx_images, read_idx_labels
+from train.storage import tensor_cache
 
 WEIGHTS = Path(__file__).resolve().parent / "assets" / "mnist_classifier.safetensors"
 WEIGHTS_SHA256 = "dcae5711397f827fdeaae79fcf73c7433363aab82b61a4559c5e2428755c28e3"
@@ -59,7 +59,7 @@ def load(device: torch.device | str = "cpu") -> FeatureNetwork:
     digest = hashlib.sha256(WEIGHTS.read_bytes()).hexdigest()
     if digest != WEIGHTS_SHA256:
         raise RuntimeError(f"{WEIGHTS} has SHA-256 {digest}, expected {WEIGHTS_SHA256}: restore it from git "
-                           "(`git checkout -- train/assets`) or retrain it with `python -m train.classifier`")
+                           "(`git checkout -- train/assets`) or retrain it with `python -m train.quality.classifier`")
     network = FeatureNetwork()
     network.load_state_dict(load_file(WEIGHTS))
     return network.to(device).eval()
@@ -127,7 +127,7 @@ def train(images: Tensor, labels: Tensor, spec: ImageSpec, device: torch.device 
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m train.classifier", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m train.quality.classifier", description=__doc__.splitlines()[0])
     parser.add_argument("--data", default=str(Path(__file__).resolve().parent.parent / "data" / "mnist"))
     parser.add_argument("--out", default=str(WEIGHTS))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> None:
     save_file({k: v.cpu().contiguous() for k, v in network.state_dict().items()}, args.out)
     digest = hashlib.sha256(Path(args.out).read_bytes()).hexdigest()
     print(f"test accuracy {test_accuracy:.4%}; wrote {args.out} (SHA-256 {digest}); "
-          "set WEIGHTS_SHA256 in train/classifier.py to that digest")
+          "set WEIGHTS_SHA256 in train/quality/classifier.py to that digest")
 
 
 if __name__ == "__main__":

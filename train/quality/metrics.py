@@ -1,4 +1,4 @@
-"""Sample-quality metrics on the features of a classifier trained on the data (train/classifier.py).
+"""Sample-quality metrics on the features of a classifier trained on the data (train/quality/classifier.py).
 
 For a set of generated images against the data's test split (MNIST's 10,000 test images for MNIST):
 
@@ -33,12 +33,14 @@ import scipy.linalg
 import torch
 from torch import Tensor
 
-from train import classifier, data, tensor_cache
 from train.config import SHIPPED_MNIST, DataConfig
-from train.data import ImageSet, read_idx_images, read_idx_labels
+from train.data import sources
+from train.data.images import MNIST, MNIST_DATASET, ImageSpec
+from train.data.sources import ImageSet, read_idx_images, read_idx_labels
 from train.errors import DataError
-from train.images import MNIST, MNIST_DATASET, ImageSpec
 from train.models import GENERATION_CHUNK, balanced_labels, split_like
+from train.quality import classifier
+from train.storage import tensor_cache
 
 PRECISION_RECALL_K = 3
 DENSITY_COVERAGE_K = 5
@@ -258,7 +260,7 @@ def per_digit(real: Features, real_labels: Tensor, fake: Features, asked: Tensor
 def _labelled_split(data_cfg: DataConfig, split: str, problem: str) -> ImageSet:
     """`split` of the data with its labels, or a DataError saying `problem`, its "{error}" the reader's error."""
     try:
-        return data.load(data_cfg, split, labelled=True)
+        return sources.load(data_cfg, split, labelled=True)
     except DataError as error:
         raise DataError(problem.replace("{error}", str(error))) from None
 
@@ -300,7 +302,7 @@ class Evaluator:
                             "train without the metrics (eval.num_samples=0)")
         network, digest = classifier.for_data(training, cache_dir, device)
         against = f"the test split of {images.dataset}"
-        if data.holds_out(data_cfg, images):
+        if sources.holds_out(data_cfg, images):
             against = (f"{len(test.images)} images held out of the training split (data.holdout={data_cfg.holdout}, "
                        f"never trained on) of {images.dataset}")
         return cls(network, digest, test, lambda: training.images, cache_dir, against)

@@ -18,10 +18,10 @@ import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from train.config import PATHS
-from train.data import holds_out, recorded_config
-from train.images import MNIST_DATASET, ImageSpec
-from train.layout import CHECKPOINTS, METRICS_FILE
+from train.data.images import MNIST_DATASET, ImageSpec
+from train.data.sources import holds_out, recorded_config
 from train.plots import read_metrics
+from train.storage.layout import CHECKPOINTS, METRICS_FILE
 
 CARD = "README.md"
 SAMPLES = "samples.png"
@@ -158,7 +158,7 @@ def _training(state: dict, evaluation: dict | None, config: dict) -> list[str]:
 
 def _use(description: dict, name: str) -> list[str]:
     labels = ", labels=torch.arange(16) % generator.num_classes" if description["conditional"] else ""
-    snippet = ("import torch\nfrom train.export import load_generator\nfrom train.models import generate\n\n"
+    snippet = ("import torch\nfrom train.sharing.export import load_generator\nfrom train.models import generate\n\n"
                f"generator = load_generator({name!r})  # a folder, or a Hub repository id: a Python literal\n"
                f"images = generate(generator, 16, seed=0{labels})  # [16, C, H, W] in [0, 1]")
     return ["## Use", "",

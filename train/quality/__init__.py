@@ -1,0 +1,1 @@
+"""Sample quality: a feature network of the data (classifier) and the metrics on its features (metrics)."""
