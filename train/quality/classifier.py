@@ -22,11 +22,12 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from train.config import SHIPPED_MNIST
 from train.data.images import MNIST, ImageSpec
 from train.data.sources import ImageSet, read_idx_images, read_idx_labels
 from train.storage import tensor_cache
 
-WEIGHTS = Path(__file__).resolve().parent / "assets" / "mnist_classifier.safetensors"
+WEIGHTS = Path(__file__).resolve().parent.parent / "assets" / "mnist_classifier.safetensors"  # train/assets
 WEIGHTS_SHA256 = "dcae5711397f827fdeaae79fcf73c7433363aab82b61a4559c5e2428755c28e3"
 FEATURE_DIM = 128
 EPOCHS, MIN_STEPS, SEED, BATCH = 4, 100, 0, 128  # the recipe of every feature network, MNIST's included
@@ -128,7 +129,7 @@ def train(images: Tensor, labels: Tensor, spec: ImageSpec, device: torch.device 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m train.quality.classifier", description=__doc__.splitlines()[0])
-    parser.add_argument("--data", default=str(Path(__file__).resolve().parent.parent / "data" / "mnist"))
+    parser.add_argument("--data", default=str(SHIPPED_MNIST))
     parser.add_argument("--out", default=str(WEIGHTS))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
