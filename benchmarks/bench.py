@@ -125,7 +125,7 @@ def step_flops(config_path: str, overrides: list[str]) -> tuple[float, str]:
     """Floating-point operations of one training step of the config (D's and G's updates; with lazy R1, the mean
     over its period), counted on the real step (`CountedFlops`: element-wise work is not counted), and the
     step's precision."""
-    from train import config, losses, loop, setup
+    from train import config, loop, regularisation, setup
     with tempfile.TemporaryDirectory() as run_dir:
         cfg = config.load(config_path, [*overrides, *QUIET, f"run.dir={run_dir}", "logging.curves=false"])
         accelerator, cfg = setup.set_up(cfg, None)
@@ -135,7 +135,7 @@ def step_flops(config_path: str, overrides: list[str]) -> tuple[float, str]:
         for step in range(1, period + 1):
             training.gan.sample(training.batches, training.snapshot.noise)
             with CountedFlops() as counter:
-                training.update(losses.r1_weight(cfg.loss.r1_gamma, cfg.loss.r1_every, step))
+                training.update(regularisation.r1_weight(cfg.loss.r1_gamma, cfg.loss.r1_every, step))
             total += counter.total
         training.bar.close()
         training.log.close()

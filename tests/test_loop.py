@@ -13,7 +13,7 @@ import torch
 from accelerate import Accelerator
 
 from conftest import REPO, TINY, all_state, assert_bitwise_equal, final_weights, logged_metrics, run_env, run_train
-from train import config, setup
+from train import config, losses, setup
 from train.tracking import TrainingWindow
 
 TIMINGS = ("images_per_second", "train_seconds")
@@ -87,7 +87,7 @@ def test_deterministic_mode_is_on_before_the_first_kernel(monkeypatch, tmp_path)
 
 
 def test_the_logged_r1_penalty_is_its_mean_over_the_steps_that_computed_it():
-    window = TrainingWindow(torch.device("cpu"), r1_penalty=True)
+    window = TrainingWindow(torch.device("cpu"), losses.load("bce"), r1_penalty=True)
     logits = torch.zeros(4)
     for step, penalty in enumerate([None, None, 3.0, None, None, 5.0], start=1):  # lazy R1, every 3rd step
         window.add(torch.tensor(float(step)), torch.tensor(1.0), logits, logits,

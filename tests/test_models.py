@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from helpers.blog_reference import Discriminator as BlogDiscriminator, Generator as BlogGenerator, blog_losses
-from train import losses, models
+from train import losses, models, regularisation
 from train.data.images import ImageSpec
 from train.errors import DataError
 
@@ -60,22 +60,22 @@ def test_bce_is_the_blogs_loss_with_the_label_convention_flipped():
 
     real_marker, fake_marker = torch.ones(64, 1), -torch.ones(64, 1)
     blog_d_loss, blog_g_loss = blog_losses(BlogDiscriminatorOf(), fake_marker, real_marker)
-    d_loss = losses.discriminator_loss("bce", real_logits, fake_logits)
-    g_loss = losses.generator_loss("bce", fake_logits)
+    d_loss = losses.load("bce").discriminator(real_logits, fake_logits)
+    g_loss = losses.load("bce").generator(fake_logits)
     torch.testing.assert_close(d_loss, blog_d_loss, rtol=LOSS_TOLERANCE, atol=LOSS_TOLERANCE)
     torch.testing.assert_close(g_loss, blog_g_loss, rtol=LOSS_TOLERANCE, atol=LOSS_TOLERANCE)
 
 
 def test_bce_on_logits_stays_finite_where_sigmoid_then_bce_saturates():
     logits = torch.tensor([-200.0, 200.0])
-    assert torch.isfinite(losses.discriminator_loss("bce", logits, -logits))
-    assert torch.isfinite(losses.generator_loss("bce", logits))
+    assert torch.isfinite(losses.load("bce").discriminator(logits, -logits))
+    assert torch.isfinite(losses.load("bce").generator(logits))
 
 
 def test_hinge_loss_values():
     real, fake = torch.tensor([2.0, 0.5]), torch.tensor([-2.0, 0.5])
-    assert losses.discriminator_loss("hinge", real, fake).item() == (0 + 0.5) / 2 + (0 + 1.5) / 2
-    assert losses.generator_loss("hinge", fake).item() == 0.75
+    assert losses.load("hinge").discriminator(real, fake).item() == (0 + 0.5) / 2 + (0 + 1.5) / 2
+    assert losses.load("hinge").generator(fake).item() == 0.75
 
 
 def test_r1_penalty_of_a_linear_discriminator_is_its_squared_weight_norm_and_differentiable_in_it():
@@ -83,7 +83,7 @@ def test_r1_penalty_of_a_linear_discriminator_is_its_squared_weight_norm_and_dif
     # gradient in w is 2w (the second backward the D step takes through the first).
     discriminator = nn.Sequential(nn.Flatten(), nn.Linear(28 * 28, 1))
     real = torch.rand(8, 1, 28, 28, requires_grad=True)
-    penalty = losses.r1_penalty(discriminator(real).squeeze(1), real)
+    penalty = regularisation.r1_penalty(discriminator(real).squeeze(1), real)
     weight = discriminator[1].weight
     torch.testing.assert_close(penalty, weight.square().sum(), rtol=1e-5, atol=0)
     penalty.backward()
@@ -92,10 +92,10 @@ def test_r1_penalty_of_a_linear_discriminator_is_its_squared_weight_norm_and_dif
 
 
 def test_lazy_r1_weighs_every_kth_step_so_the_mean_weight_per_step_is_gamma():
-    weights = [losses.r1_weight(0.1, 4, step) for step in range(1, 13)]
+    weights = [regularisation.r1_weight(0.1, 4, step) for step in range(1, 13)]
     assert weights == [0, 0, 0, 0.4] * 3
-    assert [losses.r1_weight(0.1, 1, step) for step in range(1, 4)] == [0.1] * 3
-    assert [losses.r1_weight(0.0, 4, step) for step in range(1, 9)] == [0.0] * 8
+    assert [regularisation.r1_weight(0.1, 1, step) for step in range(1, 4)] == [0.1] * 3
+    assert [regularisation.r1_weight(0.0, 4, step) for step in range(1, 9)] == [0.0] * 8
 
 
 def test_dcgan_shapes():
@@ -214,3 +214,15 @@ def test_class_norm_moves_each_batchnorm_of_g_by_its_class_and_starts_as_the_pla
         generator.net[4].class_bias.weight[3].fill_(1.0)  # class 3's maps only
     moved = generator(z, labels) != plain(z, labels)
     assert moved[3].any() and not moved[torch.arange(10) != 3].any()
+
+
+def test_a_loss_is_one_module_named_for_its_kind_and_says_how_ds_outputs_are_logged():
+    from train.errors import ConfigError
+    from train.losses._base import GANLoss
+    assert losses.KINDS == ("bce", "hinge")  # train/losses/bce.py, train/losses/hinge.py
+    assert all(isinstance(losses.load(kind), GANLoss) for kind in losses.KINDS)
+    with pytest.raises(ConfigError, match=r"loss.kind='lsgan' is not a loss of this code; the losses are bce, hinge"):
+        losses.load("lsgan")
+    real, fake = torch.tensor([3.0, 1.0]), torch.tensor([-2.0, 0.0])
+    assert [v.item() for v in losses.load("hinge").summary(real, fake)] == [2.0, -1.0]  # scores, not sigmoids
+    assert losses.load("bce").summary(real, fake)[0].item() == pytest.approx(float(real.sigmoid().mean()))

@@ -18,6 +18,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
+from train import losses
 from train.errors import ConfigError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -151,7 +152,7 @@ CHOICES = {
     "data.channels": (None, 1, 3),
     "model.arch": ("seed", "dcgan"),
     "model.upsample": ("fused", "native"),
-    "loss.kind": ("bce", "hinge"),
+    "loss.kind": losses.KINDS,  # one module each in train/losses/
     "train.mixed_precision": (None, "fp32", "bf16", "fp16", "auto"),
     "logging.wandb": ("online", "offline", "disabled"),
     "train.on_nonfinite": ("stop", "skip", "rollback"),

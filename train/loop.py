@@ -17,7 +17,7 @@ import torch
 from accelerate.utils import broadcast
 from tqdm import tqdm
 
-from train import batches, config, losses, models, setup, tracking
+from train import batches, config, losses, models, regularisation, setup, tracking
 from train.config import Config
 from train.cuda_graph import ReplayableStep
 from train.data import sources
@@ -29,7 +29,7 @@ from train.errors import EXIT_NONFINITE, EXIT_PREEMPTED
 from train.faults import FaultMonitor, NonFiniteError, Preempted
 from train.profiling import StepProfiler
 from train.quality import metrics
-from train.step import GANStep
+from train.step import GANStep, Players
 from train.storage import checkpoint, manifest
 from train.storage.checkpoint import Progress, Snapshot
 
@@ -128,10 +128,11 @@ class Training:
         self.faults = FaultMonitor(cfg.train.on_nonfinite, accelerator.device,
                                    check_gradients=accelerator.scaler is None, check_every=cfg.train.check_every,
                                    timeout_s=cfg.train.timeout_s)
-        self.window = tracking.TrainingWindow(accelerator.device, r1_penalty=cfg.loss.r1_gamma > 0)
-        self.gan = GANStep(accelerator, cfg.loss.kind, generator, discriminator, g_optimizer, d_optimizer, self.ema,
-                           self.faults, self.window, self.batches, cfg.model.z_dim, plain_generator.num_classes,
-                           self.plan.accumulation)
+        loss = losses.load(cfg.loss.kind)
+        self.window = tracking.TrainingWindow(accelerator.device, loss, r1_penalty=cfg.loss.r1_gamma > 0)
+        self.gan = GANStep(accelerator, Players(generator, discriminator, g_optimizer, d_optimizer), loss, self.ema,
+                           self.batches, faults=self.faults, window=self.window, z_dim=cfg.model.z_dim,
+                           num_classes=plain_generator.num_classes, accumulation=self.plan.accumulation)
         # One graph per distinct argument: with lazy R1 (loss.r1_every > 1), a step with the penalty and one without.
         self.update = ReplayableStep(self.gan, enabled=cfg.train.cuda_graph)
         self.fixed_z = torch.randn(SAMPLE_GRID_SIZE, cfg.model.z_dim,
@@ -150,7 +151,7 @@ class Training:
             last = step == cfg.train.steps
             self.gan.sample(self.batches, self.snapshot.noise)  # sample a batch and the latents
             self.ema.set_weight(progress.images_seen + global_batch, global_batch)
-            r1_weight = losses.r1_weight(cfg.loss.r1_gamma, cfg.loss.r1_every, step)
+            r1_weight = regularisation.r1_weight(cfg.loss.r1_gamma, cfg.loss.r1_every, step)
             self.update(r1_weight)  # update D, update G, average G: one replay of a CUDA graph with train.cuda_graph
             self.faults.end_step(step)
             self.window.count_step(regularised=r1_weight > 0)

@@ -22,27 +22,40 @@ that no micro-batch splits (models.GroupBatchNorm2d).
 from __future__ import annotations
 
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 
 import torch
 from accelerate import Accelerator
 from torch import nn
 
-from train import losses
+from train import regularisation
 from train.data.sharding import ShardedBatches
 from train.ema import GeneratorEMA
 from train.faults import FaultMonitor
+from train.losses._base import GANLoss
 from train.tracking import TrainingWindow
 
 
-class GANStep:
-    """The networks (as prepared by Accelerate), their optimizers, the EMA generator and the step's input buffers."""
+@dataclass
+class Players:
+    """The two networks (as prepared by Accelerate) and their optimizers."""
 
-    def __init__(self, accelerator: Accelerator, loss_kind: str, generator, discriminator, g_optimizer, d_optimizer,
-                 ema: GeneratorEMA, faults: FaultMonitor, window: TrainingWindow, batches: ShardedBatches, z_dim: int,
-                 num_classes: int, accumulation: int = 1):
-        self.accelerator, self.loss_kind, self.accumulation = accelerator, loss_kind, accumulation
-        self.generator, self.discriminator = generator, discriminator
-        self.g_optimizer, self.d_optimizer = g_optimizer, d_optimizer
+    generator: nn.Module
+    discriminator: nn.Module
+    g_optimizer: torch.optim.Optimizer
+    d_optimizer: torch.optim.Optimizer
+
+
+class GANStep:
+    """The players, their loss, the EMA generator and the step's input buffers; it records into the fault monitor
+    and the training window."""
+
+    def __init__(self, accelerator: Accelerator, players: Players, loss: GANLoss, ema: GeneratorEMA,
+                 batches: ShardedBatches, *, faults: FaultMonitor, window: TrainingWindow, z_dim: int, num_classes: int,
+                 accumulation: int = 1):
+        self.accelerator, self.loss, self.accumulation = accelerator, loss, accumulation
+        self.generator, self.discriminator = players.generator, players.discriminator
+        self.g_optimizer, self.d_optimizer = players.g_optimizer, players.d_optimizer
         self.ema, self.faults, self.window = ema, faults, window
         self.num_classes = num_classes  # of the labels G is asked for; 0: unconditional
         self.real = batches.empty_batch()
@@ -100,10 +113,10 @@ class GANStep:
         real = real.detach().requires_grad_(True) if r1_weight else real  # a view: the buffer stays plain
         real_logits = self.discriminator(real, real_labels)
         fake_logits = self.discriminator(fake.detach(), fake_labels)
-        d_loss = losses.discriminator_loss(self.loss_kind, real_logits, fake_logits)
+        d_loss = self.loss.discriminator(real_logits, fake_logits)
         r1_penalty = None
         if r1_weight:
-            r1_penalty = losses.r1_penalty(real_logits, real)
+            r1_penalty = regularisation.r1_penalty(real_logits, real)
             d_loss = d_loss + r1_weight / 2 * r1_penalty
             r1_penalty = r1_penalty.detach()
         return d_loss, real_logits, fake_logits, r1_penalty
@@ -113,7 +126,7 @@ class GANStep:
         self.discriminator.requires_grad_(False)
         with self.accelerator.no_sync(self.discriminator):
             fake_logits = self.discriminator(fake, self.fake_labels)
-        g_loss = losses.generator_loss(self.loss_kind, fake_logits)
+        g_loss = self.loss.generator(fake_logits)
         self.g_optimizer.zero_grad(set_to_none=True)
         self.accelerator.backward(g_loss)
         if self.faults.allows_update("generator", g_loss, self.g_optimizer):
@@ -153,8 +166,7 @@ class GANStep:
         g_losses = []
         for index, (z, fake_label) in enumerate(zip(latents, fake_labels)):
             with self.synced_on_last(self.generator, index), self.accelerator.no_sync(self.discriminator):
-                g_loss = losses.generator_loss(self.loss_kind, self.discriminator(self.generator(z, fake_label),
-                                                                                  fake_label))
+                g_loss = self.loss.generator(self.discriminator(self.generator(z, fake_label), fake_label))
                 self.accelerator.backward(g_loss / parts)
             g_losses.append(g_loss.detach())
         g_loss = torch.stack(g_losses).mean()

@@ -25,6 +25,7 @@ from torchvision.utils import make_grid, save_image
 
 from train.config import Config, to_dict, to_yaml
 from train.errors import ConfigError, RunWriteError
+from train.losses._base import GANLoss
 from train.storage.files import open_in_place, write_atomically
 from train.storage.layout import (
     BEST, CHECKPOINTS, CONFIG_FILE, CURVES_FILE, METRICS_FILE, SAMPLES_DIR, WANDB_DIR, WANDB_SENT
@@ -41,8 +42,8 @@ class TrainingWindow:
 
     EVERY_STEP = ("loss/d", "loss/g", "d/real", "d/fake")  # averaged over all steps of the window
 
-    def __init__(self, device: torch.device, r1_penalty: bool = False):
-        self.device = device
+    def __init__(self, device: torch.device, loss: GANLoss, r1_penalty: bool = False):
+        self.device, self.loss = device, loss
         self.names = self.EVERY_STEP + (("d/r1_penalty",) if r1_penalty else ())
         self.sums = torch.zeros(len(self.names), device=device)
         self.steps, self.regularised_steps = 0, 0
@@ -50,7 +51,7 @@ class TrainingWindow:
 
     def add(self, d_loss, g_loss, real_logits, fake_logits, r1_penalty=None) -> None:
         """Device work only (it runs inside the training step, which may be a CUDA graph)."""
-        values = [d_loss, g_loss, real_logits.sigmoid().mean(), fake_logits.sigmoid().mean()]
+        values = [d_loss, g_loss, *self.loss.summary(real_logits, fake_logits)]  # d/real, d/fake as the loss says
         values += [r1_penalty] if r1_penalty is not None else []
         self.sums[:len(values)].add_(torch.stack(values))
 

@@ -13,12 +13,12 @@ import torch
 from safetensors.torch import save_file
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
-from train import config, loop, losses, models, setup
+from train import config, loop, losses, models, regularisation, setup
 from train.data import sharding, sources
 from train.distributed import share_buffers
 from train.ema import GeneratorEMA
 from train.faults import FaultMonitor
-from train.step import GANStep
+from train.step import GANStep, Players
 from train.tracking import TrainingWindow
 
 out, overrides = Path(sys.argv[1]), sys.argv[2:]
@@ -44,8 +44,9 @@ def counting(network):
 
 ema = GeneratorEMA(models.build_generator(cfg.model.arch, cfg.model.z_dim), accelerator.unwrap_model(generator), 500,
                    0.05, cfg.ema.statistics_images)
-gan = GANStep(accelerator, cfg.loss.kind, generator, discriminator, g_optimizer, d_optimizer, ema, faults,
-              TrainingWindow(accelerator.device), batches, cfg.model.z_dim, num_classes=0)
+loss = losses.load(cfg.loss.kind)
+gan = GANStep(accelerator, Players(generator, discriminator, g_optimizer, d_optimizer), loss, ema, batches,
+              faults=faults, window=TrainingWindow(accelerator.device, loss), z_dim=cfg.model.z_dim, num_classes=0)
 generator.register_comm_hook(None, counting("generator"))
 discriminator.register_comm_hook(None, counting("discriminator"))
 shard = batches.epoch_indices.clone()
@@ -55,7 +56,7 @@ for step in range(cfg.train.steps):
     z = torch.randn(real.shape[0], cfg.model.z_dim, generator=noise)
     phase = "d_step"
     fake = generator(z)
-    r1_weight = losses.r1_weight(cfg.loss.r1_gamma, cfg.loss.r1_every, step + 1)
+    r1_weight = regularisation.r1_weight(cfg.loss.r1_gamma, cfg.loss.r1_every, step + 1)
     gan.real.copy_(real)
     gan.update_discriminator(fake, r1_weight)
     phase = "g_step"
