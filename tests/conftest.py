@@ -74,14 +74,14 @@ def mnist_dir() -> Path:
 
 def write_idx_images(folder: Path, split: str, images: torch.Tensor) -> None:
     """uint8 images [N, 28, 28] as the uncompressed IDX file of MNIST's `split` ("train" or "test")."""
-    from train.data.sources import IDX_FILES
+    from train.data.readers.idx import IDX_FILES
     header = (2051).to_bytes(4, "big") + b"".join(n.to_bytes(4, "big") for n in images.shape)
     (folder / IDX_FILES[split]).write_bytes(header + images.numpy().tobytes())
 
 
 def write_idx_labels(folder: Path, split: str, labels: torch.Tensor) -> None:
     """uint8 labels [N] as the uncompressed IDX labels file of MNIST's `split`."""
-    from train.data.sources import IDX_FILES
+    from train.data.readers.idx import IDX_FILES
     name = IDX_FILES[split].replace("images-idx3", "labels-idx1")
     (folder / name).write_bytes((2049).to_bytes(4, "big") + len(labels).to_bytes(4, "big") + labels.numpy().tobytes())
 
@@ -89,7 +89,7 @@ def write_idx_labels(folder: Path, split: str, labels: torch.Tensor) -> None:
 @pytest.fixture(scope="session")
 def tiny_mnist(tmp_path_factory) -> Path:
     """The first 96 MNIST training images and their labels as an IDX folder: epochs of a few steps."""
-    from train.data.sources import read_idx_images, read_idx_labels
+    from train.data.readers.idx import read_idx_images, read_idx_labels
     folder = tmp_path_factory.mktemp("tiny_mnist")
     write_idx_images(folder, "train", read_idx_images(REPO / "data" / "mnist", "train")[:96])
     write_idx_labels(folder, "train", read_idx_labels(REPO / "data" / "mnist", "train")[:96])

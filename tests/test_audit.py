@@ -9,7 +9,7 @@ from PIL import Image
 from conftest import TINY, run_train, write_idx_images, write_idx_labels
 from train.audit import GRID_PAIRS, audit
 from train.config import SHIPPED_MNIST
-from train.data.sources import read_idx_images, read_idx_labels
+from train.data.readers.idx import read_idx_images, read_idx_labels
 from train.quality.metrics import COPY_PERCENTILE, Evaluator
 
 REFERENCE = 5000  # the training images of the function tests: the first 5,000 of MNIST's

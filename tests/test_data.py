@@ -7,11 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import write_idx_images, write_idx_labels
+from conftest import REPO, write_idx_images, write_idx_labels
 from train.config import DataConfig
 from train.data.images import MNIST, MNIST_DATASET, ImageSpec
 from train.data.sharding import DataPosition, ShardedBatches
-from train.data.sources import load, read_idx_images
+from train.data.sources import load
+from train.data.readers.idx import read_idx_images
 from train.errors import DataError
 
 CPU = torch.device("cpu")
@@ -321,3 +322,19 @@ def test_batches_are_float_images_in_unit_range(mnist_train):
     batch, _ = ShardedBatches(mnist_train[:, None], 16, 0, 1, 0, CPU).next()
     assert batch.shape == (16, 1, 28, 28) and batch.dtype == torch.float32
     assert batch.min() >= 0 and batch.max() <= 1 and np.isclose(batch.max().item(), 1.0)
+
+
+def test_a_data_source_is_one_module_named_for_its_kind_and_an_unknown_one_is_refused_by_name():
+    from train.config import CHOICES
+    from train.data import readers
+    from train.data.readers._base import Reader
+    from train.errors import ConfigError
+    assert readers.KINDS == ("folder", "hf", "idx", "torchvision") == CHOICES["data.source"]
+    assert all(isinstance(readers.load(kind), Reader) for kind in readers.KINDS)
+    with pytest.raises(ConfigError, match=r"data.source='npz' is not a source of this code; the sources are folder, "
+                                          r"hf, idx, torchvision \(one module each in train/data/readers/\)"):
+        readers.load("npz")
+    # Each names its data for the model card: none falls through to another's name.
+    assert readers.load("hf").identity({"path": "alice/faces"}) == ("alice/faces", "alice/faces", "alice/faces")
+    assert readers.load("hf").identity({"path": str(REPO / "pyproject.toml")})[1] == "parquet"
+    assert readers.load("torchvision").identity({"torchvision_name": "CIFAR10"}) == ("CIFAR10", "cifar10", None)

@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 
 from conftest import REPO, accelerate_launch
 from train.data.sharding import ShardedBatches
-from train.data.sources import read_idx_images
+from train.data.readers.idx import read_idx_images
 
 pytestmark = pytest.mark.slow
 PROBE_STEPS = 5

@@ -15,7 +15,8 @@ from PIL import ExifTags, Image
 from conftest import TINY, run_train
 from train import colour_digits
 from train.config import SHIPPED_MNIST, DataConfig
-from train.data.sources import load, read_idx_images
+from train.data.sources import load
+from train.data.readers.idx import read_idx_images
 from train.errors import DataError
 
 

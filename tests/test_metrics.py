@@ -155,7 +155,7 @@ def evaluator(eval_cache):
 
 def test_the_committed_feature_network_is_over_99_percent_accurate(evaluator):
     from train.config import SHIPPED_MNIST
-    from train.data.sources import read_idx_labels
+    from train.data.readers.idx import read_idx_labels
     # The real set's class probabilities are the network's own on the 10,000 test images.
     assert evaluator.real.probabilities.shape == (10000, 10)
     accuracy = (evaluator.real.probabilities.argmax(1) == read_idx_labels(SHIPPED_MNIST, "test")).double().mean()
@@ -174,7 +174,7 @@ def test_a_tampered_feature_network_is_refused(tmp_path, monkeypatch):
 def test_real_features_are_cached_on_disk_and_reused(tmp_path):
     from conftest import write_idx_images, write_idx_labels
     from train.config import SHIPPED_MNIST
-    from train.data.sources import read_idx_images, read_idx_labels
+    from train.data.readers.idx import read_idx_images, read_idx_labels
     test_images, test_labels = read_idx_images(SHIPPED_MNIST, "test"), read_idx_labels(SHIPPED_MNIST, "test")
     data, other_data = tmp_path / "data", tmp_path / "other_data"
     for folder, chosen in ((data, slice(0, 100)), (other_data, slice(100, 200))):
@@ -201,7 +201,7 @@ def test_a_damaged_or_edited_features_cache_is_extracted_again_and_an_unwritable
     from safetensors import safe_open
     from safetensors.torch import save_file
     from train.config import SHIPPED_MNIST
-    from train.data.sources import read_idx_images, read_idx_labels
+    from train.data.readers.idx import read_idx_images, read_idx_labels
     write_idx_images(tmp_path, "test", read_idx_images(SHIPPED_MNIST, "test")[:100])
     write_idx_labels(tmp_path, "test", read_idx_labels(SHIPPED_MNIST, "test")[:100])
     cache = tmp_path / "cache"
@@ -227,7 +227,7 @@ def test_a_damaged_or_edited_features_cache_is_extracted_again_and_an_unwritable
 @pytest.mark.slow
 def test_worse_sample_sets_score_worse(evaluator):
     from train.config import SHIPPED_MNIST
-    from train.data.sources import read_idx_images
+    from train.data.readers.idx import read_idx_images
     train_images = read_idx_images(SHIPPED_MNIST, "train")
     real = train_images[torch.randperm(60000, generator=torch.Generator().manual_seed(1))[:2000]]
     blurred = torch.nn.functional.avg_pool2d(real.float().unsqueeze(1), 5, 1, 2).round().to(torch.uint8).squeeze(1)
@@ -261,7 +261,7 @@ PER_DIGIT_RECALL = 0.5  # real images of a digit cover at least this much of tha
 @pytest.mark.slow
 def test_per_digit_quality_shows_the_digit_that_is_missing_and_the_one_that_is_blurred(evaluator):
     from train.config import SHIPPED_MNIST
-    from train.data.sources import read_idx_images, read_idx_labels
+    from train.data.readers.idx import read_idx_images, read_idx_labels
     images, labels = read_idx_images(SHIPPED_MNIST, "train")[:3000], read_idx_labels(SHIPPED_MNIST, "train")[:3000]
     digits = evaluator.report(images[labels != 7])["per_digit"]
     assert digits[7]["count"] < metrics.MIN_PER_DIGIT and set(digits[7]) == {"count"}  # a mislabelled few at most

@@ -15,7 +15,8 @@ from conftest import (REPO, TINY, accelerate_launch, all_state, assert_bitwise_e
                       write_idx_images, write_idx_labels)
 from train import colour_digits
 from train.config import DataConfig
-from train.data.sources import load, read_idx_images, read_idx_labels
+from train.data.sources import load
+from train.data.readers.idx import read_idx_images, read_idx_labels
 from train.quality import classifier
 from train.quality.metrics import Evaluator
 

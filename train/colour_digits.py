@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from train.config import SHIPPED_MNIST
-from train.data.sources import read_idx_images, read_idx_labels
+from train.data.readers.idx import read_idx_images, read_idx_labels
 from train.errors import EXIT_BAD_INPUT
 
 COLOURS = torch.tensor([[255, 64, 64], [64, 255, 64], [64, 64, 255], [255, 255, 64], [255, 64, 255],

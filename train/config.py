@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from train import losses
+from train.data import readers
 from train.errors import ConfigError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -147,7 +148,7 @@ class Config:
 
 
 CHOICES = {
-    "data.source": ("idx", "hf", "torchvision", "folder"),
+    "data.source": readers.KINDS,  # one module each in train/data/readers/
     "data.torchvision_name": ("MNIST", "FashionMNIST", "KMNIST", "CIFAR10"),
     "data.channels": (None, 1, 3),
     "model.arch": ("seed", "dcgan"),

@@ -24,7 +24,8 @@ from tqdm import tqdm
 
 from train.config import SHIPPED_MNIST
 from train.data.images import MNIST, ImageSpec
-from train.data.sources import ImageSet, read_idx_images, read_idx_labels
+from train.data.sources import ImageSet
+from train.data.readers.idx import read_idx_images, read_idx_labels
 from train.storage import tensor_cache
 
 WEIGHTS = Path(__file__).resolve().parent.parent / "assets" / "mnist_classifier.safetensors"  # train/assets

@@ -36,7 +36,8 @@ from torch import Tensor
 from train.config import SHIPPED_MNIST, DataConfig
 from train.data import sources
 from train.data.images import MNIST, MNIST_DATASET, ImageSpec
-from train.data.sources import ImageSet, read_idx_images, read_idx_labels
+from train.data.sources import ImageSet
+from train.data.readers.idx import read_idx_images, read_idx_labels
 from train.errors import DataError
 from train.models import GENERATION_CHUNK, balanced_labels, split_like
 from train.quality import classifier

@@ -18,6 +18,7 @@ import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from train.config import PATHS
+from train.data import readers
 from train.data.images import MNIST_DATASET, ImageSpec
 from train.data.sources import holds_out, recorded_config
 from train.plots import read_metrics
@@ -45,14 +46,11 @@ def evaluation_at(checkpoint: Path, step: int) -> dict | None:
 
 
 def dataset_identity(data: dict, images: ImageSpec) -> tuple[str, str, str | None]:
-    """(name, type, Hub dataset id or None) of the data the generator was trained on."""
+    """(name, type, Hub dataset id or None) of the data the generator was trained on: MNIST for MNIST's images,
+    whichever source gave them; else as their source names it."""
     if images.dataset == MNIST_DATASET:
         return "MNIST", "mnist", "ylecun/mnist"
-    if data.get("source") == "hf" and not Path(data.get("path", "")).exists():
-        return data["path"], data["path"], data["path"]
-    if data.get("source") == "torchvision":
-        return data["torchvision_name"], data["torchvision_name"].lower(), None
-    return Path(data.get("path", "images")).name, "image-folder", None
+    return readers.load(data["source"]).identity(data)
 
 
 def text(value) -> str:
