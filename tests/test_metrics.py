@@ -312,3 +312,15 @@ def test_a_digit_with_too_few_test_images_has_no_recall_instead_of_a_crash():
     fake = metrics.Features(random_features(60, seed=1), torch.eye(2)[torch.tensor([0] * 30 + [1] * 30)].float())
     digits = metrics.per_digit(real, real.probabilities.argmax(1), fake)
     assert "recall" in digits[0] and "recall" not in digits[1] and digits[1]["count"] == 30
+
+
+def test_every_reported_metric_is_one_the_evaluator_computes_and_the_card_and_curves_read_the_one_table(evaluator):
+    """A metric is declared once (train/quality/reported.py): name, card label, which way is better, its panel."""
+    from train.plots import PANELS
+    from train.quality import reported
+    report = evaluator.report(evaluator.training_images(200, 0), asked=torch.zeros(200, dtype=torch.long),
+                              copy_rate=True)
+    assert {m.key for m in reported.METRICS} <= set(report["metrics"])
+    assert all(m.better in ("lower", "higher") for m in reported.METRICS)
+    drawn = [key for _, keys in PANELS for key in keys if key.startswith("eval/")]
+    assert drawn == [m.logged for m in reported.METRICS if m.panel]

@@ -12,14 +12,10 @@ import json
 import sys
 from pathlib import Path
 
+from train.quality import reported
 from train.storage.files import write_atomically
 
-PANELS = (
-    ("losses", ("loss/d", "loss/g")),
-    ("discriminator outputs", ("d/real", "d/fake")),
-    ("Fréchet distance (classifier features)", ("eval/fd",)),
-    ("precision / recall / density / coverage", ("eval/precision", "eval/recall", "eval/density", "eval/coverage")),
-)
+PANELS = (("losses", ("loss/d", "loss/g")), ("discriminator outputs", ("d/real", "d/fake")), *reported.panels())
 
 
 def read_metrics(path: Path) -> tuple[list[dict], int]:

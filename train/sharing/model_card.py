@@ -22,16 +22,11 @@ from train.data import readers
 from train.data.images import MNIST_DATASET, ImageSpec
 from train.data.sources import holds_out, recorded_config
 from train.plots import read_metrics
+from train.quality import reported
 from train.storage.layout import CHECKPOINTS, METRICS_FILE
 
 CARD = "README.md"
 SAMPLES = "samples.png"
-# What the card reports of an evaluation, in this order: metrics.jsonl's key, its name on the card, and whether
-# lower or higher is better.
-REPORTED = (("eval/fd", "FD", "lower"), ("eval/kid", "KID", "lower"), ("eval/precision", "precision", "higher"),
-            ("eval/recall", "recall", "higher"), ("eval/density", "density", "higher"),
-            ("eval/coverage", "coverage", "higher"), ("eval/classes_present", "classes present", "higher"),
-            ("eval/label_agreement", "label agreement", "higher"), ("eval/copy_rate", "copy rate", "lower"))
 PER_CLASS = (("count", "samples"), ("fd", "FD"), ("recall", "recall"))  # digits/<key>_<class> in metrics.jsonl
 
 
@@ -95,8 +90,8 @@ def make_card(description: dict, state: dict, evaluation: dict | None, name: str
                "(data.holdout)" if held_out else f"{text(data_name)}'s test split")
     results = [] if evaluation is None else [
         EvalResult(task_type=task, dataset_type=data_type, dataset_name=data_name, dataset_split=split,
-                   metric_type=key.removeprefix("eval/"), metric_name=label, metric_value=evaluation[key])
-        for key, label, _ in REPORTED if key in evaluation]
+                   metric_type=metric.key, metric_name=metric.label, metric_value=evaluation[metric.logged])
+        for metric in reported.METRICS if metric.logged in evaluation]
     data = ModelCardData(
         model_name=name, library_name="pytorch", datasets=[hub_dataset] if hub_dataset else None,
         pipeline_tag=None if conditional else "unconditional-image-generation", eval_results=results or None,
@@ -121,11 +116,11 @@ def _quality(evaluation: dict | None, images: ImageSpec, against: str) -> list[s
              "in the features of a classifier trained on the data's own training split (not Inception: the numbers "
              "compare runs on this data, not with published FIDs).", "",
              "| metric | value | better |", "|---|---|---|"]
-    for key, label, better in REPORTED:
-        if key in evaluation:
+    for metric in reported.METRICS:
+        if metric.logged in evaluation:
             interval = (f" (95% interval {evaluation['eval/fd_low']:.4g} to {evaluation['eval/fd_high']:.4g})"
-                        if key == "eval/fd" and "eval/fd_low" in evaluation else "")
-            lines.append(f"| {label} | {evaluation[key]:.4g}{interval} | {better} |")
+                        if metric.key == "fd" and "eval/fd_low" in evaluation else "")
+            lines.append(f"| {metric.label} | {evaluation[metric.logged]:.4g}{interval} | {metric.better} |")
     if "eval/fd_low" not in evaluation:
         lines.append("| FD's 95% interval | not measured (eval.fd_resamples=0) | |")
     if "eval/copy_rate" not in evaluation:
