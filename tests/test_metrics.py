@@ -324,3 +324,15 @@ def test_every_reported_metric_is_one_the_evaluator_computes_and_the_card_and_cu
     assert all(m.better in ("lower", "higher") for m in reported.METRICS)
     drawn = [key for _, keys in PANELS for key in keys if key.startswith("eval/")]
     assert drawn == [m.logged for m in reported.METRICS if m.panel]
+
+
+def test_the_design_docs_table_says_of_each_reported_metric_which_way_is_better():
+    import re
+    from pathlib import Path
+
+    from train.quality import reported
+    table = (Path(__file__).resolve().parent.parent / "docs" / "design.md").read_text()
+    for metric in reported.METRICS:
+        row = re.search(rf"^\| [^|]*`{metric.key}`[^|]* \|[^|]*\| ([^|]*)\|$", table, re.M)
+        assert row is not None, f"docs/design.md's metric table has no row for {metric.key}"
+        assert row.group(1).strip().split()[0] == metric.better, metric.key
