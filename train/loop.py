@@ -29,6 +29,7 @@ from train.errors import EXIT_NONFINITE, EXIT_PREEMPTED
 from train.faults import FaultMonitor, NonFiniteError, Preempted
 from train.profiling import StepProfiler
 from train.quality import metrics
+from train.sharing import artifacts
 from train.step import GANStep, Players
 from train.storage import checkpoint, manifest
 from train.storage.checkpoint import Progress, Snapshot
@@ -50,7 +51,7 @@ def train(cfg: Config, resume_from: Path | None) -> int:
         path = training.save_checkpoint()
         preempted.flag.report_saved(path.name)
         if best:
-            training.log.send_best()  # its W&B artifact, as a best written when due has
+            artifacts.log_best(training.log)  # its W&B artifact, as a best written when due has
         training.log.message(f"preempted: checkpoint {path.name}{f' (now {manifest.BEST})' if best else ''} written; "
                              f"exiting with {EXIT_PREEMPTED} so the job can be requeued (the run resumes from it)")
         return EXIT_PREEMPTED
@@ -124,7 +125,7 @@ class Training:
         self.log = tracking.RunLog(accelerator, cfg, self.run_dir, self.progress.step, self.progress.wandb_run_id)
         self.progress.wandb_run_id = self.log.wandb_run_id  # kept in the checkpoints: a resumed run continues it
         if resume_from is not None:
-            self.log.send_best()  # where the run before this one stopped before W&B had it
+            artifacts.log_best(self.log)  # where the run before this one stopped before W&B had it
         self.faults = FaultMonitor(cfg.train.on_nonfinite, accelerator.device,
                                    check_gradients=accelerator.scaler is None, check_every=cfg.train.check_every,
                                    timeout_s=cfg.train.timeout_s)
@@ -175,7 +176,7 @@ class Training:
                                      f"{path.name}")
                 if new_best or (last and not cfg.eval.num_samples):  # to W&B, where it logs
                     with self.window.paused():
-                        self.log.generator_artifact(path, step)
+                        artifacts.log_generator(self.log, path, step)
             if stopping:
                 self.log.message(f"step {step}: {self.stop_reason}: stopping; checkpoints/{manifest.LATEST} is "
                                  f"{path.name}, checkpoints/{manifest.BEST} the lowest FD")

@@ -13,7 +13,6 @@ import json
 import os
 import secrets
 import sys
-import tempfile
 import time
 import contextlib
 from contextlib import contextmanager
@@ -32,7 +31,7 @@ from train.storage.layout import (
 )
 from train.plots import plot_curves, read_metrics
 from train.quality.metrics import to_uint8
-from train.storage.manifest import read_state, stop_on_write_failure
+from train.storage.manifest import stop_on_write_failure
 
 
 class TrainingWindow:
@@ -199,42 +198,25 @@ class RunLog:
                 self.accelerator.get_tracker("wandb").log_images({"samples": [pixels]}, step=step)
         return path
 
-    def generator_artifact(self, checkpoint: Path, step: int) -> None:
-        """Log the generator of `checkpoint` (exported: weights, description, model card) as a W&B model artifact,
-        with its step and the evaluation that made it the best as metadata, unless W&B has it already (WANDB_SENT).
-        Called for each new best checkpoint (or the final one of a run without evaluations), and for the best of a
-        run that stopped before it was logged (`send_best`): a resumed run adds versions, it never repeats one."""
-        if not (self.use_wandb and self.accelerator.is_main_process) or checkpoint.name in self.sent["artifacts"]:
-            return  # in W&B already: logged by this process, or by one that closed
+    def wants_model(self, checkpoint: str) -> bool:
+        """Whether W&B should be sent the model of the checkpoint named `checkpoint`: it logs, this is the main
+        process, and neither this process nor one that closed (WANDB_SENT) sent it already."""
+        return self.use_wandb and self.accelerator.is_main_process and checkpoint not in self.sent["artifacts"]
+
+    def model(self, folder: Path, name: str, checkpoint: str, metadata: dict, aliases: list[str]) -> None:
+        """Log `folder` as the W&B model artifact `name` (a new version), made from the checkpoint `checkpoint`,
+        unless W&B has it (`wants_model`)."""
+        if not self.wants_model(checkpoint):
+            return
         import wandb  # installed: check_available said so
 
-        from train.sharing import model_card  # with huggingface_hub: a quarter second a run without W&B does not spend
-        from train.sharing.export import export_generator
-
-        evaluation = model_card.evaluation_at(checkpoint, step) or {}
-        metadata = {"step": step, "checkpoint": checkpoint.name} | {
-            key: value for key, value in evaluation.items() if key.startswith("eval/")}
-        artifact = wandb.Artifact(f"generator-{self.wandb_run_id}", type="model", metadata=metadata,
-                                  description=f"The generator of {checkpoint.name}, exported by train.export")
-        with tempfile.TemporaryDirectory(prefix="generator-") as folder:
-            with stop_on_write_failure(f"exporting {checkpoint.name}'s generator for W&B into {folder} (the "
-                                       f"temporary folder: TMPDIR, or {tempfile.gettempdir()})", self.run_dir):
-                exported = export_generator(checkpoint, Path(folder) / "generator", name=self.run_dir.name)
-            with stop_on_write_failure(f"logging {checkpoint.name}'s generator to W&B in {self.run_dir / WANDB_DIR}",
-                                       self.run_dir):
-                artifact.add_dir(str(exported))
-                aliases = ["best"] if evaluation else []
-                self.accelerator.get_tracker("wandb", unwrap=True).log_artifact(artifact,
-                                                                                aliases=aliases + [f"step-{step}"])
-        self.sent["artifacts"].append(checkpoint.name)  # recorded in WANDB_SENT once W&B has flushed it (close)
-
-    def send_best(self) -> None:
-        """Log checkpoints/best's generator where W&B does not have it yet: the best of a run preempted right after
-        finding it, or of one whose artifact could not be written (a full disk) or that was killed."""
-        best = self.run_dir / CHECKPOINTS / BEST
-        if self.use_wandb and self.accelerator.is_main_process and best.is_dir():
-            target = best.resolve()
-            self.generator_artifact(target, read_state(target)["progress"]["step"])
+        artifact = wandb.Artifact(name, type="model", metadata=metadata,
+                                  description=f"The generator of {checkpoint}, exported by train.export")
+        with stop_on_write_failure(f"logging {checkpoint}'s generator to W&B in {self.run_dir / WANDB_DIR}",
+                                   self.run_dir):
+            artifact.add_dir(str(folder))
+            self.accelerator.get_tracker("wandb", unwrap=True).log_artifact(artifact, aliases=aliases)
+        self.sent["artifacts"].append(checkpoint)  # recorded in WANDB_SENT once W&B has flushed it (close)
 
     def close(self) -> None:
         """Draw the curves of the whole run so far (main process, `logging.curves`), flush W&B and end
