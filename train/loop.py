@@ -85,8 +85,7 @@ class Training:
             dataset = sources.load(cfg.data, labelled=cfg.model.conditional)
         self.images = dataset.spec  # what the networks, the metrics and every checkpoint are made for
         with torch.device("meta"):  # networks that cannot be made for these images are refused before any more work
-            models.build(cfg.model.arch, cfg.model.z_dim, cfg.model.upsample, cfg.model.conditional, self.images,
-                         cfg.model.class_norm, cfg.model.d_width)
+            build_models(cfg, self.images)
         if resume_from is not None:
             checkpoint.check_images(resume_from, self.images)
         self.plan = batches.batch_plan(cfg, accelerator.num_processes)  # checked in setup.set_up
@@ -324,8 +323,7 @@ def build_networks(cfg: Config, images: ImageSpec) -> tuple[torch.nn.Module, tor
     """G, D for `images` and their Adam optimizers, with identical initial weights on every rank (the same seed
     everywhere)."""
     torch.manual_seed(cfg.run.seed)
-    generator, discriminator = models.build(cfg.model.arch, cfg.model.z_dim, cfg.model.upsample, cfg.model.conditional,
-                                            images, cfg.model.class_norm, cfg.model.d_width)
+    generator, discriminator = build_models(cfg, images)
     for network in (generator, discriminator):
         models.set_batchnorm_group(network, cfg.model.bn_group)
     if cfg.train.channels_last:
@@ -334,3 +332,9 @@ def build_networks(cfg: Config, images: ImageSpec) -> tuple[torch.nn.Module, tor
                 "capturable": cfg.train.cuda_graph}
     return (generator, discriminator, torch.optim.Adam(generator.parameters(), lr=cfg.optim.g_lr, **settings),
             torch.optim.Adam(discriminator.parameters(), lr=cfg.optim.d_lr, **settings))
+
+
+def build_models(cfg: Config, images: ImageSpec) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """G and D as `model.*` describes them, for `images`: for the run, and on the meta device for the early check."""
+    return models.build(cfg.model.arch, cfg.model.z_dim, cfg.model.upsample, cfg.model.conditional, images,
+                        class_norm=cfg.model.class_norm, d_width=cfg.model.d_width)

@@ -303,8 +303,8 @@ def build_generator(arch: str, z_dim: int, upsample: str = "fused", conditional:
     raise ValueError(f"unknown model.arch {arch!r}")
 
 
-def build(arch: str, z_dim: int, upsample: str = "fused", conditional: bool = False,
-          images: ImageSpec = MNIST, class_norm: bool = False, d_width: int = 64) -> tuple[nn.Module, nn.Module]:
+def build(arch: str, z_dim: int, upsample: str = "fused", conditional: bool = False, images: ImageSpec = MNIST, *,
+          class_norm: bool = False, d_width: int = 64) -> tuple[nn.Module, nn.Module]:
     """(generator, discriminator) for `model.arch` and `images`, built in that order (the order their weights are
     drawn in); `d_width`: DCGAN's D's first width (model.d_width)."""
     generator = build_generator(arch, z_dim, upsample, conditional, images, class_norm)

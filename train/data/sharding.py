@@ -37,7 +37,7 @@ class ShardedBatches:
     """
 
     def __init__(self, images: torch.Tensor, batch_size: int, rank: int, world_size: int, seed: int,
-                 device: torch.device, position: DataPosition | None = None, channels_last: bool = False,
+                 device: torch.device, *, position: DataPosition | None = None, channels_last: bool = False,
                  labels: torch.Tensor | None = None):
         self.global_batch = batch_size * world_size
         self.steps_per_epoch = len(images) // self.global_batch
