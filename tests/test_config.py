@@ -25,7 +25,7 @@ def test_overrides_take_dotted_keys_and_convert_types():
     (["data.batch_size=0"], "config key 'data.batch_size' is 0; it must be greater than 0"),
     (["optim.g_lr=-0.001"], "config key 'optim.g_lr' is -0.001; it must be greater than 0"),
     (["optim.beta1=1.5"], "config key 'optim.beta1' is 1.5; it must be in [0, 1)"),
-    (["model.arch=stylegan"], "config key 'model.arch' is 'stylegan'; allowed values: seed, dcgan"),
+    (["model.arch=stylegan"], "config key 'model.arch' is 'stylegan'; allowed values: dcgan, seed"),
     (["loss.kind=wasserstein"], "config key 'loss.kind' is 'wasserstein'; allowed values: bce, hinge"),
     (["loss=hinge"], "config key 'loss' is a section, not a value: set one of its keys (kind, r1_gamma, r1_every), "
                      "e.g. loss.kind=hinge"),
@@ -114,3 +114,18 @@ def test_an_unreadable_override_exits_2_from_the_command_line():
                             cwd=Path(__file__).resolve().parent.parent)
     assert result.returncode == 2 and "YAML cannot read the value '`x'" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_the_projects_errors_are_not_value_errors_that_a_librarys_handler_would_swallow():
+    """Where a reader turns a library's ValueError into a DataError, a ConfigError raised inside passes through."""
+    from train.errors import RunError
+
+    def read():
+        try:
+            load(None, ["model.arch=nonesuch"])
+        except ValueError as error:  # what wrapping a library's call looks like
+            raise AssertionError(f"the project's error was caught as a ValueError: {error}") from None
+
+    with pytest.raises(ConfigError, match="model.arch"):
+        read()
+    assert not issubclass(RunError, ValueError)

@@ -8,8 +8,9 @@ EXIT_WRITE_FAILED = 74  # EX_IOERR: a file of the run could not be written; the 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: a checkpoint was written on a signal; requeue and the run resumes
 
 
-class RunError(ValueError):
-    """Input a run cannot start or go on with (EXIT_BAD_INPUT); the message names what is wrong and the fix."""
+class RunError(Exception):
+    """Input a run cannot start or go on with (EXIT_BAD_INPUT); the message names what is wrong and the fix. Not a
+    ValueError: code that turns a library's ValueError into one of these must not catch the project's own."""
 
 
 class ConfigError(RunError):

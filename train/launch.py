@@ -40,7 +40,7 @@ PR_SET_PDEATHSIG = 1  # prctl option: the signal this process gets when its pare
 PR_SET_CHILD_SUBREAPER = 36  # prctl option: orphaned descendants are re-parented to this process
 
 
-class LaunchError(ValueError):
+class LaunchError(Exception):
     """A topology this helper cannot launch; the message says what to change."""
 
 
