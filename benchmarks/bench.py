@@ -42,7 +42,7 @@ from train.config import REPO_ROOT, SHIPPED_MNIST, EvalConfig
 from train.errors import EXIT_PREEMPTED
 from train.launch import free_port
 from train.plots import read_metrics
-from train.quality.metrics import Evaluator
+from train.quality.evaluator import Evaluator
 from train.storage.files import write_atomically
 
 BUILT_IN_VARIANTS = ("blog", "project", "default", "fastest", "dcgan")  # (a)-(e)

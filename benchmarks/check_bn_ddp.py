@@ -14,7 +14,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from train.models import SeedDiscriminator  # noqa: E402
+from train.networks.seed import SeedDiscriminator  # noqa: E402
 
 
 def worker(rank: int, port: int, broadcast_buffers: bool, results) -> None:

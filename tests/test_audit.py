@@ -10,7 +10,8 @@ from conftest import TINY, run_train, write_idx_images, write_idx_labels
 from train.audit import GRID_PAIRS, audit
 from train.config import SHIPPED_MNIST
 from train.data.readers.idx import read_idx_images, read_idx_labels
-from train.quality.metrics import COPY_PERCENTILE, Evaluator
+from train.quality.evaluator import Evaluator
+from train.quality.metrics import COPY_PERCENTILE
 
 REFERENCE = 5000  # the training images of the function tests: the first 5,000 of MNIST's
 

@@ -5,7 +5,8 @@ import copy
 import pytest
 import torch
 
-from train import models
+from train.networks.dcgan import DCGANGenerator
+from train.networks.seed import SeedGenerator
 from train.ema import STATISTICS_CHUNK, GeneratorEMA
 
 NUMERIC_TOLERANCE = 1e-5  # float32 sums over a few thousand values
@@ -27,7 +28,7 @@ def trained_away(generator: torch.nn.Module) -> torch.nn.Module:
 
 def test_each_update_moves_the_average_by_the_half_life():
     torch.manual_seed(0)
-    start = models.DCGANGenerator()
+    start = DCGANGenerator()
     ema = average_of(start, half_life=128)
     target = trained_away(start)
     for images_seen in (64, 128, 192):  # three steps of 64 images: 1.5 half-lives
@@ -39,7 +40,7 @@ def test_each_update_moves_the_average_by_the_half_life():
 
 
 def test_rampup_shortens_the_half_life_early():
-    ema = GeneratorEMA(models.DCGANGenerator(), models.DCGANGenerator(), 10_000, rampup=0.05, statistics_images=1)
+    ema = GeneratorEMA(DCGANGenerator(), DCGANGenerator(), 10_000, rampup=0.05, statistics_images=1)
     ema.set_weight(images_seen=1280, batch=64)  # half-life min(10,000, 0.05 * 1,280) = 64 images
     assert ema.weight.item() == pytest.approx(0.5)
 
@@ -47,7 +48,7 @@ def test_rampup_shortens_the_half_life_early():
 @pytest.mark.parametrize("images", [STATISTICS_CHUNK // 2, 2 * STATISTICS_CHUNK])
 def test_the_average_samples_with_the_batchnorm_statistics_of_its_own_weights(images):
     torch.manual_seed(0)
-    generator = models.DCGANGenerator()
+    generator = DCGANGenerator()
     ema = average_of(generator, half_life=64, statistics_images=images)
     ema.set_weight(64, 64)
     ema.update(trained_away(generator))  # the average is no longer G: G's statistics would not fit it
@@ -76,7 +77,7 @@ def test_the_average_samples_with_the_batchnorm_statistics_of_its_own_weights(im
 
 def test_statistics_are_measured_once_per_step():
     torch.manual_seed(0)
-    generator = models.DCGANGenerator()
+    generator = DCGANGenerator()
     ema = average_of(generator, half_life=64)
     ema.set_weight(64, 64)
     ema.measure_statistics()
@@ -92,7 +93,7 @@ def test_statistics_are_measured_once_per_step():
 
 def test_measuring_is_deterministic():
     torch.manual_seed(0)
-    generator = models.SeedGenerator()
+    generator = SeedGenerator()
     first, second = average_of(generator, 64), average_of(generator, 64)
     for ema in (first, second):
         ema.measure_statistics()

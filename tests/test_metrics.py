@@ -7,7 +7,9 @@ import pytest
 import scipy.linalg
 import torch
 
+from train.models import to_uint8
 from train.quality import metrics
+from train.quality.evaluator import Evaluator
 from train.storage import tensor_cache
 
 FD_TOLERANCE = 1e-6  # float64 arithmetic on float32 features
@@ -150,7 +152,7 @@ def test_sqrtm_reference_is_the_one_scipy_gives():
 @pytest.fixture(scope="module")
 def evaluator(eval_cache):
     from train.config import SHIPPED_MNIST
-    return metrics.Evaluator.mnist(SHIPPED_MNIST, eval_cache)
+    return Evaluator.mnist(SHIPPED_MNIST, eval_cache)
 
 
 def test_the_committed_feature_network_is_over_99_percent_accurate(evaluator):
@@ -182,14 +184,14 @@ def test_real_features_are_cached_on_disk_and_reused(tmp_path):
         write_idx_images(folder, "test", test_images[chosen])
         write_idx_labels(folder, "test", test_labels[chosen])
     cache = tmp_path / "cache"
-    first = metrics.Evaluator.mnist(data, cache)
+    first = Evaluator.mnist(data, cache)
     (cached,) = cache.glob("*.safetensors")
     assert first.real.features.shape == (100, 128)
     stamp = cached.stat().st_mtime_ns
-    again = metrics.Evaluator.mnist(data, cache)
+    again = Evaluator.mnist(data, cache)
     assert cached.stat().st_mtime_ns == stamp  # read, not rewritten
     assert torch.equal(again.real.features, first.real.features)
-    other = metrics.Evaluator.mnist(other_data, cache)  # another test set: its own entry, not the first one's
+    other = Evaluator.mnist(other_data, cache)  # another test set: its own entry, not the first one's
     assert len(list(cache.glob("*.safetensors"))) == 2 and not torch.equal(other.real.features, first.real.features)
 
 
@@ -205,7 +207,7 @@ def test_a_damaged_or_edited_features_cache_is_extracted_again_and_an_unwritable
     write_idx_images(tmp_path, "test", read_idx_images(SHIPPED_MNIST, "test")[:100])
     write_idx_labels(tmp_path, "test", read_idx_labels(SHIPPED_MNIST, "test")[:100])
     cache = tmp_path / "cache"
-    truth = metrics.Evaluator.mnist(tmp_path, cache).real.features
+    truth = Evaluator.mnist(tmp_path, cache).real.features
     (cached,) = cache.glob("*.safetensors")
     whole = cached.read_bytes()
     with safe_open(cached, framework="pt") as file:
@@ -218,10 +220,10 @@ def test_a_damaged_or_edited_features_cache_is_extracted_again_and_an_unwritable
         damage()
         with pytest.warns(UserWarning, match=f"not using the cached test-set features {cached}: .*; computing them "
                                              "again"):
-            assert torch.equal(metrics.Evaluator.mnist(tmp_path, cache).real.features, truth)
+            assert torch.equal(Evaluator.mnist(tmp_path, cache).real.features, truth)
         assert cached.read_bytes() == whole
     with pytest.warns(UserWarning, match="could not cache the test-set features in .*File exists"):
-        assert torch.equal(metrics.Evaluator.mnist(tmp_path, cached).real.features, truth)
+        assert torch.equal(Evaluator.mnist(tmp_path, cached).real.features, truth)
 
 
 @pytest.mark.slow
@@ -270,7 +272,7 @@ def test_per_digit_quality_shows_the_digit_that_is_missing_and_the_one_that_is_b
     blur = (binomial[:, None] * binomial[None] / 16)[None, None]
     blurred = images.clone()
     threes = images[labels == 3].float().div(255).unsqueeze(1)
-    blurred[labels == 3] = metrics.to_uint8(torch.nn.functional.conv2d(threes, blur, padding=1).squeeze(1))
+    blurred[labels == 3] = to_uint8(torch.nn.functional.conv2d(threes, blur, padding=1).squeeze(1))
     digits = evaluator.report(blurred)["per_digit"]
     assert max(range(10), key=lambda d: digits[d].get("fd", 0)) == 3
 
@@ -303,7 +305,7 @@ def test_a_test_split_too_small_for_the_neighbour_metrics_is_refused_before_any_
     images = load(data, labelled=True).spec
     with pytest.raises(DataError, match=r"its test split holds 3 images, and the neighbour metrics .*need more than 5.*"
                                         r"raise data.holdout, 0.1 now"):
-        metrics.Evaluator.for_data(data, images, tmp_path / "eval")
+        Evaluator.for_data(data, images, tmp_path / "eval")
     assert not (tmp_path / "eval").exists()
 
 
@@ -314,14 +316,20 @@ def test_a_digit_with_too_few_test_images_has_no_recall_instead_of_a_crash():
     assert "recall" in digits[0] and "recall" not in digits[1] and digits[1]["count"] == 30
 
 
-def test_every_reported_metric_is_one_the_evaluator_computes_and_the_card_and_curves_read_the_one_table(evaluator):
-    """A metric is declared once (train/quality/reported.py): name, card label, which way is better, its panel."""
+def test_the_metrics_an_evaluator_reports_are_exactly_the_declared_ones_and_the_card_and_curves_read_that_table(
+        evaluator):
+    """A metric is declared once (train/quality/reported.py): name, card label, which way is better, its panel, when
+    it is measured. One computed but not declared, or declared but not computed, fails here."""
     from train.plots import PANELS
     from train.quality import reported
-    report = evaluator.report(evaluator.training_images(200, 0), asked=torch.zeros(200, dtype=torch.long),
-                              copy_rate=True)
-    assert {m.key for m in reported.METRICS} <= set(report["metrics"])
-    assert all(m.better in ("lower", "higher") for m in reported.METRICS)
+    images = evaluator.training_images(200, 0)
+    assert set(evaluator.score(images)) == set(reported.measured())
+    assert set(evaluator.report(images)["metrics"]) == set(reported.measured())
+    conditional = evaluator.report(images, asked=torch.zeros(200, dtype=torch.long), copy_rate=True)
+    assert set(conditional["metrics"]) == set(reported.measured(conditional=True, copy_rate=True))
+    assert len({m.key for m in reported.METRICS}) == len(reported.METRICS)
+    assert all(m.better in ("lower", "higher", None) and m.when in (reported.ALWAYS, reported.CONDITIONAL,
+                                                                       reported.COPY_RATE) for m in reported.METRICS)
     drawn = [key for _, keys in PANELS for key in keys if key.startswith("eval/")]
     assert drawn == [m.logged for m in reported.METRICS if m.panel]
 
@@ -335,4 +343,4 @@ def test_the_design_docs_table_says_of_each_reported_metric_which_way_is_better(
     for metric in reported.METRICS:
         row = re.search(rf"^\| [^|]*`{metric.key}`[^|]* \|[^|]*\| ([^|]*)\|$", table, re.M)
         assert row is not None, f"docs/design.md's metric table has no row for {metric.key}"
-        assert row.group(1).strip().split()[0] == metric.better, metric.key
+        assert row.group(1).strip().split()[0] == (metric.better or "—"), metric.key

@@ -6,6 +6,7 @@ from torch import nn
 
 from helpers.blog_reference import Discriminator as BlogDiscriminator, Generator as BlogGenerator, blog_losses
 from train import losses, models, regularisation
+from train.networks import dcgan, seed
 from train.data.images import ImageSpec
 from train.errors import DataError
 
@@ -154,7 +155,7 @@ def test_fused_upsample_conv_is_the_native_function_forward_and_backward(batch, 
     upstream = torch.randn(batch, channels_out, 2 * size, 2 * size)
     native = nn.functional.conv2d(nn.UpsamplingBilinear2d(scale_factor=2)(x), weight, padding=1)
     native_grads = torch.autograd.grad(native, (x, weight), upstream)
-    fused = models.upsample_conv3x3(x, weight, models.shifted_interpolation(size))
+    fused = seed.upsample_conv3x3(x, weight, seed.shifted_interpolation(size))
     fused_grads = torch.autograd.grad(fused, (x, weight), upstream)
     assert relative_error(fused, native) < UPSAMPLE_TOLERANCE
     for ours, reference in zip(fused_grads, native_grads):
@@ -163,7 +164,7 @@ def test_fused_upsample_conv_is_the_native_function_forward_and_backward(batch, 
 
 def test_dcgans_first_layer_is_the_transposed_convolution_it_replaces_forward_and_backward():
     torch.manual_seed(5)
-    ours = models.LatentToMap(132, 128, 7, bias=False)
+    ours = dcgan.LatentToMap(132, 128, 7, bias=False)
     reference = nn.ConvTranspose2d(132, 128, 7, bias=False)
     reference.load_state_dict(ours.state_dict())  # the same parameter, in the same layout
     z = torch.randn(6, 132, requires_grad=True)
@@ -226,3 +227,17 @@ def test_a_loss_is_one_module_named_for_its_kind_and_says_how_ds_outputs_are_log
     real, fake = torch.tensor([3.0, 1.0]), torch.tensor([-2.0, 0.0])
     assert [v.item() for v in losses.load("hinge").summary(real, fake)] == [2.0, -1.0]  # scores, not sigmoids
     assert losses.load("bce").summary(real, fake)[0].item() == pytest.approx(float(real.sigmoid().mean()))
+
+
+def test_a_network_is_one_module_named_for_its_arch_and_the_config_takes_the_folders_kinds():
+    from train import networks
+    from train.config import CHOICES
+    from train.errors import ConfigError
+    assert networks.KINDS == ("dcgan", "seed") == CHOICES["model.arch"]  # train/networks/dcgan.py, seed.py
+    for arch in networks.KINDS:
+        generator, discriminator = models.build(arch, 8, conditional=True)
+        z, labels = torch.randn(4, 8), torch.arange(4)
+        assert generator(z, labels).shape == (4, 1, 28, 28) and discriminator(generator(z, labels), labels).shape == (4,)
+    with pytest.raises(ConfigError, match=r"model.arch='resnet' is not a network of this code; the networks are "
+                                          r"dcgan, seed \(one module each in train/networks/\)"):
+        models.build("resnet", 8)

@@ -18,7 +18,7 @@ from train.config import DataConfig
 from train.data.sources import load
 from train.data.readers.idx import read_idx_images, read_idx_labels
 from train.quality import classifier
-from train.quality.metrics import Evaluator
+from train.quality.evaluator import Evaluator
 
 RGB_RUN = TINY + ["model.conditional=true", "data.source=folder"]
 TRAIN_IMAGES, TEST_IMAGES = 600, 200  # enough for a feature network that tells the digits apart

@@ -14,7 +14,7 @@ from conftest import (PROCESS_COUNT_TOLERANCE, accelerate_launch, all_state, lar
 from train.batches import batch_plan, resolve_batches
 from train.config import Config
 from train.errors import ConfigError
-from train.models import GroupBatchNorm2d
+from train.networks._layers import GroupBatchNorm2d
 from train.storage import manifest
 
 def plan(global_batch, processes, batch_size, bn_group):

@@ -24,13 +24,13 @@ import torch
 from torch import Tensor
 from torchvision.utils import save_image
 
+from train.arguments import available_device, check_fits_in_memory, seed
 from train.config import EvalConfig
 from train.data import sources
 from train.errors import EXIT_BAD_INPUT, CheckpointError, DataError
-from train.evaluate import bytes_per_sample
-from train.models import balanced_labels, generate
-from train.quality.metrics import Evaluator, copy_threshold, extract, nearest, to_uint8
-from train.sample import available_device, check_fits_in_memory, seed
+from train.models import balanced_labels, generate, to_uint8
+from train.quality.evaluator import Evaluator, bytes_per_sample
+from train.quality.metrics import copy_threshold, extract, nearest
 from train.sharing.export import load_generator, training_data
 
 REPORTED_PERCENTILES = (1, 5, 25, 50)

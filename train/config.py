@@ -18,7 +18,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
-from train import losses
+from train import losses, networks
 from train.data import readers
 from train.errors import ConfigError
 
@@ -151,7 +151,7 @@ CHOICES = {
     "data.source": readers.KINDS,  # one module each in train/data/readers/
     "data.torchvision_name": ("MNIST", "FashionMNIST", "KMNIST", "CIFAR10"),
     "data.channels": (None, 1, 3),
-    "model.arch": ("seed", "dcgan"),
+    "model.arch": networks.KINDS,  # one module each in train/networks/
     "model.upsample": ("fused", "native"),
     "loss.kind": losses.KINDS,  # one module each in train/losses/
     "train.mixed_precision": (None, "fp32", "bf16", "fp16", "auto"),

@@ -13,26 +13,18 @@ for the ten digits in equal numbers, and scored also per asked digit with the cl
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 
 import torch
 
+from train.arguments import available_device, check_fits_in_memory, seed
 from train.config import MIN_EVAL_SAMPLES, SHIPPED_MNIST, EvalConfig
-from train.data.images import MNIST, ImageSpec
+from train.data.images import MNIST
 from train.errors import EXIT_BAD_INPUT, CheckpointError, DataError
-from train.models import balanced_labels, generate
-from train.quality.classifier import FEATURE_DIM
-from train.quality.metrics import DISTANCE_CHUNK, Evaluator, to_uint8
-from train.sample import available_device, check_fits_in_memory, seed
+from train.models import balanced_labels, generate, to_uint8
+from train.quality.evaluator import Evaluator, bytes_per_sample
 from train.sharing.export import load_generator, training_data
-
-
-def bytes_per_sample(images: ImageSpec) -> int:
-    """Memory per scored sample: its image in float32 and uint8, its features and class probabilities, and its
-    column of the neighbour-distance blocks (DISTANCE_CHUNK rows of float32, and as much for their ordering)."""
-    return (4 + 1) * math.prod(images.shape) + 4 * (FEATURE_DIM + images.num_classes) + 2 * 4 * DISTANCE_CHUNK
 
 
 def main(argv: list[str] | None = None) -> int:

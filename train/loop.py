@@ -28,7 +28,7 @@ from train.ema import GeneratorEMA
 from train.errors import EXIT_NONFINITE, EXIT_PREEMPTED
 from train.faults import FaultMonitor, NonFiniteError, Preempted
 from train.profiling import StepProfiler
-from train.quality import metrics
+from train.quality.evaluator import Evaluator, generate_sharded
 from train.sharing import artifacts
 from train.step import GANStep, Players
 from train.storage import checkpoint, manifest
@@ -94,7 +94,7 @@ class Training:
                                       position=self.progress.data, channels_last=cfg.train.channels_last,
                                       labels=dataset.labels)
         # The quality metrics, on the main process; built first so that a bad feature network stops the run early.
-        self.evaluator = (metrics.Evaluator.for_data(cfg.data, self.images, Path(cfg.eval.cache_dir),
+        self.evaluator = (Evaluator.for_data(cfg.data, self.images, Path(cfg.eval.cache_dir),
                                                      accelerator.device)
                           if cfg.eval.num_samples and accelerator.is_main_process else None)
         if self.evaluator is not None:
@@ -248,7 +248,7 @@ class Training:
         share_buffers(self.snapshot.networks, self.ema)
         network = self.ema.network if self.cfg.eval.use_ema else self.snapshot.networks["generator"]
         count = self.cfg.eval.num_samples
-        images = metrics.generate_sharded(network, count, self.cfg.eval.seed, self.accelerator)
+        images = generate_sharded(network, count, self.cfg.eval.seed, self.accelerator)
         if self.evaluator is None:
             return {}
         report = self.evaluator.report(images.cpu(), models.balanced_labels(count, network.num_classes),

@@ -16,50 +16,12 @@ import numpy as np
 import torch
 from torchvision.utils import make_grid, save_image
 
-from train.data.memory import available_memory
+from train.arguments import available_device, check_fits_in_memory, seed
 from train.errors import EXIT_BAD_INPUT, EXIT_WRITE_FAILED, CheckpointError
-from train.models import generate
-from train.quality.metrics import to_uint8
+from train.models import generate, to_uint8
 from train.sharing.export import load_generator
 from train.storage.files import write_atomically
 from train.storage.manifest import write_failure_fix
-
-
-def available_device(name: str) -> str:
-    """`--device`'s type: the CPU or an accelerator this machine has, refused by argparse before any work."""
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise argparse.ArgumentTypeError(f"{name!r} is not a device name (cpu, cuda, cuda:1, ...)") from None
-    if device.type == "cpu":
-        return name
-    accelerator = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else None
-    count = torch.accelerator.device_count() if accelerator is not None else 0
-    if accelerator is None or device.type != accelerator.type or (device.index or 0) >= count:
-        seen = f"{count} {accelerator.type} device(s)" if accelerator is not None else "no accelerator"
-        raise argparse.ArgumentTypeError(f"{name} is not a device this machine can generate on: it has the CPU and "
-                                         f"{seen}; use --device cpu")
-    return name
-
-
-def seed(text: str) -> int:
-    """`--seed`'s type: a whole number that a random generator takes (0 to 2**63 - 1)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if not 0 <= value < 2 ** 63:
-        raise argparse.ArgumentTypeError(f"{text} is outside 0 to 2**63 - 1")
-    return value
-
-
-def check_fits_in_memory(parser: argparse.ArgumentParser, count: int, bytes_each: int) -> None:
-    """Refuse `--num count` (through argparse: exit 2) where its `bytes_each` per sample exceed the memory this
-    machine has available now, before any of it is allocated."""
-    available = available_memory()
-    if count * bytes_each > available:
-        parser.error(f"--num {count} needs about {count * bytes_each / 2 ** 30:.3g} GiB of memory, and this machine "
-                     f"has {available / 2 ** 30:.3g} GiB available: ask for at most {available // bytes_each}")
 
 
 def class_label(text: str) -> int:

@@ -16,7 +16,7 @@ The noise stream is one for the whole global batch: every process draws the glob
 (and asked labels) and takes its slice, so a sample's latent does not depend on the number of
 processes. Where a process's share exceeds data.batch_size, the step accumulates micro-batches
 (`accumulation` > 1): the same update up to the order of floating-point sums, given BatchNorm groups
-that no micro-batch splits (models.GroupBatchNorm2d).
+that no micro-batch splits (networks/_layers.GroupBatchNorm2d).
 """
 
 from __future__ import annotations

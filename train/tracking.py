@@ -29,8 +29,8 @@ from train.storage.files import open_in_place, write_atomically
 from train.storage.layout import (
     BEST, CHECKPOINTS, CONFIG_FILE, CURVES_FILE, METRICS_FILE, SAMPLES_DIR, WANDB_DIR, WANDB_SENT
 )
+from train.models import to_uint8
 from train.plots import plot_curves, read_metrics
-from train.quality.metrics import to_uint8
 from train.storage.manifest import stop_on_write_failure
 
 

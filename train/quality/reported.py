@@ -1,6 +1,7 @@
-"""The metrics a run reports, declared once: the key an evaluation logs (`eval/<key>` in metrics.jsonl and W&B),
-its name on the model card, which way is better, and the curves' panel that draws it (None: none). The model card,
-the curves and the docs' table read this; train/quality/metrics.py computes the values. Without torch."""
+"""Every metric an evaluation computes, declared once: the key it logs (`eval/<key>` in metrics.jsonl and W&B), its
+name on the model card, which way is better, the curves' panel that draws it (None: none), whether the card shows
+it, and when it is measured. The evaluator's reports, the model card, the curves, the docs' table and the tests read
+this; train/quality/metrics.py computes the values. Without torch."""
 
 from __future__ import annotations
 
@@ -8,14 +9,18 @@ from dataclasses import dataclass
 
 FD_PANEL = "Fréchet distance (classifier features)"
 MANIFOLD_PANEL = "precision / recall / density / coverage"
+ALWAYS, CONDITIONAL, COPY_RATE = "always", "conditional", "copy_rate"  # when: every report; a conditional
+# generator's (its asked labels are known); where the copy rate is asked for (eval.copy_rate, train.audit)
 
 
 @dataclass(frozen=True)
 class Metric:
     key: str  # eval/<key>
     label: str  # on the model card
-    better: str  # "lower" or "higher"
+    better: str | None  # "lower", "higher", or None for a spread that describes another metric
     panel: str | None = None  # the curves' panel (train/plots.py), or None
+    card: bool = True  # shown on the model card
+    when: str = ALWAYS
 
     @property
     def logged(self) -> str:
@@ -25,14 +30,27 @@ class Metric:
 METRICS = (
     Metric("fd", "FD", "lower", FD_PANEL),
     Metric("kid", "KID", "lower"),
+    Metric("kid_std", "KID's spread", None, card=False),
     Metric("precision", "precision", "higher", MANIFOLD_PANEL),
     Metric("recall", "recall", "higher", MANIFOLD_PANEL),
     Metric("density", "density", "higher", MANIFOLD_PANEL),
     Metric("coverage", "coverage", "higher", MANIFOLD_PANEL),
     Metric("classes_present", "classes present", "higher"),
-    Metric("label_agreement", "label agreement", "higher"),
-    Metric("copy_rate", "copy rate", "lower"),
+    Metric("class_kl", "class KL to uniform", "lower", card=False),
+    Metric("inception_score", "inception score (the data's classifier)", "higher", card=False),
+    Metric("label_agreement", "label agreement", "higher", when=CONDITIONAL),
+    Metric("copy_rate", "copy rate", "lower", when=COPY_RATE),
 )
+
+
+def measured(conditional: bool = False, copy_rate: bool = False) -> tuple[str, ...]:
+    """The keys of the metrics a report holds: for a conditional generator or not, with the copy rate or not."""
+    wanted = {ALWAYS, *([CONDITIONAL] if conditional else []), *([COPY_RATE] if copy_rate else [])}
+    return tuple(metric.key for metric in METRICS if metric.when in wanted)
+
+
+def on_card() -> tuple[Metric, ...]:
+    return tuple(metric for metric in METRICS if metric.card)
 
 
 def panels() -> tuple[tuple[str, tuple[str, ...]], ...]:

@@ -91,7 +91,7 @@ def make_card(description: dict, state: dict, evaluation: dict | None, name: str
     results = [] if evaluation is None else [
         EvalResult(task_type=task, dataset_type=data_type, dataset_name=data_name, dataset_split=split,
                    metric_type=metric.key, metric_name=metric.label, metric_value=evaluation[metric.logged])
-        for metric in reported.METRICS if metric.logged in evaluation]
+        for metric in reported.on_card() if metric.logged in evaluation]
     data = ModelCardData(
         model_name=name, library_name="pytorch", datasets=[hub_dataset] if hub_dataset else None,
         pipeline_tag=None if conditional else "unconditional-image-generation", eval_results=results or None,
@@ -116,7 +116,7 @@ def _quality(evaluation: dict | None, images: ImageSpec, against: str) -> list[s
              "in the features of a classifier trained on the data's own training split (not Inception: the numbers "
              "compare runs on this data, not with published FIDs).", "",
              "| metric | value | better |", "|---|---|---|"]
-    for metric in reported.METRICS:
+    for metric in reported.on_card():
         if metric.logged in evaluation:
             interval = (f" (95% interval {evaluation['eval/fd_low']:.4g} to {evaluation['eval/fd_high']:.4g})"
                         if metric.key == "fd" and "eval/fd_low" in evaluation else "")

@@ -1,0 +1,32 @@
+"""Networks, one module each: `train/networks/<arch>.py` is `model.arch: <arch>` and defines
+`build_generator(z_dim, num_classes, images, options)` and `build_discriminator(num_classes, images, options)`, both
+built for the data's ImageSpec (`options`: the model.* keys a network may read). Generators map z ~ N(0, I) to
+images in [0, 1]; discriminators return one logit per image; with num_classes > 0 both take the labels as their
+second argument. Nothing here knows about processes, devices or precision. The kinds are found by listing this
+folder without torch, so the config is checked before torch is imported; an unknown one is refused by name.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from dataclasses import dataclass
+
+from train.errors import ConfigError
+
+KINDS = tuple(sorted(module.name for module in pkgutil.iter_modules(__path__) if not module.name.startswith("_")))
+
+
+@dataclass(frozen=True)
+class NetworkOptions:
+    upsample: str = "fused"  # model.upsample (seed)
+    class_norm: bool = False  # model.class_norm (dcgan)
+    d_width: int = 64  # model.d_width (dcgan)
+
+
+def load(arch: str):
+    """The module of `model.arch`."""
+    if arch not in KINDS:
+        raise ConfigError(f"model.arch={arch!r} is not a network of this code; the networks are {', '.join(KINDS)} "
+                          "(one module each in train/networks/)")
+    return importlib.import_module(f"{__name__}.{arch}")
