@@ -95,7 +95,7 @@ def test_names_reach_the_card_escaped_and_quoted_and_no_absolute_path_of_the_tra
     run_dir = tmp_path / "<img src=x onerror=alert(1)>"
     assert run_train(TINY + [f"run.dir={run_dir}", "train.steps=2", "logging.every=1"]).returncode == 0
     out = tmp_path / 'gen"); import os; os.system("echo pwned") #```'
-    assert export_generator(run_dir, out, name=run_dir.name) == out
+    assert export_generator(run_dir, out, name=run_dir.name).folder == out
     card = (out / "README.md").read_text()
     page = ModelCard(card).text  # the markdown below the metadata (there the name is YAML data, read back as is)
     assert ModelCard(card).data.model_name == run_dir.name
@@ -224,7 +224,7 @@ def test_each_new_best_generator_is_a_wandb_model_artifact_with_its_evaluation(e
             key: value for key, value in line.items() if key.startswith("eval/")}
         # Its files are the export of that checkpoint, byte for byte.
         exported = export_generator(evaluated_run / "checkpoints" / f"step_{line['step']:08d}",
-                                    tmp_path / f"step_{line['step']}", name=evaluated_run.name)
+                                    tmp_path / f"step_{line['step']}", name=evaluated_run.name).folder
         assert {entry.path: entry.digest for entry in artifact.manifest.contents} == {
             path.name: md5_base64(path) for path in exported.iterdir()}
 

@@ -22,7 +22,7 @@ def finished_run(tmp_path_factory):
 @pytest.fixture(scope="module")
 def exported(finished_run, tmp_path_factory):
     from train.sharing.export import export_generator
-    return export_generator(finished_run, tmp_path_factory.mktemp("exported") / "generator")
+    return export_generator(finished_run, tmp_path_factory.mktemp("exported") / "generator").folder
 
 
 def refused(result, message):
@@ -64,7 +64,7 @@ def test_an_out_of_the_wrong_kind_is_refused(finished_run, tmp_path, tool_here):
     (lambda d: d.pop("z_dim") and None, "generator.json is damaged: z_dim is missing"),
     (lambda d: d.update(z_dim="100"), "generator.json is damaged: z_dim is '100', not a count"),
     (lambda d: d.update(conditional="no"), "generator.json is damaged: conditional is 'no'"),
-    (lambda d: d.update(arch="resnet"), "generator.json names the architecture 'resnet'; this code builds seed, dcgan"),
+    (lambda d: d.update(arch="resnet"), "generator.json names the architecture 'resnet'; this code builds dcgan, seed"),
     (lambda d: d.update(z_dim=10 ** 9), "does not fit the generator "),
     (lambda d: "{not json", "generator.json is damaged: not JSON"),
     (lambda d: [d], "generator.json is damaged: not a JSON object"),

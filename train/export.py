@@ -7,14 +7,13 @@ Writes the export (train/sharing/export.py: weights, generator.json, the model c
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 from train.errors import EXIT_BAD_INPUT, EXIT_WRITE_FAILED, CheckpointError
 from train.sharing import hub, model_card
-from train.sharing.export import DESCRIPTION, export_generator
-from train.storage.manifest import resolve, write_failure_fix
+from train.sharing.export import export_generator
+from train.storage.manifest import write_failure_fix
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,10 +35,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.push_to_hub:  # before any work: a push that cannot happen leaves no export behind either
             hub.check_repo_id(args.push_to_hub)
             access_token = hub.token()
-        out = export_generator(args.checkpoint, args.out, use_ema=not args.no_ema, name=args.push_to_hub)
+        out, step, evaluation = export_generator(args.checkpoint, args.out, use_ema=not args.no_ema,
+                                                 name=args.push_to_hub)
         print(f"exported the generator to {out}")
-        step = json.loads((out / DESCRIPTION).read_text())["step"]
-        if model_card.evaluation_at(resolve(args.checkpoint), step) is None:
+        if evaluation is None:
             print(f"note: its run logged no evaluation at step {step}, so {model_card.CARD} has no quality numbers; "
                   f"`python -m train.evaluate --checkpoint {out}` measures them")
         if args.push_to_hub:

@@ -16,16 +16,15 @@ def log_generator(log, checkpoint: Path, step: int) -> None:
     that made it the best as metadata (aliases `best` and `step-N`); once per checkpoint, across resumes."""
     if not log.wants_model(checkpoint.name):
         return
-    from train.sharing import model_card  # with huggingface_hub: a quarter second a run without W&B does not spend
-    from train.sharing.export import export_generator
+    from train.sharing.export import export_generator  # imports huggingface_hub: not for a run without W&B
 
-    evaluation = model_card.evaluation_at(checkpoint, step) or {}
-    metadata = {"step": step, "checkpoint": checkpoint.name} | {
-        key: value for key, value in evaluation.items() if key.startswith("eval/")}
     with tempfile.TemporaryDirectory(prefix="generator-") as folder:
         with stop_on_write_failure(f"exporting {checkpoint.name}'s generator for W&B into {folder} (the temporary "
                                    f"folder: TMPDIR, or {tempfile.gettempdir()})", log.run_dir):
-            exported = export_generator(checkpoint, Path(folder) / "generator", name=log.run_dir.name)
+            exported, _, evaluation = export_generator(checkpoint, Path(folder) / "generator", name=log.run_dir.name)
+        evaluation = evaluation or {}
+        metadata = {"step": step, "checkpoint": checkpoint.name} | {
+            key: value for key, value in evaluation.items() if key.startswith("eval/")}
         log.model(exported, f"generator-{log.wandb_run_id}", checkpoint.name, metadata,
                   (["best"] if evaluation else []) + [f"step-{step}"])
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import json
 from dataclasses import replace
+from typing import NamedTuple
 from pathlib import Path
 
 import torch
@@ -40,7 +41,13 @@ DESCRIPTION_SCHEMA = {"arch": str, "z_dim": int, "conditional?": bool, "class_no
                       "data?": DATA_SCHEMA, "weights": str, "step": int, "source": str, "sha256": str}
 
 
-def export_generator(path: Path, out: Path, use_ema: bool = True, name: str | None = None) -> Path:
+class Exported(NamedTuple):
+    folder: Path
+    step: int  # the checkpoint's
+    evaluation: dict | None  # what its run logged at that step (model_card.evaluation_at), on the card
+
+
+def export_generator(path: Path, out: Path, use_ema: bool = True, name: str | None = None) -> Exported:
     """Write the generator of the checkpoint (or run directory) `path` into `out`, with its model card (`name`:
     the model's name on it, by default the folder's).
 
@@ -70,15 +77,15 @@ def export_generator(path: Path, out: Path, use_ema: bool = True, name: str | No
         labels = models.balanced_labels(SAMPLES_ON_CARD, generator.num_classes)
         save_image(models.generate(generator, SAMPLES_ON_CARD, 0, labels), out / model_card.SAMPLES, nrow=8, padding=2,
                    pad_value=1.0)
-        card = model_card.make_card(description, state, model_card.evaluation_at(source, description["step"]),
-                                    name or out.resolve().name)
+        evaluation = model_card.evaluation_at(source, description["step"])
+        card = model_card.make_card(description, state, evaluation, name or out.resolve().name)
         write_atomically(out / model_card.CARD, str(card))
         write_atomically(out / DESCRIPTION, json.dumps(description | {"sha256": sha256(out / WEIGHTS)}, indent=1))
     except OSError:  # a full disk: take back what this call wrote, or the retry would be refused as an overwrite
         for path_written in written:
             path_written.unlink(missing_ok=True)
         raise
-    return out
+    return Exported(out, description["step"], evaluation)
 
 
 def _shown_source(checkpoint: Path) -> str:
