@@ -328,8 +328,8 @@ def test_the_metrics_an_evaluator_reports_are_exactly_the_declared_ones_and_the_
     conditional = evaluator.report(images, asked=torch.zeros(200, dtype=torch.long), copy_rate=True)
     assert set(conditional["metrics"]) == set(reported.measured(conditional=True, copy_rate=True))
     assert len({m.key for m in reported.METRICS}) == len(reported.METRICS)
-    assert all(m.better in ("lower", "higher", None) and m.when in (reported.ALWAYS, reported.CONDITIONAL,
-                                                                       reported.COPY_RATE) for m in reported.METRICS)
+    assert all(m.better in ("lower", "higher", None) and m.when in (
+        reported.ALWAYS, reported.CLASSES, reported.CONDITIONAL, reported.COPY_RATE) for m in reported.METRICS)
     drawn = [key for _, keys in PANELS for key in keys if key.startswith("eval/")]
     assert drawn == [m.logged for m in reported.METRICS if m.panel]
 

@@ -155,10 +155,8 @@ def test_the_quality_metrics_refuse_what_they_cannot_measure_before_any_work(rgb
     for index, picture in enumerate(pictures):
         Image.fromarray(picture).save(unlabelled / f"{index}.png")
     write_parquet(no_test / "train.parquet", pictures, labels)
-    for source, data, holdout, problem in (
-            ("folder", unlabelled, 0.1, "is unlabelled, and the quality metrics need a feature network trained on "
-                                        "the data's own labelled images"),  # nothing held out: no labels to score
-            ("hf", no_test, 0, "hold out part of the training images as one (data.holdout, e.g. 0.1)")):
+    for source, data, holdout, problem in (  # (unlabelled pictures: tests/test_unlabelled.py)
+            ("hf", no_test, 0, "hold out part of the training images as one (data.holdout, e.g. 0.1)"),):
         run_dir = tmp_path / "refused"
         result = run_train(TINY + [f"data.source={source}", f"data.path={data}", f"run.dir={run_dir}",
                                    "eval.num_samples=100", f"data.cache_dir={tmp_path / 'decoded'}",

@@ -25,7 +25,7 @@ from torch import Tensor
 from torchvision.utils import save_image
 
 from train.arguments import available_device, check_fits_in_memory, seed
-from train.config import EvalConfig
+from train.config import CHOICES, EvalConfig
 from train.data import sources
 from train.errors import EXIT_BAD_INPUT, CheckpointError, DataError
 from train.models import balanced_labels, generate, to_uint8
@@ -83,6 +83,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=seed, default=0)
     parser.add_argument("--grid", help="write the closest sample/training-image pairs to this PNG")
     parser.add_argument("--cache-dir", default=EvalConfig.cache_dir)
+    parser.add_argument("--features", choices=CHOICES["eval.features"], default=EvalConfig.features,
+                        help="the feature network (eval.features; auto: a classifier for labelled data, a self-supervised "
+                        "network for unlabelled): give the run's, if it set one")
     parser.add_argument("--data-path", help="where the generator's training data is now, if not where it was "
                         "recorded")
     parser.add_argument("--device", type=available_device, default="cuda" if torch.cuda.is_available() else "cpu")
@@ -100,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
             raise DataError(f"data.source={data_cfg.source} data.path={data_cfg.path!r} is not the data the generator "
                             f"was trained on ({generator.images.describe()}): an audit against other images says "
                             "nothing of copying; give --data-path of the training data")
-        evaluator = Evaluator.for_data(data_cfg, generator.images, Path(args.cache_dir), args.device)
+        evaluator = Evaluator.for_data(data_cfg, generator.images, Path(args.cache_dir), args.device, args.features)
     except (CheckpointError, DataError) as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -123,6 +123,7 @@ class EvalConfig:
     cache_dir: str = ".cache/eval"  # cached test-set features and feature networks of data other than MNIST
     fd_resamples: int = 0  # bootstrap resamples for the FD's 95% interval (eval/fd_low, eval/fd_high); 0: none
     copy_rate: bool = False  # eval/copy_rate: the share of samples nearer a training image than held-out images are
+    features: str = "auto"  # the feature network: auto | classifier (labelled data) | self_supervised (any data)
 
 
 @dataclass
@@ -157,6 +158,7 @@ CHOICES = {
     "train.mixed_precision": (None, "fp32", "bf16", "fp16", "auto"),
     "logging.wandb": ("online", "offline", "disabled"),
     "train.on_nonfinite": ("stop", "skip", "rollback"),
+    "eval.features": ("auto", "classifier", "self_supervised"),  # train/quality/evaluator.py's FEATURE_NETWORKS
 }
 _GREATER_THAN_ZERO = (lambda v: v > 0, "greater than 0")
 _NOT_NEGATIVE = (lambda v: v >= 0, "0 or more")

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from train.arguments import available_device, check_fits_in_memory, seed
-from train.config import MIN_EVAL_SAMPLES, SHIPPED_MNIST, EvalConfig
+from train.config import CHOICES, MIN_EVAL_SAMPLES, SHIPPED_MNIST, EvalConfig
 from train.data.images import MNIST
 from train.errors import EXIT_BAD_INPUT, CheckpointError, DataError
 from train.models import balanced_labels, generate, to_uint8
@@ -38,6 +38,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bootstrap", type=int, default=0, metavar="N",
                         help="add a 95%% interval of the FD from N bootstrap resamples of the generated samples")
     parser.add_argument("--cache-dir", default=EvalConfig.cache_dir)
+    parser.add_argument("--features", choices=CHOICES["eval.features"], default=EvalConfig.features,
+                        help="the feature network (eval.features; auto: a classifier for labelled data, a self-supervised "
+                        "network for unlabelled): give the run's, if it set one")
     parser.add_argument("--data-path", help="where the generator's training data is now, if not where it was "
                         "recorded (MNIST's generators are scored against the shipped MNIST test set)")
     parser.add_argument("--device", type=available_device, default="cuda" if torch.cuda.is_available() else "cpu")
@@ -52,12 +55,13 @@ def main(argv: list[str] | None = None) -> int:
         generator = load_generator(args.checkpoint, args.device, use_ema=not args.no_ema) if args.checkpoint else None
         check_fits_in_memory(parser, args.num, bytes_per_sample(generator.images if generator else MNIST))
         evaluator = (Evaluator.for_data(training_data(args.checkpoint, args.data_path), generator.images,
-                                        Path(args.cache_dir), args.device) if generator else
+                                        Path(args.cache_dir), args.device, args.features) if generator else
                      Evaluator.mnist(SHIPPED_MNIST, Path(args.cache_dir), args.device))
     except (CheckpointError, DataError) as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    report = {"num_samples": args.num, "seed": args.seed, "against": evaluator.against}
+    report = {"num_samples": args.num, "seed": args.seed, "against": evaluator.against,
+              "feature_network": evaluator.feature_network}
     if generator is not None:
         report["checkpoint"] = args.checkpoint
         asked = balanced_labels(args.num, generator.num_classes)

@@ -94,12 +94,14 @@ class Training:
                                       position=self.progress.data, channels_last=cfg.train.channels_last,
                                       labels=dataset.labels)
         # The quality metrics, on the main process; built first so that a bad feature network stops the run early.
-        self.evaluator = (Evaluator.for_data(cfg.data, self.images, Path(cfg.eval.cache_dir),
-                                                     accelerator.device)
+        self.evaluator = (Evaluator.for_data(cfg.data, self.images, Path(cfg.eval.cache_dir), accelerator.device,
+                                             cfg.eval.features)
                           if cfg.eval.num_samples and accelerator.is_main_process else None)
         if self.evaluator is not None:
-            print(f"quality metrics against {self.evaluator.against} (the feature network labels "
-                  f"{self.evaluator.test_accuracy():.2%} of it correctly)", flush=True)
+            accuracy = self.evaluator.test_accuracy()
+            print(f"quality metrics against {self.evaluator.against}, in the features of "
+                  f"{self.evaluator.feature_network}" + (f" (it labels {accuracy:.2%} of them correctly)"
+                                                         if accuracy is not None else ""), flush=True)
         generator, discriminator, g_optimizer, d_optimizer = accelerator.prepare(*build_networks(cfg, self.images))
         # The plain modules (no DDP, no torch.compile wrapper): what is saved, averaged and sampled from.
         plain_generator, plain_discriminator = (accelerator.unwrap_model(m, keep_torch_compile=False)
@@ -259,7 +261,7 @@ class Training:
         interval = ({"eval/fd_low": report["fd_interval"]["low"], "eval/fd_high": report["fd_interval"]["high"]}
                     if "fd_interval" in report else {})
         return ({f"eval/{key}": value for key, value in report["metrics"].items()} | interval
-                | {"eval/seconds": seconds}
+                | {"eval/seconds": seconds, "feature_network": report["feature_network"]}
                 | {f"{prefix}/{key}_{digit}": value for group, prefix in groups.items()
                    for digit, values in report.get(group, {}).items() for key, value in values.items()})
 

@@ -153,7 +153,7 @@ class RunLog:
         with stop_on_write_failure(f"logging the history of a killed run to W&B in {self.run_dir / WANDB_DIR}",
                                    self.run_dir):
             for line in lines:
-                self.accelerator.log({key: value for key, value in line.items() if key != "step"}, step=line["step"])
+                self._to_wandb(line["step"], {key: value for key, value in line.items() if key != "step"})
         if lines:
             self.message(f"sent W&B the {len(lines)} metric line(s) of steps {lines[0]['step']}-{lines[-1]['step']} "
                          "that the run before this one had not sent (it was killed)")
@@ -167,7 +167,9 @@ class RunLog:
         if self.accelerator.is_main_process:
             print(f"\n{text}", file=sys.stderr, flush=True)
 
-    def metrics(self, step: int, values: dict[str, float]) -> None:
+    def metrics(self, step: int, values: dict[str, float | str]) -> None:
+        """A line of metrics.jsonl and of W&B's history; text (the feature network an evaluation's numbers come
+        from) goes to the W&B run's config instead, as W&B's history charts numbers."""
         if not self.accelerator.is_main_process:
             return
         # A line cut short by a full disk is dropped when the run resumes (_drop_lines_after).
@@ -177,8 +179,14 @@ class RunLog:
                 line = line[os.write(self.metrics_descriptor, line):]
         if self.use_wandb:
             with stop_on_write_failure(f"logging step {step} to W&B in {self.run_dir / WANDB_DIR}", self.run_dir):
-                self.accelerator.log(values, step=step)
+                self._to_wandb(step, values)
             self.logged_step = step
+
+    def _to_wandb(self, step: int, values: dict[str, float | str]) -> None:
+        text = {key: value for key, value in values.items() if isinstance(value, str)}
+        if text:
+            self.accelerator.get_tracker("wandb", unwrap=True).config.update(text, allow_val_change=True)
+        self.accelerator.log({key: value for key, value in values.items() if key not in text}, step=step)
 
     def samples(self, step: int, panels: dict[str, torch.Tensor]) -> Path | None:
         """Save grids of each panel's images (in [0, 1]) side by side as one PNG, and send it to W&B."""

@@ -33,8 +33,8 @@ class ImageSet:
 
 def load(cfg: DataConfig, split: str = "train", labelled: bool = False) -> ImageSet:
     """`split` of the configured source, on the CPU, described by the source; with its labels where `labelled`
-    (class-conditional training), which the source must then have. Labelled data without a test split is split
-    here: `data.holdout` of its training images are its test split, and the rest its training split (except MNIST's
+    (class-conditional training), which the source must then have. Data without a test split is split here:
+    `data.holdout` of its training images are its test split, and the rest its training split (except MNIST's
     images, which MNIST's shipped test set scores)."""
     if cfg.holdout == 0 or _has_test_split(cfg):
         return _read(cfg, split, labelled)
@@ -51,10 +51,9 @@ def recorded_config(recorded: dict) -> DataConfig:
 
 
 def holds_out(cfg: DataConfig, images: ImageSpec) -> bool:
-    """Whether the test split of the data `cfg` reads, `images`, is a held-out part of its training images: labelled
-    data other than MNIST's, from a source without a test split of its own, with data.holdout above 0."""
-    return (cfg.holdout > 0 and images.num_classes > 0 and images.dataset != MNIST_DATASET
-            and not _has_test_split(cfg))
+    """Whether the test split of the data `cfg` reads, `images`, is a held-out part of its training images: data
+    other than MNIST's, labelled or not, from a source without a test split of its own, with data.holdout above 0."""
+    return cfg.holdout > 0 and images.dataset != MNIST_DATASET and not _has_test_split(cfg)
 
 
 def _has_test_split(cfg: DataConfig) -> bool:

@@ -38,20 +38,21 @@ RECIPE = (f"{EPOCHS} epochs and at least {MIN_STEPS} steps, seed {SEED}, batch {
 
 class FeatureNetwork(nn.Module):
     """Two conv blocks and a 128-unit hidden layer, for the images it is made for: the hidden layer is the feature
-    space, the head says the class."""
+    space; the head says the class (`classifies`), or is a contrastive projection of `outputs` (contrastive.py)."""
 
-    def __init__(self, images: ImageSpec = MNIST):
+    def __init__(self, images: ImageSpec = MNIST, outputs: int | None = None, classifies: bool = True):
         super().__init__()
-        self.images = images
+        self.images, self.classifies = images, classifies
         self.features = nn.Sequential(
             nn.Conv2d(images.channels, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
             nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
             nn.Flatten(), nn.Linear(64 * (images.height // 4) * (images.width // 4), FEATURE_DIM), nn.ReLU(),
         )
-        self.head = nn.Linear(FEATURE_DIM, images.num_classes)
+        self.head = nn.Linear(FEATURE_DIM, images.num_classes if outputs is None else outputs)
 
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
-        """(penultimate features, class logits) for float images [N, C, H, W] (as `self.images`) in [0, 1]."""
+        """(penultimate features, the head's output: class logits where it classifies) for float images
+        [N, C, H, W] (as `self.images`) in [0, 1]."""
         features = self.features(images)
         return features, self.head(features)
 

@@ -18,11 +18,14 @@ from train.data.readers.idx import read_idx_images, read_idx_labels
 from train.data.sources import ImageSet
 from train.errors import DataError
 from train.models import GENERATION_CHUNK, balanced_labels, split_like, to_uint8
-from train.quality import classifier
+from train.quality import classifier, contrastive
 from train.quality.metrics import (
     DENSITY_COVERAGE_K, DISTANCE_CHUNK, PRECISION_RECALL_K, Features, compare, copy_threshold, extract, fd_interval,
     nearest, per_digit)
 from train.storage import tensor_cache
+
+AUTO, CLASSIFIER, SELF_SUPERVISED = "auto", "classifier", "self_supervised"  # eval.features
+FEATURE_NETWORKS = {CLASSIFIER: classifier, SELF_SUPERVISED: contrastive}  # each module's for_data trains or reads one
 
 
 def bytes_per_sample(images: ImageSpec) -> int:
@@ -52,10 +55,11 @@ def generate_sharded(network: torch.nn.Module, count: int, seed: int, accelerato
     return accelerator.gather(images)[:count]
 
 
-def _labelled_split(data_cfg: DataConfig, split: str, problem: str) -> ImageSet:
-    """`split` of the data with its labels, or a DataError saying `problem`, its "{error}" the reader's error."""
+def _split(data_cfg: DataConfig, split: str, labelled: bool, problem: str) -> ImageSet:
+    """`split` of the data (with its labels where `labelled`), or a DataError saying `problem`, its "{error}" the
+    reader's error."""
     try:
-        return sources.load(data_cfg, split, labelled=True)
+        return sources.load(data_cfg, split, labelled=labelled)
     except DataError as error:
         raise DataError(problem.replace("{error}", str(error))) from None
 
@@ -64,28 +68,36 @@ class Evaluator:
     """A feature network and the cached features of a test set it describes, ready to score samples."""
 
     @classmethod
-    def for_data(cls, data_cfg: DataConfig, images: ImageSpec, cache_dir: Path,
-                 device: torch.device | str = "cpu") -> Evaluator:
-        """The evaluator of the data `images` describes, read from `data_cfg`: MNIST's committed classifier and test
-        set for MNIST's images, whichever source gave them; for other labelled data, a feature network trained on its
-        own training split (`classifier.for_data`) and its own test split. Refused by name where that data is not at
-        `data_cfg` or has no labels or no test split: a run is never scored against another data set."""
-        if images.dataset == MNIST_DATASET:
+    def for_data(cls, data_cfg: DataConfig, images: ImageSpec, cache_dir: Path, device: torch.device | str = "cpu",
+                 features: str = AUTO) -> Evaluator:
+        """The evaluator of the data `images` describes, read from `data_cfg`, with the feature network `features`
+        (eval.features): `classifier` (`auto` for labelled data) is MNIST's committed classifier for MNIST's images,
+        whichever source gave them, and for other labelled data one trained on its own training split
+        (`classifier.for_data`); `self_supervised` (`auto` for unlabelled data) is trained on the training split
+        without labels (`contrastive.for_data`). Samples are scored against the data's own test split (or the part
+        held out of its training split). Refused by name where that data is not at `data_cfg`, or has no labels for
+        a classifier, or no test split: a run is never scored against another data set."""
+        kind = (CLASSIFIER if images.num_classes else SELF_SUPERVISED) if features == AUTO else features
+        if kind not in FEATURE_NETWORKS:
+            raise DataError(f"eval.features={features!r} is not a feature network of this code; the feature networks "
+                            f"are {', '.join((AUTO, *FEATURE_NETWORKS))}")
+        if kind == CLASSIFIER and images.dataset == MNIST_DATASET:
             return cls.mnist(SHIPPED_MNIST, cache_dir, device)
         where = f"data.source={data_cfg.source} data.path={data_cfg.path!r}"
-        if not images.num_classes:
-            raise DataError(f"{where} is unlabelled, and the quality metrics need a feature network trained on the "
-                            "data's own labelled images (no pretrained one is downloaded): give the data labels (class "
-                            "subfolders, a label column) or train without the metrics (eval.num_samples=0)")
+        labelled = kind == CLASSIFIER
+        if labelled and not images.num_classes:
+            raise DataError(f"{where} is unlabelled, and eval.features=classifier needs the data's own labels to train "
+                            "one (no pretrained network is downloaded): give the data labels (class subfolders, a "
+                            "label column), or score it with eval.features=self_supervised (or auto)")
         elsewhere = "point data.path (train.evaluate's --data-path) at the data the generator was trained on"
-        training = _labelled_split(data_cfg, "train", f"the quality metrics read the {images.describe()} the "
-                                   f"generator was trained on, and {where} gives no such data ({{error}}): {elsewhere}")
+        training = _split(data_cfg, "train", labelled, f"the quality metrics read the {images.describe()} the "
+                          f"generator was trained on, and {where} gives no such data ({{error}}): {elsewhere}")
         if training.spec.dataset != images.dataset:
             raise DataError(f"{where} holds {training.spec.describe()}, not the {images.describe()} to be scored; "
                             f"{elsewhere}")
-        test = _labelled_split(data_cfg, "test", "the quality metrics score samples against the data's test split, "
-                               "and it could not be read: {error}; or hold out part of the training images as one "
-                               "(data.holdout, e.g. 0.1), or train without the metrics (eval.num_samples=0)")
+        test = _split(data_cfg, "test", labelled, "the quality metrics score samples against the data's test split, "
+                      "and it could not be read: {error}; or hold out part of the training images as one "
+                      "(data.holdout, e.g. 0.1), or train without the metrics (eval.num_samples=0)")
         if test.spec.shape != images.shape:
             raise DataError(f"{where}: its test split holds {test.spec.describe()}, its training split "
                             f"{images.describe()}; give both splits images of one shape")
@@ -95,12 +107,14 @@ class Evaluator:
                             f"k={DENSITY_COVERAGE_K}) need more than {least}: give it more images (or raise "
                             f"data.holdout, {data_cfg.holdout} now, where it is held out of the training split), or "
                             "train without the metrics (eval.num_samples=0)")
-        network, digest = classifier.for_data(training, cache_dir, device)
+        network, digest = FEATURE_NETWORKS[kind].for_data(training, cache_dir, device)
         against = f"the test split of {images.dataset}"
         if sources.holds_out(data_cfg, images):
             against = (f"{len(test.images)} images held out of the training split (data.holdout={data_cfg.holdout}, "
                        f"never trained on) of {images.dataset}")
-        return cls(network, digest, test, lambda: training.images, cache_dir, against)
+        named = (f"a classifier trained on {images.dataset}" if labelled else
+                 f"a self-supervised network trained on {images.dataset}")
+        return cls(network, digest, test, lambda: training.images, cache_dir, against, f"{named} (sha256:{digest[:12]})")
 
     @classmethod
     def mnist(cls, data_dir: Path, cache_dir: Path, device: torch.device | str = "cpu") -> Evaluator:
@@ -108,13 +122,15 @@ class Evaluator:
         data_dir = Path(data_dir)
         test = ImageSet(read_idx_images(data_dir, "test")[:, None], read_idx_labels(data_dir, "test").long(), MNIST)
         return cls(classifier.load(device), classifier.WEIGHTS_SHA256, test,
-                   lambda: read_idx_images(data_dir, "train")[:, None], cache_dir, "MNIST's test set")
+                   lambda: read_idx_images(data_dir, "train")[:, None], cache_dir, "MNIST's test set",
+                   f"MNIST's classifier (sha256:{classifier.WEIGHTS_SHA256[:12]})")
 
     def __init__(self, network: classifier.FeatureNetwork, network_sha256: str, test: ImageSet,
-                 training_images: Callable[[], Tensor], cache_dir: Path, against: str):
-        """`test`: the labelled images samples are scored against, described by `against` in reports;
-        `training_images`: reads the training images, for the floor."""
-        self.network, self.against = network, against
+                 training_images: Callable[[], Tensor], cache_dir: Path, against: str, feature_network: str):
+        """`test`: the images samples are scored against (labelled where the network classifies), described by
+        `against` in reports; `training_images`: reads the training images, for the floor; `feature_network`: the
+        network's name in every report."""
+        self.network, self.against, self.feature_network = network, against, feature_network
         self.test_images, self.real_labels = test.images, test.labels
         self._training_images = training_images
         self._network_sha256, self._cache_dir = network_sha256, Path(cache_dir)
@@ -128,14 +144,16 @@ class Evaluator:
 
     def report(self, images: Tensor, asked: Tensor | None = None, bootstrap: int = 0, seed: int = 0,
                copy_rate: bool = False) -> dict[str, dict]:
-        """`score`'s metrics and `per_digit`'s, from one pass of the feature network: {"against", "metrics",
-        "per_digit"}; with `asked` (a conditional generator's labels) also "per_asked_digit" and metrics'
-        "label_agreement"; with `bootstrap` resamples also "fd_interval" (`fd_interval`, seeded by `seed`); with
-        `copy_rate` also metrics' "copy_rate" (`copy_rate`)."""
+        """`score`'s metrics and, where the feature network classifies, `per_digit`'s, from one pass of the feature
+        network: {"against", "feature_network", "metrics", "per_digit"}; with `asked` (a conditional generator's
+        labels) also "per_asked_digit" and metrics' "label_agreement" (a classifier's); with `bootstrap` resamples
+        also "fd_interval" (`fd_interval`, seeded by `seed`); with `copy_rate` also metrics' "copy_rate"."""
         fake = extract(self.network, images)
-        report = {"against": self.against, "metrics": compare(self.real, fake),
-                  "per_digit": per_digit(self.real, self.real_labels, fake)}
-        if asked is not None:
+        report = {"against": self.against, "feature_network": self.feature_network,
+                  "metrics": compare(self.real, fake)}
+        if self.network.classifies:
+            report["per_digit"] = per_digit(self.real, self.real_labels, fake)
+        if asked is not None and self.network.classifies:
             predicted = fake.probabilities.argmax(1).cpu()
             report["metrics"]["label_agreement"] = (predicted == asked.cpu()).double().mean().item()
             report["per_asked_digit"] = per_digit(self.real, self.real_labels, fake, asked)
@@ -160,8 +178,11 @@ class Evaluator:
             self._training_features = self._cached_features(self._training_images(), "training").features
         return self._training_features
 
-    def test_accuracy(self) -> float:
-        """The share of the test images the feature network labels correctly: how well its features know the data."""
+    def test_accuracy(self) -> float | None:
+        """The share of the test images the feature network labels correctly (how well its features know the data);
+        None for a network that does not classify."""
+        if not self.network.classifies:
+            return None
         predicted = self.real.probabilities.argmax(1).cpu()
         return (predicted == self.real_labels.cpu()).double().mean().item()
 
@@ -199,9 +220,10 @@ class Evaluator:
         path = self._cache_dir / f"{split}_features_{key}.safetensors"
         what = f"{split}-set features"
         device = str(next(self.network.parameters()).device)
-        cached = tensor_cache.read(path, what, needed=("features", "probabilities"))
+        kept = ("features", "probabilities") if self.network.classifies else ("features",)
+        cached = tensor_cache.read(path, what, needed=kept)
         if cached is not None:
-            return Features(cached["features"].to(device), cached["probabilities"].to(device))
+            return Features(*(cached[name].to(device) for name in kept))
         real = extract(self.network, images)
-        tensor_cache.write(path, {"features": real.features, "probabilities": real.probabilities}, what)
+        tensor_cache.write(path, {name: getattr(real, name) for name in kept}, what)
         return real

@@ -45,7 +45,8 @@ KID_SUBSETS, KID_SUBSET_SIZE = 50, 1000  # subsets of 1000 as torchmetrics and c
 @dataclass
 class Features:
     features: Tensor  # [N, FEATURE_DIM] float32, penultimate layer
-    probabilities: Tensor  # [N, 10] softmax of the class logits
+    probabilities: Tensor | None = None  # [N, classes] softmax of the class logits; None from a network that does
+    # not classify (a self-supervised one)
     _neighbours: Tensor | None = field(default=None, repr=False)
 
     def radii(self, k: int) -> Tensor:
@@ -58,7 +59,8 @@ class Features:
 
 @torch.no_grad()
 def extract(network: classifier.FeatureNetwork, images: Tensor, batch_size: int = 1000) -> Features:
-    """Features of uint8 images [N, C, H, W] (or [N, H, W] of grey ones), on the network's device."""
+    """Features of uint8 images [N, C, H, W] (or [N, H, W] of grey ones), on the network's device; class
+    probabilities where the network classifies."""
     device = next(network.parameters()).device
     images = images.reshape(-1, *network.images.shape)
     features, probabilities = [], []
@@ -66,7 +68,7 @@ def extract(network: classifier.FeatureNetwork, images: Tensor, batch_size: int 
         hidden, logits = network(chunk.to(device).float().div(255))
         features.append(hidden.float())
         probabilities.append(logits.float().softmax(1))
-    return Features(torch.cat(features), torch.cat(probabilities))
+    return Features(torch.cat(features), torch.cat(probabilities) if network.classifies else None)
 
 
 def frechet_distance(a: Tensor, b: Tensor) -> float:
@@ -198,7 +200,7 @@ def compare(real: Features, fake: Features) -> dict[str, float]:
     kid, kid_std = kernel_inception_distance(real.features, fake.features)
     return {"fd": frechet_distance(real.features, fake.features), "kid": kid, "kid_std": kid_std,
             "precision": precision, "recall": recall, "density": density, "coverage": coverage,
-            **class_statistics(fake.probabilities)}
+            **(class_statistics(fake.probabilities) if fake.probabilities is not None else {})}
 
 
 def per_digit(real: Features, real_labels: Tensor, fake: Features, asked: Tensor | None = None

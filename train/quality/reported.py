@@ -9,8 +9,10 @@ from dataclasses import dataclass
 
 FD_PANEL = "Fréchet distance (classifier features)"
 MANIFOLD_PANEL = "precision / recall / density / coverage"
-ALWAYS, CONDITIONAL, COPY_RATE = "always", "conditional", "copy_rate"  # when: every report; a conditional
-# generator's (its asked labels are known); where the copy rate is asked for (eval.copy_rate, train.audit)
+# When a metric is measured: in every report; where the feature network classifies (it knows the data's classes);
+# for a conditional generator scored by a classifier (its asked labels are known); where the copy rate is asked for
+# (eval.copy_rate, train.audit).
+ALWAYS, CLASSES, CONDITIONAL, COPY_RATE = "always", "classes", "conditional", "copy_rate"
 
 
 @dataclass(frozen=True)
@@ -35,17 +37,19 @@ METRICS = (
     Metric("recall", "recall", "higher", MANIFOLD_PANEL),
     Metric("density", "density", "higher", MANIFOLD_PANEL),
     Metric("coverage", "coverage", "higher", MANIFOLD_PANEL),
-    Metric("classes_present", "classes present", "higher"),
-    Metric("class_kl", "class KL to uniform", "lower", card=False),
-    Metric("inception_score", "inception score (the data's classifier)", "higher", card=False),
+    Metric("classes_present", "classes present", "higher", when=CLASSES),
+    Metric("class_kl", "class KL to uniform", "lower", card=False, when=CLASSES),
+    Metric("inception_score", "inception score (the data's classifier)", "higher", card=False, when=CLASSES),
     Metric("label_agreement", "label agreement", "higher", when=CONDITIONAL),
     Metric("copy_rate", "copy rate", "lower", when=COPY_RATE),
 )
 
 
-def measured(conditional: bool = False, copy_rate: bool = False) -> tuple[str, ...]:
-    """The keys of the metrics a report holds: for a conditional generator or not, with the copy rate or not."""
-    wanted = {ALWAYS, *([CONDITIONAL] if conditional else []), *([COPY_RATE] if copy_rate else [])}
+def measured(classes: bool = True, conditional: bool = False, copy_rate: bool = False) -> tuple[str, ...]:
+    """The keys of the metrics a report holds: by a feature network that classifies or not, for a conditional
+    generator or not, with the copy rate or not."""
+    wanted = {ALWAYS, *([CLASSES] if classes else []), *([CONDITIONAL] if conditional and classes else []),
+              *([COPY_RATE] if copy_rate else [])}
     return tuple(metric.key for metric in METRICS if metric.when in wanted)
 
 

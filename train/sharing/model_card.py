@@ -113,8 +113,9 @@ def _quality(evaluation: dict | None, images: ImageSpec, against: str) -> list[s
                 "`python -m train.evaluate --checkpoint THIS_FOLDER` measures it.", ""]
     lines = ["## Quality", "",
              f"Measured by the training run at step {evaluation['step']:,} on generated samples against {against}, "
-             "in the features of a classifier trained on the data's own training split (not Inception: the numbers "
-             "compare runs on this data, not with published FIDs).", "",
+             f"in the features of {text(evaluation.get('feature_network', 'a classifier trained on the data'))}, "
+             "trained on the data's own training split (not Inception: the numbers compare runs on this data, not "
+             "with published FIDs).", "",
              "| metric | value | better |", "|---|---|---|"]
     for metric in reported.on_card():
         if metric.logged in evaluation:

@@ -1,0 +1,128 @@
+"""Pictures without classes are scored too: a self-supervised feature network trained on their own training split
+(train/quality/contrastive.py), against the part held out of it; its numbers rise with the defects the metrics are
+there to see, and the run, its best checkpoint, its stop at a quality target and its model card work as on
+labelled data, each naming the network."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from conftest import TINY, logged_metrics, run_env, run_train
+from train import colour_digits
+from train.config import DataConfig
+from train.data.sources import load
+from train.models import to_uint8
+from train.quality import metrics
+from train.quality.evaluator import Evaluator
+from train.sharing import model_card
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from helpers.wandb_records import records  # noqa: E402
+
+PICTURES = 2000  # 200 of them held out (data.holdout=0.1): the test split
+FAKE_KEY = "0123456789abcdef0123456789abcdef01234567"
+
+
+@pytest.fixture(scope="module")
+def unlabelled(tmp_path_factory):
+    """The colour digits' first PICTURES training pictures in one flat folder: no classes."""
+    folder = tmp_path_factory.mktemp("unlabelled") / "pictures"
+    folder.mkdir()
+    for index, picture in enumerate(colour_digits.coloured("train", PICTURES)[0]):
+        Image.fromarray(picture).save(folder / f"{index:05d}.png")
+    return folder
+
+
+def data_config(folder: Path) -> DataConfig:
+    return DataConfig(source="folder", path=str(folder), cache_dir=str(folder.parent / "decoded"))
+
+
+@pytest.fixture(scope="module")
+def evaluator(unlabelled, eval_cache):
+    training = load(data_config(unlabelled))
+    return Evaluator.for_data(data_config(unlabelled), training.spec, eval_cache)
+
+
+def test_unlabelled_pictures_are_held_out_and_scored_by_a_self_supervised_network_named_in_the_report(
+        unlabelled, evaluator):
+    training, test = load(data_config(unlabelled)), load(data_config(unlabelled), "test")
+    assert (len(training.images), len(test.images)) == (PICTURES - PICTURES // 10, PICTURES // 10)
+    assert not {i.tobytes() for i in test.images.numpy()} & {i.tobytes() for i in training.images.numpy()}
+    assert evaluator.against.startswith(f"{PICTURES // 10} images held out of the training split")
+    assert evaluator.feature_network.startswith(f"a self-supervised network trained on {training.spec.dataset} ")
+    assert evaluator.test_accuracy() is None
+    from train.quality import reported
+    report = evaluator.report(evaluator.training_images(200, 0), copy_rate=True)
+    assert set(report["metrics"]) == set(reported.measured(classes=False, copy_rate=True)) and "per_digit" not in report
+    assert report["feature_network"] == evaluator.feature_network
+
+
+def test_its_numbers_rise_with_noise_blur_another_sets_pictures_and_missing_colours(evaluator):
+    """Against the held-out pictures: pictures it never saw are near the floor, and each defect, made stronger,
+    scores worse; a set missing half the colours scores clearly worse than as many pictures of all of them."""
+    pictures = torch.from_numpy(colour_digits.coloured("test", 1000)[0]).permute(0, 3, 1, 2).contiguous()
+    unit = pictures.float() / 255
+
+    def fd(images: torch.Tensor) -> float:
+        return metrics.frechet_distance(evaluator.real.features, metrics.extract(evaluator.network, images).features)
+
+    floor = fd(pictures)
+    noise = torch.randn(unit.shape, generator=torch.Generator().manual_seed(0))
+    noised = [fd(to_uint8((unit + sigma * noise).clamp(0, 1))) for sigma in (0.1, 0.2, 0.3)]
+    binomial = torch.tensor([1.0, 2.0, 1.0])
+    kernel, blurred, blurs = (binomial[:, None] * binomial[None] / 16)[None, None], unit, []
+    for _ in range(3):
+        blurred = torch.nn.functional.conv2d(blurred.flatten(0, 1)[:, None], kernel, padding=1).view_as(unit)
+        blurs.append(fd(to_uint8(blurred)))
+    replaced = []
+    for share in (0.1, 0.25, 0.5):  # another set's pictures: the digits drawn dark on light
+        mixed = pictures.clone()
+        mixed[:int(share * len(mixed))] = 255 - pictures[:int(share * len(mixed))]
+        replaced.append(fd(mixed))
+    for worse in (noised, blurs, replaced):
+        assert floor < worse[0] < worse[1] < worse[2], (floor, worse)
+    colour = torch.arange(len(pictures)) % len(colour_digits.COLOURS)  # the n-th picture is in colour n mod 8
+    half = pictures[colour < 4]
+    assert fd(half.repeat(2, 1, 1, 1)) > 1.3 * fd(pictures[:len(half)].repeat(2, 1, 1, 1))
+
+
+def test_a_run_on_unlabelled_pictures_keeps_its_best_stops_at_its_target_and_names_the_network_everywhere(
+        unlabelled, evaluator, eval_cache, tmp_path, tool_here):
+    run_dir = tmp_path / "run"
+    result = run_train(TINY + ["data.source=folder", f"data.path={unlabelled}",
+                               f"data.cache_dir={unlabelled.parent / 'decoded'}", f"run.dir={run_dir}",
+                               "eval.num_samples=100", "eval.every=3", f"eval.cache_dir={eval_cache}",
+                               "train.stop_at_fd=1e6", "logging.wandb=offline"],
+                       env=run_env(WANDB_API_KEY=FAKE_KEY))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"in the features of {evaluator.feature_network}" in result.stdout
+    assert "reached train.stop_at_fd=1e+06: stopping" in result.stderr
+    line = logged_metrics(run_dir)[-1]
+    assert line["step"] == 3 and line["eval/fd"] > 0 and line["feature_network"] == evaluator.feature_network
+    assert (run_dir / "checkpoints" / "best").resolve().name == "step_00000003"
+    configs = [json.loads(item.value_json) for path in run_dir.glob("wandb/offline-run-*/run-*.wandb")
+               for record in records(path) if record.WhichOneof("record_type") == "config"
+               for item in record.config.update if item.key == "feature_network"]
+    assert configs == [evaluator.feature_network]  # W&B charts numbers: the name is in the run's config
+    exported = tmp_path / "export"
+    assert tool_here("export", "--checkpoint", run_dir, "--out", exported).returncode == 0
+    card = (exported / "README.md").read_text()
+    assert f"in the features of {model_card.text(evaluator.feature_network)}" in card  # as markdown shows it
+    assert f"| FD | {line['eval/fd']:.4g}" in card
+    scored = tool_here("evaluate", "--checkpoint", exported, "--num", 100, "--cache-dir", eval_cache)
+    assert scored.returncode == 0, scored.stderr[-3000:]
+    assert json.loads(scored.stdout)["feature_network"] == evaluator.feature_network
+
+
+def test_a_classifier_for_unlabelled_pictures_is_refused_by_name_before_any_work(unlabelled, tmp_path):
+    run_dir = tmp_path / "refused"
+    result = run_train(TINY + ["data.source=folder", f"data.path={unlabelled}", f"run.dir={run_dir}",
+                               f"data.cache_dir={unlabelled.parent / 'decoded'}", "eval.num_samples=100",
+                               "eval.features=classifier"])
+    assert result.returncode == 2
+    assert "is unlabelled, and eval.features=classifier needs the data's own labels" in result.stderr
+    assert "eval.features=self_supervised" in result.stderr and not (run_dir / "checkpoints").exists()

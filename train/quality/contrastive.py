@@ -1,0 +1,111 @@
+"""The feature network of data without labels: trained on the data's own training split by a contrastive objective
+(SimCLR, Chen et al. 2020): two random views of each picture are drawn together in the feature space and apart
+from the other pictures of the batch.
+
+The views differ only in framing (a crop zoomed in up to 15% and moved up to 3 pixels, and a hidden square), never
+in colour, sharpness or noise: the network must stay sensitive to exactly the defects the metrics are there to see
+(blur, noise, a colour or a shape a generator leaves out). It has the classifier's body (train/quality/classifier.py)
+and is cached the same way, under the data's content hash; its 128 features are what FD, KID, precision/recall,
+density/coverage and the copy rate are computed on.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from tqdm import tqdm
+
+from train.data.sources import ImageSet
+from train.quality.classifier import FeatureNetwork
+from train.storage import tensor_cache
+
+EPOCHS, MIN_STEPS, SEED, BATCH, TEMPERATURE, PROJECTION = 4, 200, 0, 128, 0.2, 64
+RECIPE = (f"SimCLR, {EPOCHS} epochs and at least {MIN_STEPS} steps, seed {SEED}, batch {BATCH} pictures (two views "
+          f"each), temperature {TEMPERATURE}, a linear projection to {PROJECTION}, Adam with a one-cycle rate to 3e-3; "
+          "views: crops zoomed up to 15% and moved up to 3 pixels, a hidden square of a quarter of the side")
+MAX_ZOOM, MAX_SHIFT_PIXELS, HIDDEN_SHARE, GREY_SHARE = 0.15, 3, 0.25, 0.5
+
+
+def for_data(training: ImageSet, cache_dir: Path, device: torch.device | str = "cpu") -> tuple[FeatureNetwork, str]:
+    """(the self-supervised feature network of `training`'s pictures, the SHA-256 of its weights): read from
+    `cache_dir` where trained before on this very data (`training.spec.dataset`), else trained now and cached."""
+    spec = training.spec
+    path = Path(cache_dir) / f"contrastive_network_{spec.dataset.removeprefix('sha256:')[:16]}.safetensors"
+    expected = {"images": json.dumps(spec.as_dict(), sort_keys=True), "recipe": RECIPE}
+    weights = tensor_cache.read(path, "self-supervised feature network", expected)
+    if weights is None:
+        print(f"training a self-supervised feature network for the quality metrics on {len(training.images)} "
+              f"{spec.describe()} ({RECIPE}); cached in {path}", flush=True)
+        weights = train(training.images, spec, device).state_dict()
+        tensor_cache.write(path, weights, "self-supervised feature network", expected)
+    network = FeatureNetwork(spec, outputs=PROJECTION, classifies=False)
+    network.load_state_dict(weights)
+    return network.to(device).eval(), tensor_cache.tensors_sha256(weights)
+
+
+def views(images: Tensor, generator: torch.Generator) -> Tensor:
+    """A random framing of each float image [N, C, H, W]: zoomed in by up to MAX_ZOOM, moved by up to
+    MAX_SHIFT_PIXELS, with a square of HIDDEN_SHARE of the side set to 0."""
+    n, c, h, w = images.shape
+    uniform = torch.rand(n, 6, generator=generator).to(images.device)
+    if c == 3:  # half the views in grey: matching a grey view to a coloured one takes the shape, not the colour
+        grey = (uniform[:, 5] < GREY_SHARE)[:, None, None, None]
+        images = torch.where(grey, images.mean(1, keepdim=True).expand_as(images), images)
+    scale = 1 - MAX_ZOOM * uniform[:, 0]
+    shift = (uniform[:, 1:3] * 2 - 1) * 2 * MAX_SHIFT_PIXELS / torch.tensor([w, h], device=images.device)
+    theta = torch.zeros(n, 2, 3, device=images.device)
+    theta[:, 0, 0], theta[:, 1, 1], theta[:, :, 2] = scale, scale, shift
+    framed = F.grid_sample(images, F.affine_grid(theta, list(images.shape), align_corners=False),
+                           align_corners=False, padding_mode="zeros")
+    side = max(1, round(HIDDEN_SHARE * min(h, w)))
+    top = (uniform[:, 3] * (h - side + 1)).long().clamp(max=h - side)
+    left = (uniform[:, 4] * (w - side + 1)).long().clamp(max=w - side)
+    rows, columns = torch.arange(h, device=images.device), torch.arange(w, device=images.device)
+    hidden = (((rows[None] >= top[:, None]) & (rows[None] < top[:, None] + side))[:, :, None]
+              & ((columns[None] >= left[:, None]) & (columns[None] < left[:, None] + side))[:, None, :])
+    return framed.masked_fill(hidden[:, None], 0.0)
+
+
+def contrastive_loss(first: Tensor, second: Tensor, temperature: float = TEMPERATURE) -> Tensor:
+    """NT-Xent: each view's partner among the 2N - 1 other views of the batch, by cosine similarity / temperature."""
+    z = F.normalize(torch.cat([first, second]), dim=1)
+    similarity = (z @ z.T / temperature).fill_diagonal_(float("-inf"))
+    n = len(first)
+    partners = torch.cat([torch.arange(n, 2 * n), torch.arange(n)]).to(z.device)
+    return F.cross_entropy(similarity, partners)
+
+
+def train(images: Tensor, spec, device: torch.device | str) -> FeatureNetwork:
+    """A self-supervised feature network for uint8 `images` [N, C, H, W], trained by RECIPE from the seed SEED (the
+    caller's random state is left as it was)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(SEED)
+        framing = torch.Generator().manual_seed(SEED)
+        network = FeatureNetwork(spec, outputs=PROJECTION, classifies=False).to(device)
+        batch = min(BATCH, len(images))
+        batches_per_epoch = max(len(images) // batch, 1)
+        steps = max(EPOCHS * batches_per_epoch, MIN_STEPS)
+        optimizer = torch.optim.Adam(network.parameters(), lr=1e-3)
+        schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=3e-3, total_steps=steps)
+        bar = tqdm(total=steps, desc="self-supervised feature network", mininterval=0.1 if sys.stderr.isatty() else 30)
+        while schedule.last_epoch < steps:
+            order = torch.randperm(len(images))
+            for chosen in order[: batches_per_epoch * batch].view(batches_per_epoch, -1):
+                if schedule.last_epoch == steps:
+                    break
+                bar.update()
+                x = images[chosen].to(device).float().div(255)
+                _, first = network(views(x, framing))
+                _, second = network(views(x, framing))
+                loss = contrastive_loss(first, second)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                schedule.step()
+        bar.close()
+    return network.eval()
