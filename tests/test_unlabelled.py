@@ -126,3 +126,14 @@ def test_a_classifier_for_unlabelled_pictures_is_refused_by_name_before_any_work
     assert result.returncode == 2
     assert "is unlabelled, and eval.features=classifier needs the data's own labels" in result.stderr
     assert "eval.features=self_supervised" in result.stderr and not (run_dir / "checkpoints").exists()
+
+
+def test_a_run_on_all_of_the_unlabelled_pictures_resumes_with_holdout_0_and_is_told_so_without_it(unlabelled, tmp_path):
+    """Runs on unlabelled data begun before data.holdout applied to it trained on every picture."""
+    run_dir = tmp_path / "run"
+    args = TINY + ["data.source=folder", f"data.path={unlabelled}", f"data.cache_dir={unlabelled.parent / 'decoded'}",
+                   f"run.dir={run_dir}", "train.steps=2", "checkpoint.every=2"]
+    assert run_train(args + ["data.holdout=0"]).returncode == 0
+    refused = run_train(args + ["train.steps=4"])
+    assert refused.returncode == 2 and "resume that with data.holdout=0" in refused.stderr
+    assert run_train(args + ["train.steps=4", "data.holdout=0"]).returncode == 0

@@ -191,8 +191,10 @@ def check_images(path: Path, images: ImageSpec) -> None:
     quality numbers are measured against their test set)."""
     saved = recorded(read_state(path))
     if saved != images:
+        held_out = (" (a run on unlabelled data begun before data.holdout applied to it trained on all of it: resume "
+                    "that with data.holdout=0)" if not saved.num_classes and saved.shape == images.shape else "")
         raise CheckpointError(f"checkpoint {path} was trained on {saved.describe()}; this data is {images.describe()}: "
-                              "resume with the data it was trained on (data.*), or start a new run.dir")
+                              f"resume with the data it was trained on (data.*){held_out}, or start a new run.dir")
 
 
 def restore(path: Path, snapshot: Snapshot, rank: int, world_size: int) -> bool:
