@@ -14,6 +14,7 @@ import argparse
 import hashlib
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -69,22 +70,30 @@ def load(device: torch.device | str = "cpu") -> FeatureNetwork:
 
 
 def for_data(training: ImageSet, cache_dir: Path, device: torch.device | str = "cpu") -> tuple[FeatureNetwork, str]:
-    """(the feature network of the labelled `training` split, the SHA-256 of its weights): read from `cache_dir`
-    where trained before for this very data (its content hash, `training.spec.dataset`), else trained now (seconds
-    for thousands of images, minutes for tens of thousands on a CPU) and cached."""
+    """(the feature network of the labelled `training` split, the SHA-256 of its weights), trained once for this very
+    data (seconds for thousands of images, minutes for tens of thousands on a CPU) and cached."""
+    return trained_once(training, cache_dir, device, "feature network", "feature_network", RECIPE,
+                        lambda: FeatureNetwork(training.spec),
+                        lambda: train(training.images, training.labels, training.spec, device))
+
+
+def trained_once(training: ImageSet, cache_dir: Path, device: torch.device | str, what: str, prefix: str, recipe: str,
+                 build: Callable[[], FeatureNetwork], train_now: Callable[[], FeatureNetwork]
+                 ) -> tuple[FeatureNetwork, str]:
+    """(a feature network, the SHA-256 of its weights): read from `cache_dir` where `recipe` trained it before for
+    this very data (its content hash, `training.spec.dataset`), else trained now by `train_now` and cached; `build`
+    makes the network the cached weights load into."""
     spec = training.spec
-    path = Path(cache_dir) / f"feature_network_{spec.dataset.removeprefix('sha256:')[:16]}.safetensors"
-    expected = {"images": json.dumps(spec.as_dict(), sort_keys=True), "recipe": RECIPE}
-    weights = tensor_cache.read(path, "feature network", expected)
+    path = Path(cache_dir) / f"{prefix}_{spec.dataset.removeprefix('sha256:')[:16]}.safetensors"
+    expected = {"images": json.dumps(spec.as_dict(), sort_keys=True), "recipe": recipe}
+    weights = tensor_cache.read(path, what, expected)
     if weights is None:
-        print(f"training a feature network for the quality metrics on {len(training.images)} {spec.describe()} "
-              f"({RECIPE}); cached in {path}", flush=True)
-        network = train(training.images, training.labels, spec, device)
-        weights = network.state_dict()
-        tensor_cache.write(path, weights, "feature network", expected)
-    else:
-        network = FeatureNetwork(spec)
-        network.load_state_dict(weights)
+        print(f"training a {what} for the quality metrics on {len(training.images)} {spec.describe()} ({recipe}); "
+              f"cached in {path}", flush=True)
+        weights = train_now().state_dict()
+        tensor_cache.write(path, weights, what, expected)
+    network = build()
+    network.load_state_dict(weights)
     return network.to(device).eval(), tensor_cache.tensors_sha256(weights)
 
 
@@ -102,27 +111,37 @@ def accuracy(network: FeatureNetwork, images: Tensor, labels: Tensor, batch_size
 def train(images: Tensor, labels: Tensor, spec: ImageSpec, device: torch.device | str) -> FeatureNetwork:
     """A feature network for uint8 `images` [N, C, H, W] with `labels` [N], trained by RECIPE from the seed SEED
     (the caller's random state is left as it was)."""
+    def loss(network: FeatureNetwork, chosen: Tensor, x: Tensor) -> Tensor:
+        shift = torch.randint(-2, 3, (2,)).tolist()  # small random translations: more robust features
+        _, logits = network(torch.roll(x, shifts=shift, dims=(2, 3)))
+        return F.cross_entropy(logits, labels[chosen].to(x.device).long())
+
+    return fit(lambda: FeatureNetwork(spec), images, loss, device, SEED, "feature network")
+
+
+def fit(build: Callable[[], FeatureNetwork], images: Tensor, loss: Callable[[FeatureNetwork, Tensor, Tensor], Tensor],
+        device: torch.device | str, seed: int, what: str, epochs: int = EPOCHS, min_steps: int = MIN_STEPS,
+        batch: int = BATCH) -> FeatureNetwork:
+    """`build()`'s network trained from `seed` on `loss(network, indices, float images in [0, 1])` over batches of
+    `images` in a fresh order each epoch, for `epochs` and at least `min_steps` (small data sets: more epochs, enough
+    steps to learn), by Adam with a one-cycle rate to 3e-3; the caller's random state is left as it was."""
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(SEED)
-        network = FeatureNetwork(spec).to(device)
-        batches_per_epoch = max(len(images) // BATCH, 1)
-        steps = max(EPOCHS * batches_per_epoch, MIN_STEPS)  # small data sets: more epochs, enough steps to learn
+        torch.manual_seed(seed)
+        network = build().to(device)
+        batches_per_epoch = max(len(images) // batch, 1)
+        steps = max(epochs * batches_per_epoch, min_steps)
         optimizer = torch.optim.Adam(network.parameters(), lr=1e-3)
         schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=3e-3, total_steps=steps)
-        bar = tqdm(total=steps, desc="feature network", mininterval=0.1 if sys.stderr.isatty() else 30)
-        for _ in range(-(-steps // batches_per_epoch)):
+        bar = tqdm(total=steps, desc=what, mininterval=0.1 if sys.stderr.isatty() else 30)
+        while schedule.last_epoch < steps:
             order = torch.randperm(len(images))
-            for batch in order[: batches_per_epoch * BATCH].view(batches_per_epoch, -1):
+            for chosen in order[: batches_per_epoch * batch].view(batches_per_epoch, -1):
                 if schedule.last_epoch == steps:
                     break
                 bar.update()
-                x = images[batch].to(device).float().div(255)
-                shift = torch.randint(-2, 3, (2,)).tolist()  # small random translations: more robust features
-                x = torch.roll(x, shifts=shift, dims=(2, 3))
-                _, logits = network(x)
-                loss = F.cross_entropy(logits, labels[batch].to(device).long())
+                value = loss(network, chosen, images[chosen].to(device).float().div(255))
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                value.backward()
                 optimizer.step()
                 schedule.step()
         bar.close()

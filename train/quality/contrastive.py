@@ -11,18 +11,15 @@ density/coverage and the copy rate are computed on.
 
 from __future__ import annotations
 
-import json
-import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from tqdm import tqdm
 
+from train.data.images import ImageSpec
 from train.data.sources import ImageSet
-from train.quality.classifier import FeatureNetwork
-from train.storage import tensor_cache
+from train.quality.classifier import FeatureNetwork, fit, trained_once
 
 EPOCHS, MIN_STEPS, SEED, BATCH, TEMPERATURE, PROJECTION = 4, 200, 0, 128, 0.2, 64
 RECIPE = (f"SimCLR, {EPOCHS} epochs and at least {MIN_STEPS} steps, seed {SEED}, batch {BATCH} pictures (two views "
@@ -32,20 +29,11 @@ MAX_ZOOM, MAX_SHIFT_PIXELS, HIDDEN_SHARE, GREY_SHARE = 0.15, 3, 0.25, 0.5
 
 
 def for_data(training: ImageSet, cache_dir: Path, device: torch.device | str = "cpu") -> tuple[FeatureNetwork, str]:
-    """(the self-supervised feature network of `training`'s pictures, the SHA-256 of its weights): read from
-    `cache_dir` where trained before on this very data (`training.spec.dataset`), else trained now and cached."""
-    spec = training.spec
-    path = Path(cache_dir) / f"contrastive_network_{spec.dataset.removeprefix('sha256:')[:16]}.safetensors"
-    expected = {"images": json.dumps(spec.as_dict(), sort_keys=True), "recipe": RECIPE}
-    weights = tensor_cache.read(path, "self-supervised feature network", expected)
-    if weights is None:
-        print(f"training a self-supervised feature network for the quality metrics on {len(training.images)} "
-              f"{spec.describe()} ({RECIPE}); cached in {path}", flush=True)
-        weights = train(training.images, spec, device).state_dict()
-        tensor_cache.write(path, weights, "self-supervised feature network", expected)
-    network = FeatureNetwork(spec, outputs=PROJECTION, classifies=False)
-    network.load_state_dict(weights)
-    return network.to(device).eval(), tensor_cache.tensors_sha256(weights)
+    """(the self-supervised feature network of `training`'s pictures, the SHA-256 of its weights), trained once for
+    this very data and cached."""
+    return trained_once(training, cache_dir, device, "self-supervised feature network", "contrastive_network", RECIPE,
+                        lambda: FeatureNetwork(training.spec, outputs=PROJECTION, classifies=False),
+                        lambda: train(training.images, training.spec, device))
 
 
 def views(images: Tensor, generator: torch.Generator) -> Tensor:
@@ -80,32 +68,15 @@ def contrastive_loss(first: Tensor, second: Tensor, temperature: float = TEMPERA
     return F.cross_entropy(similarity, partners)
 
 
-def train(images: Tensor, spec, device: torch.device | str) -> FeatureNetwork:
+def train(images: Tensor, spec: ImageSpec, device: torch.device | str) -> FeatureNetwork:
     """A self-supervised feature network for uint8 `images` [N, C, H, W], trained by RECIPE from the seed SEED (the
     caller's random state is left as it was)."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(SEED)
-        framing = torch.Generator().manual_seed(SEED)
-        network = FeatureNetwork(spec, outputs=PROJECTION, classifies=False).to(device)
-        batch = min(BATCH, len(images))
-        batches_per_epoch = max(len(images) // batch, 1)
-        steps = max(EPOCHS * batches_per_epoch, MIN_STEPS)
-        optimizer = torch.optim.Adam(network.parameters(), lr=1e-3)
-        schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=3e-3, total_steps=steps)
-        bar = tqdm(total=steps, desc="self-supervised feature network", mininterval=0.1 if sys.stderr.isatty() else 30)
-        while schedule.last_epoch < steps:
-            order = torch.randperm(len(images))
-            for chosen in order[: batches_per_epoch * batch].view(batches_per_epoch, -1):
-                if schedule.last_epoch == steps:
-                    break
-                bar.update()
-                x = images[chosen].to(device).float().div(255)
-                _, first = network(views(x, framing))
-                _, second = network(views(x, framing))
-                loss = contrastive_loss(first, second)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                schedule.step()
-        bar.close()
-    return network.eval()
+    framing = torch.Generator().manual_seed(SEED)
+
+    def loss(network: FeatureNetwork, chosen: Tensor, x: Tensor) -> Tensor:
+        _, first = network(views(x, framing))
+        _, second = network(views(x, framing))
+        return contrastive_loss(first, second)
+
+    return fit(lambda: FeatureNetwork(spec, outputs=PROJECTION, classifies=False), images, loss, device, SEED,
+               "self-supervised feature network", EPOCHS, MIN_STEPS, min(BATCH, len(images)))
