@@ -137,3 +137,13 @@ def test_a_run_on_all_of_the_unlabelled_pictures_resumes_with_holdout_0_and_is_t
     refused = run_train(args + ["train.steps=4"])
     assert refused.returncode == 2 and "resume that with data.holdout=0" in refused.stderr
     assert run_train(args + ["train.steps=4", "data.holdout=0"]).returncode == 0
+
+
+def test_the_feature_networks_the_config_offers_are_the_evaluators_and_another_is_refused_by_name(tmp_path):
+    from train.config import CHOICES
+    from train.errors import ConfigError
+    from train.quality.evaluator import AUTO, FEATURE_NETWORKS
+    assert CHOICES["eval.features"] == (AUTO, *FEATURE_NETWORKS)
+    with pytest.raises(ConfigError, match="eval.features='inception' is not a feature network of this code; the "
+                                          "feature networks are auto, classifier, self_supervised"):
+        Evaluator.for_data(DataConfig(), load(DataConfig()).spec, tmp_path, features="inception")

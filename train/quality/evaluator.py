@@ -16,7 +16,7 @@ from train.data import sources
 from train.data.images import MNIST, MNIST_DATASET, ImageSpec
 from train.data.readers.idx import read_idx_images, read_idx_labels
 from train.data.sources import ImageSet
-from train.errors import DataError
+from train.errors import ConfigError, DataError
 from train.models import GENERATION_CHUNK, balanced_labels, split_like, to_uint8
 from train.quality import classifier, contrastive
 from train.quality.metrics import (
@@ -79,7 +79,7 @@ class Evaluator:
         a classifier, or no test split: a run is never scored against another data set."""
         kind = (CLASSIFIER if images.num_classes else SELF_SUPERVISED) if features == AUTO else features
         if kind not in FEATURE_NETWORKS:
-            raise DataError(f"eval.features={features!r} is not a feature network of this code; the feature networks "
+            raise ConfigError(f"eval.features={features!r} is not a feature network of this code; the feature networks "
                             f"are {', '.join((AUTO, *FEATURE_NETWORKS))}")
         if kind == CLASSIFIER and images.dataset == MNIST_DATASET:
             return cls.mnist(SHIPPED_MNIST, cache_dir, device)
