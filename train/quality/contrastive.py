@@ -21,7 +21,7 @@ from train.data.images import ImageSpec
 from train.data.sources import ImageSet
 from train.quality.classifier import FeatureNetwork, fit, trained_once
 
-EPOCHS, MIN_STEPS, SEED, BATCH, TEMPERATURE, PROJECTION = 4, 200, 0, 128, 0.2, 64
+EPOCHS, MIN_STEPS, SEED, BATCH, TEMPERATURE, PROJECTION = 4, 150, 0, 128, 0.2, 64
 RECIPE = (f"SimCLR, {EPOCHS} epochs and at least {MIN_STEPS} steps, seed {SEED}, batch {BATCH} pictures (two views "
           f"each), temperature {TEMPERATURE}, a linear projection to {PROJECTION}, Adam with a one-cycle rate to 3e-3; "
           "views: crops zoomed up to 15% and moved up to 3 pixels, a hidden square of a quarter of the side")
