@@ -72,13 +72,13 @@ def load(device: torch.device | str = "cpu") -> FeatureNetwork:
 def for_data(training: ImageSet, cache_dir: Path, device: torch.device | str = "cpu") -> tuple[FeatureNetwork, str]:
     """(the feature network of the labelled `training` split, the SHA-256 of its weights), trained once for this very
     data (seconds for thousands of images, minutes for tens of thousands on a CPU) and cached."""
-    return trained_once(training, cache_dir, device, "feature network", "feature_network", RECIPE,
-                        lambda: FeatureNetwork(training.spec),
-                        lambda: train(training.images, training.labels, training.spec, device))
+    return trained_once(training, cache_dir, device, what="feature network", prefix="feature_network", recipe=RECIPE,
+                        build=lambda: FeatureNetwork(training.spec),
+                        train_now=lambda: train(training.images, training.labels, training.spec, device))
 
 
-def trained_once(training: ImageSet, cache_dir: Path, device: torch.device | str, what: str, prefix: str, recipe: str,
-                 build: Callable[[], FeatureNetwork], train_now: Callable[[], FeatureNetwork]
+def trained_once(training: ImageSet, cache_dir: Path, device: torch.device | str, *, what: str, prefix: str,
+                 recipe: str, build: Callable[[], FeatureNetwork], train_now: Callable[[], FeatureNetwork]
                  ) -> tuple[FeatureNetwork, str]:
     """(a feature network, the SHA-256 of its weights): read from `cache_dir` where `recipe` trained it before for
     this very data (its content hash, `training.spec.dataset`), else trained now by `train_now` and cached; `build`
@@ -116,11 +116,11 @@ def train(images: Tensor, labels: Tensor, spec: ImageSpec, device: torch.device 
         _, logits = network(torch.roll(x, shifts=shift, dims=(2, 3)))
         return F.cross_entropy(logits, labels[chosen].to(x.device).long())
 
-    return fit(lambda: FeatureNetwork(spec), images, loss, device, SEED, "feature network")
+    return fit(lambda: FeatureNetwork(spec), images, loss, device=device, seed=SEED, what="feature network")
 
 
 def fit(build: Callable[[], FeatureNetwork], images: Tensor, loss: Callable[[FeatureNetwork, Tensor, Tensor], Tensor],
-        device: torch.device | str, seed: int, what: str, epochs: int = EPOCHS, min_steps: int = MIN_STEPS,
+        *, device: torch.device | str, seed: int, what: str, epochs: int = EPOCHS, min_steps: int = MIN_STEPS,
         batch: int = BATCH) -> FeatureNetwork:
     """`build()`'s network trained from `seed` on `loss(network, indices, float images in [0, 1])` over batches of
     `images` in a fresh order each epoch, for `epochs` and at least `min_steps` (small data sets: more epochs, enough

@@ -31,9 +31,10 @@ MAX_ZOOM, MAX_SHIFT_PIXELS, HIDDEN_SHARE, GREY_SHARE = 0.15, 3, 0.25, 0.5
 def for_data(training: ImageSet, cache_dir: Path, device: torch.device | str = "cpu") -> tuple[FeatureNetwork, str]:
     """(the self-supervised feature network of `training`'s pictures, the SHA-256 of its weights), trained once for
     this very data and cached."""
-    return trained_once(training, cache_dir, device, "self-supervised feature network", "contrastive_network", RECIPE,
-                        lambda: FeatureNetwork(training.spec, outputs=PROJECTION, classifies=False),
-                        lambda: train(training.images, training.spec, device))
+    return trained_once(training, cache_dir, device, what="self-supervised feature network",
+                        prefix="contrastive_network", recipe=RECIPE,
+                        build=lambda: FeatureNetwork(training.spec, outputs=PROJECTION, classifies=False),
+                        train_now=lambda: train(training.images, training.spec, device))
 
 
 def views(images: Tensor, generator: torch.Generator) -> Tensor:
@@ -78,5 +79,6 @@ def train(images: Tensor, spec: ImageSpec, device: torch.device | str) -> Featur
         _, second = network(views(x, framing))
         return contrastive_loss(first, second)
 
-    return fit(lambda: FeatureNetwork(spec, outputs=PROJECTION, classifies=False), images, loss, device, SEED,
-               "self-supervised feature network", EPOCHS, MIN_STEPS, min(BATCH, len(images)))
+    return fit(lambda: FeatureNetwork(spec, outputs=PROJECTION, classifies=False), images, loss, device=device,
+               seed=SEED, what="self-supervised feature network", epochs=EPOCHS, min_steps=MIN_STEPS,
+               batch=min(BATCH, len(images)))
