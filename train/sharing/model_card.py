@@ -29,6 +29,8 @@ CARD = "README.md"
 SAMPLES = "samples.png"
 PER_CLASS = (("count", "samples"), ("fd", "FD"), ("recall", "recall"))  # digits/<key>_<class> in metrics.jsonl
 
+OLD_FEATURE_NETWORK = "a classifier trained on the data's own training split"  # lines logged before they named it
+
 
 def evaluation_at(checkpoint: Path, step: int) -> dict | None:
     """The line its run logged at `step` where that line holds an evaluation (eval/fd), else None (never
@@ -113,9 +115,9 @@ def _quality(evaluation: dict | None, images: ImageSpec, against: str) -> list[s
                 "`python -m train.evaluate --checkpoint THIS_FOLDER` measures it.", ""]
     lines = ["## Quality", "",
              f"Measured by the training run at step {evaluation['step']:,} on generated samples against {against}, "
-             f"in the features of {text(evaluation.get('feature_network', 'a classifier trained on the data'))}, "
-             "trained on the data's own training split (not Inception: the numbers compare runs on this data, not "
-             "with published FIDs).", "",
+             "in the features of "
+             f"{text(evaluation.get('feature_network', OLD_FEATURE_NETWORK))} "
+             "(not Inception: the numbers compare runs on this data, not with published FIDs).", "",
              "| metric | value | better |", "|---|---|---|"]
     for metric in reported.on_card():
         if metric.logged in evaluation:
