@@ -3,37 +3,49 @@
 there to see, and the run, its best checkpoint, its stop at a quality target and its model card work as on
 labelled data, each naming the network."""
 
+import itertools
 import json
+import shutil
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
 
 from conftest import TINY, logged_metrics, run_env, run_train
 from train import colour_digits
 from train.config import DataConfig
 from train.data.sources import load
-from train.models import to_uint8
+from train.models import generate, to_uint8
 from train.quality import metrics
 from train.quality.evaluator import Evaluator
 from train.sharing import model_card
+from train.sharing.export import load_generator
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from helpers.wandb_records import records  # noqa: E402
 
 PICTURES = 2000  # 200 of them held out (data.holdout=0.1): the test split
 FAKE_KEY = "0123456789abcdef0123456789abcdef01234567"
+RANKED_STEPS, RANKED_SAMPLES = (10, 30, 90, 270), 500  # checkpoints of one run, 3x apart; samples scored of each
 
 
 @pytest.fixture(scope="module")
-def unlabelled(tmp_path_factory):
-    """The colour digits' first PICTURES training pictures in one flat folder: no classes."""
-    folder = tmp_path_factory.mktemp("unlabelled") / "pictures"
+def labelled(tmp_path_factory):
+    """The colour digits' first PICTURES training pictures in class folders (train/<digit>/), without a test split."""
+    folder = tmp_path_factory.mktemp("unlabelled") / "labelled"
+    colour_digits.write(folder, {"train": PICTURES})
+    return folder
+
+
+@pytest.fixture(scope="module")
+def unlabelled(labelled):
+    """The same pictures in one flat folder, without classes, in the order the class folders are read: the same
+    data set (its content hash), scored by the same self-supervised network."""
+    folder = labelled.parent / "pictures"
     folder.mkdir()
-    for index, picture in enumerate(colour_digits.coloured("train", PICTURES)[0]):
-        Image.fromarray(picture).save(folder / f"{index:05d}.png")
+    for path in sorted(labelled.glob("train/*/*.png")):
+        shutil.copyfile(path, folder / f"{path.parent.name}_{path.name}")
     return folder
 
 
@@ -61,10 +73,12 @@ def test_unlabelled_pictures_are_held_out_and_scored_by_a_self_supervised_networ
     assert report["feature_network"] == evaluator.feature_network
 
 
-def test_its_numbers_rise_with_noise_blur_another_sets_pictures_and_missing_colours(evaluator):
+def test_its_numbers_rise_with_noise_blur_another_sets_pictures_and_missing_colours_or_digits(evaluator):
     """Against the held-out pictures: pictures it never saw are near the floor, and each defect, made stronger,
-    scores worse; a set missing half the colours scores clearly worse than as many pictures of all of them."""
-    pictures = torch.from_numpy(colour_digits.coloured("test", 1000)[0]).permute(0, 3, 1, 2).contiguous()
+    scores worse; a set missing half the colours, or half the digits, scores clearly worse than as many pictures of
+    all of them."""
+    pictures, digits = colour_digits.coloured("test", 1000)
+    pictures, digits = torch.from_numpy(pictures).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(digits)
     unit = pictures.float() / 255
 
     def fd(images: torch.Tensor) -> float:
@@ -86,8 +100,8 @@ def test_its_numbers_rise_with_noise_blur_another_sets_pictures_and_missing_colo
     for worse in (noised, blurs, replaced):
         assert floor < worse[0] < worse[1] < worse[2], (floor, worse)
     colour = torch.arange(len(pictures)) % len(colour_digits.COLOURS)  # the n-th picture is in colour n mod 8
-    half = pictures[colour < 4]
-    assert fd(half.repeat(2, 1, 1, 1)) > 1.3 * fd(pictures[:len(half)].repeat(2, 1, 1, 1))
+    for half in (pictures[colour < 4], pictures[digits < 5]):  # as many pictures, twice each, of all of them
+        assert fd(half.repeat(2, 1, 1, 1)) > 1.3 * fd(pictures[:len(half)].repeat(2, 1, 1, 1))
 
 
 def test_a_run_on_unlabelled_pictures_keeps_its_best_stops_at_its_target_and_names_the_network_everywhere(
@@ -147,3 +161,32 @@ def test_the_feature_networks_the_config_offers_are_the_evaluators_and_another_i
     with pytest.raises(ConfigError, match="eval.features='inception' is not a feature network of this code; the "
                                           "feature networks are auto, classifier, self_supervised"):
         Evaluator.for_data(DataConfig(), load(DataConfig()).spec, tmp_path, features="inception")
+
+
+@pytest.mark.slow  # a run long enough to change between its checkpoints
+def test_labelled_pictures_scored_with_and_without_their_labels_rank_a_runs_checkpoints_alike(
+        labelled, unlabelled, eval_cache, tmp_path):
+    """The same pictures with their classes: wherever the classifier trained on them tells two checkpoints of one
+    run apart (95% intervals apart), the self-supervised network orders them the same way."""
+    data_cfg = data_config(labelled)
+    run_dir = tmp_path / "run"
+    result = run_train(TINY + ["data.source=folder", f"data.path={labelled}", f"data.cache_dir={data_cfg.cache_dir}",
+                               f"run.dir={run_dir}", "data.batch_size=32", f"train.steps={RANKED_STEPS[-1]}",
+                               f"checkpoint.every={RANKED_STEPS[0]}", "checkpoint.keep_last=0", "logging.every=100"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    images = load(data_cfg).spec
+    assert images.dataset == load(data_config(unlabelled)).spec.dataset  # one self-supervised network for both
+    samples = [to_uint8(generate(load_generator(run_dir / "checkpoints" / f"step_{step:08d}", use_ema=False),
+                                 RANKED_SAMPLES, 0)) for step in RANKED_STEPS]
+    fds = {}
+    for features in ("classifier", "self_supervised"):
+        evaluator = Evaluator.for_data(data_cfg, images, eval_cache, features=features)
+        fds[features] = [evaluator.fd_interval(images, 100) for images in samples]
+    by_classifier, by_itself = fds["classifier"], fds["self_supervised"]
+    told_apart = [(a, b) for a, b in itertools.combinations(range(len(RANKED_STEPS)), 2)
+                  if max(by_classifier[a]["low"], by_classifier[b]["low"])
+                  > min(by_classifier[a]["high"], by_classifier[b]["high"])]
+    assert len(told_apart) >= 4, fds  # the run changes enough for the comparison to say something
+    for a, b in told_apart:
+        assert (by_classifier[a]["fd"] < by_classifier[b]["fd"]) == (by_itself[a]["fd"] < by_itself[b]["fd"]), (
+            RANKED_STEPS[a], RANKED_STEPS[b], fds)

@@ -11,6 +11,7 @@ density/coverage and the copy rate are computed on.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -30,7 +31,8 @@ MAX_ZOOM, MAX_SHIFT_PIXELS, HIDDEN_SHARE, GREY_SHARE = 0.15, 3, 0.25, 0.5
 
 def for_data(training: ImageSet, cache_dir: Path, device: torch.device | str = "cpu") -> tuple[FeatureNetwork, str]:
     """(the self-supervised feature network of `training`'s pictures, the SHA-256 of its weights), trained once for
-    this very data and cached."""
+    this very data and cached: the same network whether the pictures come with classes or not."""
+    training = ImageSet(training.images, None, dataclasses.replace(training.spec, num_classes=0))
     return trained_once(training, cache_dir, device, what="self-supervised feature network",
                         prefix="contrastive_network", recipe=RECIPE,
                         build=lambda: FeatureNetwork(training.spec, outputs=PROJECTION, classifies=False),
