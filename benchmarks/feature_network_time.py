@@ -1,22 +1,64 @@
 """`python -m benchmarks.feature_network_time`: seconds to train the self-supervised feature network of unlabelled
-data (train/quality/contrastive.py) on the 60,000 colour digits (3x32x32), on the CPU (docs/performance.md)."""
+data (train/quality/contrastive.py) on the 60,000 colour digits (3x32x32), on the CPU; with `--inception`, the
+seconds Inception-v3 (train/quality/inception.py) takes per picture and per FD of its 2048 features instead
+(docs/performance.md). Inception's time does not depend on its weights' values: it runs on random ones."""
 
+import argparse
 import platform
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
 from train import colour_digits
 from train.data.images import ImageSpec
-from train.quality import contrastive
+from train.quality import contrastive, inception, metrics
+
+COLOUR_DIGITS = ImageSpec(3, 32, 32, 0, "colour digits")
+
+
+def machine() -> str:
+    return f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads"
+
+
+def self_supervised() -> None:
+    pictures = torch.from_numpy(colour_digits.coloured("train")[0]).permute(0, 3, 1, 2).contiguous()
+    started = time.perf_counter()
+    contrastive.train(pictures, COLOUR_DIGITS, "cpu")
+    print(f"{len(pictures)} pictures: {time.perf_counter() - started:.1f} s ({machine()})")
+
+
+def inception_features(count: int = 200) -> None:
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    class Unloaded(FeatureExtractorInceptionV3):
+        def load_state_dict(self, state_dict, strict=True, assign=False):
+            """Keeps the random initialisation."""
+
+    with tempfile.TemporaryDirectory() as folder:
+        torch.save({}, Path(folder) / "nothing.pth")
+        weights = Path(folder) / "random.pth"
+        torch.save(Unloaded("inception-v3-compat", ["2048"], str(Path(folder) / "nothing.pth")).state_dict(), weights)
+        network = inception.load(weights, COLOUR_DIGITS)[0]
+    pictures = torch.from_numpy(colour_digits.coloured("test", count)[0]).permute(0, 3, 1, 2).contiguous()
+    metrics.extract(network, pictures[:inception.BATCH])  # the first pass allocates
+    started = time.perf_counter()
+    features = metrics.extract(network, pictures).features
+    per_picture = (time.perf_counter() - started) / count
+    started = time.perf_counter()
+    metrics.frechet_distance(features.repeat(15, 1) + torch.randn(15 * count, inception.FEATURE_DIM), features)
+    print(f"Inception-v3: {per_picture:.3f} s a picture, {time.perf_counter() - started:.1f} s an FD of "
+          f"{inception.FEATURE_DIM} features ({machine()})")
 
 
 def main() -> None:
-    pictures = torch.from_numpy(colour_digits.coloured("train")[0]).permute(0, 3, 1, 2).contiguous()
-    started = time.perf_counter()
-    contrastive.train(pictures, ImageSpec(3, 32, 32, 0, "colour digits"), "cpu")
-    print(f"{len(pictures)} pictures: {time.perf_counter() - started:.1f} s ({platform.processor() or platform.machine()}, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads)")
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.feature_network_time", description=__doc__.split("\n")[0])
+    parser.add_argument("--inception", action="store_true", help="time Inception-v3's features and FD instead")
+    if parser.parse_args().inception:
+        inception_features()
+    else:
+        self_supervised()
 
 
 if __name__ == "__main__":

@@ -158,9 +158,9 @@ def test_the_feature_networks_the_config_offers_are_the_evaluators_and_another_i
     from train.errors import ConfigError
     from train.quality.evaluator import AUTO, FEATURE_NETWORKS
     assert CHOICES["eval.features"] == (AUTO, *FEATURE_NETWORKS)
-    with pytest.raises(ConfigError, match="eval.features='inception' is not a feature network of this code; the "
-                                          "feature networks are auto, classifier, self_supervised"):
-        Evaluator.for_data(DataConfig(), load(DataConfig()).spec, tmp_path, features="inception")
+    with pytest.raises(ConfigError, match="eval.features='vgg16' is not a feature network of this code; the "
+                                          "feature networks are auto, classifier, self_supervised, inception"):
+        Evaluator.for_data(DataConfig(), load(DataConfig()).spec, tmp_path, features="vgg16")
 
 
 @pytest.mark.slow  # a run long enough to change between its checkpoints

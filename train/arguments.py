@@ -5,7 +5,9 @@ import argparse
 
 import torch
 
+from train.config import CHOICES, EvalConfig, inception_weights
 from train.data.memory import available_memory
+from train.errors import ConfigError
 
 
 def available_device(name: str) -> str:
@@ -43,3 +45,22 @@ def check_fits_in_memory(parser: argparse.ArgumentParser, count: int, bytes_each
     if count * bytes_each > available:
         parser.error(f"--num {count} needs about {count * bytes_each / 2 ** 30:.3g} GiB of memory, and this machine "
                      f"has {available / 2 ** 30:.3g} GiB available: ask for at most {available // bytes_each}")
+
+
+def add_feature_network(parser: argparse.ArgumentParser) -> None:
+    """`--features` and `--inception-weights`: the feature network a tool scores with (eval.features and
+    eval.inception_weights); `check_feature_network` checks them once parsed."""
+    parser.add_argument("--features", choices=CHOICES["eval.features"], default=EvalConfig.features,
+                        help="the feature network (eval.features; auto: a classifier for labelled data, a "
+                        "self-supervised network for unlabelled): give the run's, if it set one")
+    parser.add_argument("--inception-weights", metavar="FILE", help="--features inception: the Inception-v3 weights "
+                        "file (eval.inception_weights; default: torch hub's checkpoints folder)")
+
+
+def check_feature_network(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse `--features inception` (through argparse: exit 2) where its weights file is not there."""
+    if args.features == "inception":
+        try:
+            inception_weights(args.inception_weights, key="--inception-weights")
+        except ConfigError as error:
+            parser.error(str(error))

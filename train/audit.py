@@ -24,8 +24,9 @@ import torch
 from torch import Tensor
 from torchvision.utils import save_image
 
-from train.arguments import available_device, check_fits_in_memory, seed
-from train.config import CHOICES, EvalConfig
+from train.arguments import (
+    add_feature_network, available_device, check_feature_network, check_fits_in_memory, seed)
+from train.config import EvalConfig
 from train.data import sources
 from train.errors import EXIT_BAD_INPUT, CheckpointError, DataError
 from train.models import balanced_labels, generate, to_uint8
@@ -83,27 +84,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=seed, default=0)
     parser.add_argument("--grid", help="write the closest sample/training-image pairs to this PNG")
     parser.add_argument("--cache-dir", default=EvalConfig.cache_dir)
-    parser.add_argument("--features", choices=CHOICES["eval.features"], default=EvalConfig.features,
-                        help="the feature network (eval.features; auto: a classifier for labelled data, a self-supervised "
-                        "network for unlabelled): give the run's, if it set one")
+    add_feature_network(parser)
     parser.add_argument("--data-path", help="where the generator's training data is now, if not where it was "
                         "recorded")
     parser.add_argument("--device", type=available_device, default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
+    check_feature_network(parser, args)
     if args.num < 1:
         parser.error("--num must be at least 1")
     if args.grid is not None and Path(args.grid).suffix.lower() != ".png":
         parser.error(f"--grid {args.grid} must name a .png file")
     try:  # the generator, its data and the feature network, before any sample is drawn
         generator = load_generator(args.checkpoint, args.device)
-        check_fits_in_memory(parser, args.num, bytes_per_sample(generator.images))
+        check_fits_in_memory(parser, args.num, bytes_per_sample(generator.images, args.features))
         data_cfg = training_data(args.checkpoint, args.data_path)
         training = sources.load(data_cfg)
         if training.spec.dataset != generator.images.dataset:
             raise DataError(f"data.source={data_cfg.source} data.path={data_cfg.path!r} is not the data the generator "
                             f"was trained on ({generator.images.describe()}): an audit against other images says "
                             "nothing of copying; give --data-path of the training data")
-        evaluator = Evaluator.for_data(data_cfg, generator.images, Path(args.cache_dir), args.device, args.features)
+        evaluator = Evaluator.for_data(data_cfg, generator.images, Path(args.cache_dir), args.device, args.features,
+                                       args.inception_weights)
     except (CheckpointError, DataError) as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -112,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.grid is not None:
         save_image(pairs.float().div(255), args.grid, nrow=8, padding=2, pad_value=0.5)
     print(json.dumps({"checkpoint": args.checkpoint, "num_samples": args.num, "seed": args.seed,
-                      "training_images": len(training.images), "held_out": evaluator.against, **report}, indent=1))
+                      "training_images": len(training.images), "held_out": evaluator.against,
+                      "feature_network": evaluator.feature_network, **report}, indent=1))
     return 0
 
 

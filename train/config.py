@@ -25,6 +25,10 @@ from train.errors import ConfigError
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SHIPPED_MNIST = REPO_ROOT / "data" / "mnist"  # also the real set of the quality metrics
 MIN_EVAL_SAMPLES = 100  # fewer make the Fréchet distance and the neighbourhood metrics noise
+# torch-fidelity's Inception-v3 (TensorFlow's 2015-12-05 network, ported), the one the field's FID is computed with;
+# the hex in the file name is the start of its SHA-256 (torch.hub's convention). Never downloaded at run time.
+INCEPTION_WEIGHTS_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
+                         "weights-inception-2015-12-05-6726825d.pth")
 
 
 @dataclass
@@ -44,7 +48,7 @@ class DataConfig:
     resolution: int | None = None  # the square size the networks get (scaled, centre-cropped); null: as they are
     channels: int | None = None  # 1 (grey) | 3 (RGB); null: grey where every picture is grey, else RGB
     cache_dir: str = ".cache/data"  # image folders and HF image columns decoded once, keyed by their pictures' bytes
-    holdout: float = 0.1  # labelled data without a test split: this share of it is held out as one, never trained on
+    holdout: float = 0.1  # data without a test split: this share of it is held out as one, never trained on
 
 
 @dataclass
@@ -123,7 +127,8 @@ class EvalConfig:
     cache_dir: str = ".cache/eval"  # cached test-set features and feature networks of data other than MNIST
     fd_resamples: int = 0  # bootstrap resamples for the FD's 95% interval (eval/fd_low, eval/fd_high); 0: none
     copy_rate: bool = False  # eval/copy_rate: the share of samples nearer a training image than held-out images are
-    features: str = "auto"  # the feature network: auto | classifier (labelled data) | self_supervised (any data)
+    features: str = "auto"  # the feature network: auto | classifier (labelled) | self_supervised | inception
+    inception_weights: str | None = None  # eval.features=inception's weights file; null: torch hub's checkpoints
 
 
 @dataclass
@@ -158,7 +163,7 @@ CHOICES = {
     "train.mixed_precision": (None, "fp32", "bf16", "fp16", "auto"),
     "logging.wandb": ("online", "offline", "disabled"),
     "train.on_nonfinite": ("stop", "skip", "rollback"),
-    "eval.features": ("auto", "classifier", "self_supervised"),  # train/quality/evaluator.py's FEATURE_NETWORKS
+    "eval.features": ("auto", "classifier", "self_supervised", "inception"),  # train/quality/evaluator.py's
 }
 _GREATER_THAN_ZERO = (lambda v: v > 0, "greater than 0")
 _NOT_NEGATIVE = (lambda v: v >= 0, "0 or more")
@@ -308,6 +313,8 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{key}={value} needs evaluations during training: set eval.every (steps between "
                               f"them; it is {cfg.eval.every}) and eval.num_samples (it is {cfg.eval.num_samples}), "
                               f"or {key}=null")
+    if cfg.eval.features == "inception" and cfg.eval.num_samples:
+        inception_weights(cfg.eval.inception_weights)
     if cfg.model.class_norm and not (cfg.model.conditional and cfg.model.arch == "dcgan"):
         raise ConfigError("model.class_norm=true needs model.conditional=true and model.arch=dcgan: it gives a "
                           "class-conditional DCGAN generator's BatchNorms the class")
@@ -323,6 +330,22 @@ def validate(cfg: Config) -> None:
     if cfg.train.cuda_graph and cfg.train.on_nonfinite == "skip":
         raise ConfigError("train.cuda_graph=true needs train.on_nonfinite=stop or rollback: skip decides on the host "
                           "inside every step, which a CUDA graph cannot")
+
+
+def inception_weights(configured: str | None, key: str = "eval.inception_weights") -> Path:
+    """The Inception-v3 weights file eval.features=inception reads: `configured` (the config `key`), or where
+    torch.hub keeps downloads (torch-fidelity's own cache: $TORCH_HOME/hub/checkpoints, ~/.cache/torch/... without
+    it); refused before any work where there is no such file, saying which file to copy where."""
+    if configured:
+        path = Path(configured).expanduser()
+    else:
+        torch_home = os.getenv("TORCH_HOME") or os.path.join(os.getenv("XDG_CACHE_HOME") or "~/.cache", "torch")
+        path = Path(torch_home).expanduser() / "hub" / "checkpoints" / INCEPTION_WEIGHTS_URL.rsplit("/", 1)[1]
+    if not path.is_file():
+        raise ConfigError(f"eval.features=inception reads Inception-v3's weights from {path}, and there is no such "
+                          f"file (nothing is downloaded at run time): download {INCEPTION_WEIGHTS_URL} on a machine "
+                          f"with internet and copy it there, or set {key} to where it is")
+    return path
 
 
 def _leaves(tree: dict, prefix: str = ""):

@@ -2,7 +2,7 @@
 
 Scores `--num` samples (latents from `--seed`; the EMA generator unless --no-ema) against the test
 split of the data the generator was trained on (MNIST's 10,000 test images for MNIST), with that
-data's feature network (train/quality/classifier.py), overall and per class; the data is read where the
+data's feature network (`--features`: train/quality/evaluator.py), overall and per class; the data is read where the
 checkpoint or export records it, or from `--data-path`. `--floor` adds
 the same metrics for as many real training images (the values a perfect generator would reach) and
 for those images slightly degraded (noise, a 1-pixel shift, a 3x3 blur): how far visible defects
@@ -18,8 +18,9 @@ from pathlib import Path
 
 import torch
 
-from train.arguments import available_device, check_fits_in_memory, seed
-from train.config import CHOICES, MIN_EVAL_SAMPLES, SHIPPED_MNIST, EvalConfig
+from train.arguments import (
+    add_feature_network, available_device, check_feature_network, check_fits_in_memory, seed)
+from train.config import MIN_EVAL_SAMPLES, DataConfig, EvalConfig
 from train.data.images import MNIST
 from train.errors import EXIT_BAD_INPUT, CheckpointError, DataError
 from train.models import balanced_labels, generate, to_uint8
@@ -38,13 +39,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bootstrap", type=int, default=0, metavar="N",
                         help="add a 95%% interval of the FD from N bootstrap resamples of the generated samples")
     parser.add_argument("--cache-dir", default=EvalConfig.cache_dir)
-    parser.add_argument("--features", choices=CHOICES["eval.features"], default=EvalConfig.features,
-                        help="the feature network (eval.features; auto: a classifier for labelled data, a self-supervised "
-                        "network for unlabelled): give the run's, if it set one")
+    add_feature_network(parser)
     parser.add_argument("--data-path", help="where the generator's training data is now, if not where it was "
                         "recorded (MNIST's generators are scored against the shipped MNIST test set)")
     parser.add_argument("--device", type=available_device, default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
+    check_feature_network(parser, args)
     if args.checkpoint is None and not args.floor:
         parser.error("give --checkpoint, --floor, or both")
     if args.num < MIN_EVAL_SAMPLES:
@@ -53,10 +53,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--bootstrap needs at least 20 resamples (1000 for a stable 95% interval), or 0 for none")
     try:  # before the test set's features: a wrong path, or a generator without its data, costs no work
         generator = load_generator(args.checkpoint, args.device, use_ema=not args.no_ema) if args.checkpoint else None
-        check_fits_in_memory(parser, args.num, bytes_per_sample(generator.images if generator else MNIST))
-        evaluator = (Evaluator.for_data(training_data(args.checkpoint, args.data_path), generator.images,
-                                        Path(args.cache_dir), args.device, args.features) if generator else
-                     Evaluator.mnist(SHIPPED_MNIST, Path(args.cache_dir), args.device))
+        check_fits_in_memory(parser, args.num, bytes_per_sample(generator.images if generator else MNIST,
+                                                                args.features))
+        data_cfg = training_data(args.checkpoint, args.data_path) if generator else DataConfig()  # --floor: MNIST
+        evaluator = Evaluator.for_data(data_cfg, generator.images if generator else MNIST, Path(args.cache_dir),
+                                       args.device, args.features, args.inception_weights)
     except (CheckpointError, DataError) as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT

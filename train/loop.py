@@ -95,7 +95,7 @@ class Training:
                                       labels=dataset.labels)
         # The quality metrics, on the main process; built first so that a bad feature network stops the run early.
         self.evaluator = (Evaluator.for_data(cfg.data, self.images, Path(cfg.eval.cache_dir), accelerator.device,
-                                             cfg.eval.features)
+                                             cfg.eval.features, cfg.eval.inception_weights)
                           if cfg.eval.num_samples and accelerator.is_main_process else None)
         if self.evaluator is not None:
             accuracy = self.evaluator.test_accuracy()

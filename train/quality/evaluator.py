@@ -11,27 +11,29 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from train.config import SHIPPED_MNIST, DataConfig
+from train.config import SHIPPED_MNIST, DataConfig, inception_weights
 from train.data import sources
 from train.data.images import MNIST, MNIST_DATASET, ImageSpec
 from train.data.readers.idx import read_idx_images, read_idx_labels
 from train.data.sources import ImageSet
 from train.errors import ConfigError, DataError
 from train.models import GENERATION_CHUNK, balanced_labels, split_like, to_uint8
-from train.quality import classifier, contrastive
+from train.quality import classifier, contrastive, inception
 from train.quality.metrics import (
     DENSITY_COVERAGE_K, DISTANCE_CHUNK, PRECISION_RECALL_K, Features, compare, copy_threshold, extract, fd_interval,
     nearest, per_digit)
 from train.storage import tensor_cache
 
-AUTO, CLASSIFIER, SELF_SUPERVISED = "auto", "classifier", "self_supervised"  # eval.features
-FEATURE_NETWORKS = {CLASSIFIER: classifier, SELF_SUPERVISED: contrastive}  # each module's for_data trains or reads one
+AUTO, CLASSIFIER, SELF_SUPERVISED, INCEPTION = "auto", "classifier", "self_supervised", "inception"  # eval.features
+TRAINED_ON_THE_DATA = {CLASSIFIER: classifier, SELF_SUPERVISED: contrastive}  # each module's for_data trains one
+FEATURE_NETWORKS = (*TRAINED_ON_THE_DATA, INCEPTION)  # Inception-v3: read from a file (inception.py)
 
 
-def bytes_per_sample(images: ImageSpec) -> int:
+def bytes_per_sample(images: ImageSpec, features: str = AUTO) -> int:
     """Memory per scored sample: its image in float32 and uint8, its features and class probabilities, and its
     column of the neighbour-distance blocks (DISTANCE_CHUNK rows of float32, and as much for their ordering)."""
-    return (4 + 1) * math.prod(images.shape) + 4 * (classifier.FEATURE_DIM + images.num_classes) + 2 * 4 * DISTANCE_CHUNK
+    dim = inception.FEATURE_DIM if features == INCEPTION else classifier.FEATURE_DIM
+    return (4 + 1) * math.prod(images.shape) + 4 * (dim + images.num_classes) + 2 * 4 * DISTANCE_CHUNK
 
 
 @torch.no_grad()
@@ -69,18 +71,21 @@ class Evaluator:
 
     @classmethod
     def for_data(cls, data_cfg: DataConfig, images: ImageSpec, cache_dir: Path, device: torch.device | str = "cpu",
-                 features: str = AUTO) -> Evaluator:
+                 features: str = AUTO, weights: str | None = None) -> Evaluator:
         """The evaluator of the data `images` describes, read from `data_cfg`, with the feature network `features`
         (eval.features): `classifier` (`auto` for labelled data) is MNIST's committed classifier for MNIST's images,
         whichever source gave them, and for other labelled data one trained on its own training split
         (`classifier.for_data`); `self_supervised` (`auto` for unlabelled data) is trained on the training split
-        without labels (`contrastive.for_data`). Samples are scored against the data's own test split (or the part
-        held out of its training split). Refused by name where that data is not at `data_cfg`, or has no labels for
-        a classifier, or no test split: a run is never scored against another data set."""
+        without labels (`contrastive.for_data`); `inception` is Inception-v3 from the file `weights`
+        (eval.inception_weights; `inception.load`). Samples are scored against the data's own test split (or the
+        part held out of its training split). Refused by name where that data is not at `data_cfg`, or has no labels
+        for a classifier, or no test split, or the weights are missing: a run is never scored against another data
+        set."""
         kind = (CLASSIFIER if images.num_classes else SELF_SUPERVISED) if features == AUTO else features
         if kind not in FEATURE_NETWORKS:
             raise ConfigError(f"eval.features={features!r} is not a feature network of this code; the feature networks "
                             f"are {', '.join((AUTO, *FEATURE_NETWORKS))}")
+        weights_file = inception_weights(weights) if kind == INCEPTION else None  # before any data is read
         if kind == CLASSIFIER and images.dataset == MNIST_DATASET:
             return cls.mnist(SHIPPED_MNIST, cache_dir, device)
         where = f"data.source={data_cfg.source} data.path={data_cfg.path!r}"
@@ -107,14 +112,17 @@ class Evaluator:
                             f"k={DENSITY_COVERAGE_K}) need more than {least}: give it more images (or raise "
                             f"data.holdout, {data_cfg.holdout} now, where it is held out of the training split), or "
                             "train without the metrics (eval.num_samples=0)")
-        network, digest = FEATURE_NETWORKS[kind].for_data(training, cache_dir, device)
+        if weights_file is not None:
+            network, digest, named = inception.load(weights_file, images, device)
+        else:
+            network, digest = TRAINED_ON_THE_DATA[kind].for_data(training, cache_dir, device)
+            named = (f"a classifier trained on {images.dataset}" if labelled else
+                     f"a self-supervised network trained on {images.dataset}") + f" (sha256:{digest[:12]})"
         against = f"the test split of {images.dataset}"
         if sources.holds_out(data_cfg, images):
             against = (f"{len(test.images)} images held out of the training split (data.holdout={data_cfg.holdout}, "
                        f"never trained on) of {images.dataset}")
-        named = (f"a classifier trained on {images.dataset}" if labelled else
-                 f"a self-supervised network trained on {images.dataset}")
-        return cls(network, digest, test, lambda: training.images, cache_dir, against, f"{named} (sha256:{digest[:12]})")
+        return cls(network, digest, test, lambda: training.images, cache_dir, against, named)
 
     @classmethod
     def mnist(cls, data_dir: Path, cache_dir: Path, device: torch.device | str = "cpu") -> Evaluator:
@@ -125,7 +133,7 @@ class Evaluator:
                    lambda: read_idx_images(data_dir, "train")[:, None], cache_dir, "MNIST's test set",
                    f"MNIST's classifier (sha256:{classifier.WEIGHTS_SHA256[:12]})")
 
-    def __init__(self, network: classifier.FeatureNetwork, network_sha256: str, test: ImageSet,
+    def __init__(self, network: torch.nn.Module, network_sha256: str, test: ImageSet,
                  training_images: Callable[[], Tensor], cache_dir: Path, against: str, feature_network: str):
         """`test`: the images samples are scored against (labelled where the network classifies), described by
         `against` in reports; `training_images`: reads the training images, for the floor; `feature_network`: the

@@ -1,4 +1,5 @@
-"""Sample-quality metrics on the features of a classifier trained on the data (train/quality/classifier.py).
+"""Sample-quality metrics on the features of a feature network: a classifier trained on the data (classifier.py), a
+self-supervised network trained on it (contrastive.py), or Inception-v3 (inception.py; `fd` is then the FID).
 
 For a set of generated images against the data's test split (MNIST's 10,000 test images for MNIST):
 
@@ -8,8 +9,8 @@ For a set of generated images against the data's test split (MNIST's 10,000 test
 - `kid`, `kid_std`: kernel distance (the analogue of KID), unbiased, mean and spread over subsets;
 - `precision`, `recall`: k-nearest-neighbour manifolds (Kynkäänniemi et al. 2019, k=3);
 - `density`, `coverage`: Naeem et al. 2020 (k=5);
-- `classes_present` (digits with at least 1% of the samples), `class_kl` (KL of the predicted-class
-  histogram to uniform) and `inception_score` (with the data's classifier instead of Inception);
+- where the network classifies, `classes_present` (digits with at least 1% of the samples), `class_kl` (KL of
+  the predicted-class histogram to uniform) and `inception_score` (with the data's classifier instead of Inception);
 - per digit (`per_digit`): the generated samples the classifier labels as that digit against the
   test images of that digit: count, FD, recall; for a conditional generator also grouped by the
   digit it was asked for, with `agreement` (the share the classifier labels as asked), and overall
@@ -30,8 +31,6 @@ import numpy as np
 import scipy.linalg
 import torch
 from torch import Tensor
-
-from train.quality import classifier
 
 PRECISION_RECALL_K = 3
 DENSITY_COVERAGE_K = 5
@@ -58,16 +57,17 @@ class Features:
 
 
 @torch.no_grad()
-def extract(network: classifier.FeatureNetwork, images: Tensor, batch_size: int = 1000) -> Features:
-    """Features of uint8 images [N, C, H, W] (or [N, H, W] of grey ones), on the network's device; class
-    probabilities where the network classifies."""
+def extract(network: torch.nn.Module, images: Tensor, batch_size: int = 1000) -> Features:
+    """Features of uint8 images [N, C, H, W] (or [N, H, W] of grey ones), on the network's device, from a feature
+    network (classifier.py, contrastive.py, inception.py); class probabilities where the network classifies."""
     device = next(network.parameters()).device
     images = images.reshape(-1, *network.images.shape)
     features, probabilities = [], []
     for chunk in images.split(batch_size):
-        hidden, logits = network(chunk.to(device).float().div(255))
+        hidden, head = network(chunk.to(device).float().div(255))
         features.append(hidden.float())
-        probabilities.append(logits.float().softmax(1))
+        if network.classifies:
+            probabilities.append(head.float().softmax(1))
     return Features(torch.cat(features), torch.cat(probabilities) if network.classifies else None)
 
 
