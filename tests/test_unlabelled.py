@@ -163,20 +163,29 @@ def test_the_feature_networks_the_config_offers_are_the_evaluators_and_another_i
         Evaluator.for_data(DataConfig(), load(DataConfig()).spec, tmp_path, features="vgg16")
 
 
+@pytest.fixture(scope="module")
+def labelled_run(labelled, tmp_path_factory):
+    """A run on the labelled pictures, long enough to change between its checkpoints (RANKED_STEPS), that chose the
+    self-supervised network over the classifier auto would pick."""
+    run_dir = tmp_path_factory.mktemp("labelled_run")
+    result = run_train(TINY + ["data.source=folder", f"data.path={labelled}",
+                               f"data.cache_dir={data_config(labelled).cache_dir}", f"run.dir={run_dir}",
+                               "data.batch_size=32", f"train.steps={RANKED_STEPS[-1]}",
+                               f"checkpoint.every={RANKED_STEPS[0]}", "checkpoint.keep_last=0", "logging.every=100",
+                               "eval.features=self_supervised"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run_dir
+
+
 @pytest.mark.slow  # a run long enough to change between its checkpoints
 def test_labelled_pictures_scored_with_and_without_their_labels_rank_a_runs_checkpoints_alike(
-        labelled, unlabelled, eval_cache, tmp_path):
+        labelled, unlabelled, labelled_run, eval_cache):
     """The same pictures with their classes: wherever the classifier trained on them tells two checkpoints of one
     run apart (95% intervals apart), the self-supervised network orders them the same way."""
     data_cfg = data_config(labelled)
-    run_dir = tmp_path / "run"
-    result = run_train(TINY + ["data.source=folder", f"data.path={labelled}", f"data.cache_dir={data_cfg.cache_dir}",
-                               f"run.dir={run_dir}", "data.batch_size=32", f"train.steps={RANKED_STEPS[-1]}",
-                               f"checkpoint.every={RANKED_STEPS[0]}", "checkpoint.keep_last=0", "logging.every=100"])
-    assert result.returncode == 0, result.stderr[-3000:]
     images = load(data_cfg).spec
     assert images.dataset == load(data_config(unlabelled)).spec.dataset  # one self-supervised network for both
-    samples = [to_uint8(generate(load_generator(run_dir / "checkpoints" / f"step_{step:08d}", use_ema=False),
+    samples = [to_uint8(generate(load_generator(labelled_run / "checkpoints" / f"step_{step:08d}", use_ema=False),
                                  RANKED_SAMPLES, 0)) for step in RANKED_STEPS]
     fds = {}
     for features in ("classifier", "self_supervised"):
@@ -190,3 +199,16 @@ def test_labelled_pictures_scored_with_and_without_their_labels_rank_a_runs_chec
     for a, b in told_apart:
         assert (by_classifier[a]["fd"] < by_classifier[b]["fd"]) == (by_itself[a]["fd"] < by_itself[b]["fd"]), (
             RANKED_STEPS[a], RANKED_STEPS[b], fds)
+
+
+@pytest.mark.slow  # the labelled run
+def test_the_tools_score_a_run_with_the_feature_network_it_chose_unless_told_otherwise(
+        labelled_run, eval_cache, tmp_path, tool_here):
+    exported = tmp_path / "export"
+    assert tool_here("export", "--checkpoint", labelled_run, "--out", exported).returncode == 0
+    assert json.loads((exported / "generator.json").read_text())["features"] == "self_supervised"
+    for scored in (labelled_run, exported):
+        chosen = json.loads(tool_here("evaluate", "--checkpoint", scored, "--num", 100, "--cache-dir", eval_cache).stdout)
+        assert chosen["feature_network"].startswith("a self-supervised network trained on sha256:"), chosen
+    told = tool_here("audit", "--checkpoint", exported, "--num", 1, "--cache-dir", eval_cache, "--features", "classifier")
+    assert json.loads(told.stdout)["feature_network"].startswith("a classifier trained on sha256:")

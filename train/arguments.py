@@ -49,18 +49,19 @@ def check_fits_in_memory(parser: argparse.ArgumentParser, count: int, bytes_each
 
 def add_feature_network(parser: argparse.ArgumentParser) -> None:
     """`--features` and `--inception-weights`: the feature network a tool scores with (eval.features and
-    eval.inception_weights); `check_feature_network` checks them once parsed."""
-    parser.add_argument("--features", choices=CHOICES["eval.features"], default=EvalConfig.features,
-                        help="the feature network (eval.features; auto: a classifier for labelled data, a "
-                        "self-supervised network for unlabelled): give the run's, if it set one")
-    parser.add_argument("--inception-weights", metavar="FILE", help="--features inception: the Inception-v3 weights "
-                        "file (eval.inception_weights; default: torch hub's checkpoints folder)")
+    eval.inception_weights); `check_feature_network` checks them once the run's choice is known."""
+    parser.add_argument("--features", choices=CHOICES["eval.features"],
+                        help="the feature network (eval.features); default: the one the run was scored with, as its "
+                        f"checkpoint or export records it ({EvalConfig.features} where it does not)")
+    parser.add_argument("--inception-weights", metavar="FILE", help="for inception: the Inception-v3 weights file "
+                        "(eval.inception_weights; default: torch hub's checkpoints folder)")
 
 
-def check_feature_network(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """Refuse `--features inception` (through argparse: exit 2) where its weights file is not there."""
-    if args.features == "inception":
+def check_feature_network(parser: argparse.ArgumentParser, features: str, weights: str | None) -> None:
+    """Refuse the feature network `features` (through argparse: exit 2) where it is Inception-v3 and its `weights`
+    file is not there."""
+    if features == "inception":
         try:
-            inception_weights(args.inception_weights, key="--inception-weights")
+            inception_weights(weights, key="--inception-weights")
         except ConfigError as error:
             parser.error(str(error))

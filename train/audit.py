@@ -28,11 +28,11 @@ from train.arguments import (
     add_feature_network, available_device, check_feature_network, check_fits_in_memory, seed)
 from train.config import EvalConfig
 from train.data import sources
-from train.errors import EXIT_BAD_INPUT, CheckpointError, DataError
+from train.errors import EXIT_BAD_INPUT, DataError, RunError
 from train.models import balanced_labels, generate, to_uint8
 from train.quality.evaluator import Evaluator, bytes_per_sample
 from train.quality.metrics import copy_threshold, extract, nearest
-from train.sharing.export import load_generator, training_data
+from train.sharing.export import load_generator, scored_with, training_data
 
 REPORTED_PERCENTILES = (1, 5, 25, 50)
 GRID_PAIRS = 32
@@ -89,23 +89,25 @@ def main(argv: list[str] | None = None) -> int:
                         "recorded")
     parser.add_argument("--device", type=available_device, default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
-    check_feature_network(parser, args)
+    check_feature_network(parser, args.features, args.inception_weights)  # as given: before anything is read
     if args.num < 1:
         parser.error("--num must be at least 1")
     if args.grid is not None and Path(args.grid).suffix.lower() != ".png":
         parser.error(f"--grid {args.grid} must name a .png file")
     try:  # the generator, its data and the feature network, before any sample is drawn
         generator = load_generator(args.checkpoint, args.device)
-        check_fits_in_memory(parser, args.num, bytes_per_sample(generator.images, args.features))
+        features = args.features or scored_with(args.checkpoint)
+        check_feature_network(parser, features, args.inception_weights)
+        check_fits_in_memory(parser, args.num, bytes_per_sample(generator.images, features))
         data_cfg = training_data(args.checkpoint, args.data_path)
         training = sources.load(data_cfg)
         if training.spec.dataset != generator.images.dataset:
             raise DataError(f"data.source={data_cfg.source} data.path={data_cfg.path!r} is not the data the generator "
                             f"was trained on ({generator.images.describe()}): an audit against other images says "
                             "nothing of copying; give --data-path of the training data")
-        evaluator = Evaluator.for_data(data_cfg, generator.images, Path(args.cache_dir), args.device, args.features,
+        evaluator = Evaluator.for_data(data_cfg, generator.images, Path(args.cache_dir), args.device, features,
                                        args.inception_weights)
-    except (CheckpointError, DataError) as error:
+    except RunError as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
     samples = to_uint8(generate(generator, args.num, args.seed, balanced_labels(args.num, generator.num_classes)))

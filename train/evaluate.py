@@ -22,10 +22,10 @@ from train.arguments import (
     add_feature_network, available_device, check_feature_network, check_fits_in_memory, seed)
 from train.config import MIN_EVAL_SAMPLES, DataConfig, EvalConfig
 from train.data.images import MNIST
-from train.errors import EXIT_BAD_INPUT, CheckpointError, DataError
+from train.errors import EXIT_BAD_INPUT, RunError
 from train.models import balanced_labels, generate, to_uint8
 from train.quality.evaluator import Evaluator, bytes_per_sample
-from train.sharing.export import load_generator, training_data
+from train.sharing.export import load_generator, scored_with, training_data
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
                         "recorded (MNIST's generators are scored against the shipped MNIST test set)")
     parser.add_argument("--device", type=available_device, default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
-    check_feature_network(parser, args)
+    check_feature_network(parser, args.features, args.inception_weights)  # as given: before anything is read
     if args.checkpoint is None and not args.floor:
         parser.error("give --checkpoint, --floor, or both")
     if args.num < MIN_EVAL_SAMPLES:
@@ -53,12 +53,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--bootstrap needs at least 20 resamples (1000 for a stable 95% interval), or 0 for none")
     try:  # before the test set's features: a wrong path, or a generator without its data, costs no work
         generator = load_generator(args.checkpoint, args.device, use_ema=not args.no_ema) if args.checkpoint else None
-        check_fits_in_memory(parser, args.num, bytes_per_sample(generator.images if generator else MNIST,
-                                                                args.features))
+        features = args.features or (scored_with(args.checkpoint) if generator else EvalConfig.features)
+        check_feature_network(parser, features, args.inception_weights)
+        check_fits_in_memory(parser, args.num, bytes_per_sample(generator.images if generator else MNIST, features))
         data_cfg = training_data(args.checkpoint, args.data_path) if generator else DataConfig()  # --floor: MNIST
         evaluator = Evaluator.for_data(data_cfg, generator.images if generator else MNIST, Path(args.cache_dir),
-                                       args.device, args.features, args.inception_weights)
-    except (CheckpointError, DataError) as error:
+                                       args.device, features, args.inception_weights)
+    except RunError as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
     report = {"num_samples": args.num, "seed": args.seed, "against": evaluator.against,

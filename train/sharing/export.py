@@ -21,7 +21,7 @@ from torch import nn
 from torchvision.utils import save_image
 
 from train import models
-from train.config import CHOICES, DataConfig
+from train.config import CHOICES, DataConfig, EvalConfig
 from train.data import images
 from train.data.sources import recorded_config
 from train.errors import CheckpointError, DataError
@@ -38,7 +38,8 @@ DESCRIPTION = "generator.json"
 DATA_SCHEMA = {"source": str, "path": str, "split?": str, "torchvision_name?": str, "holdout?": (int, float)}
 # What `load_generator` reads from generator.json (a description without "conditional" is of an unconditional one).
 DESCRIPTION_SCHEMA = {"arch": str, "z_dim": int, "conditional?": bool, "class_norm?": bool, "images?": images.SCHEMA,
-                      "data?": DATA_SCHEMA, "weights": str, "step": int, "source": str, "sha256": str}
+                      "data?": DATA_SCHEMA, "features?": str, "weights": str, "step": int, "source": str,
+                      "sha256": str}
 
 
 class Exported(NamedTuple):
@@ -67,7 +68,8 @@ def export_generator(path: Path, out: Path, use_ema: bool = True, name: str | No
     description = {
         "arch": model["arch"], "z_dim": model["z_dim"], "conditional": model.get("conditional", False),
         "class_norm": model.get("class_norm", False),
-        "images": images.recorded(state).as_dict(), "data": state["config"]["data"], "weights": weights_name,
+        "images": images.recorded(state).as_dict(), "data": state["config"]["data"],
+        "features": state["config"].get("eval", {}).get("features", EvalConfig.features), "weights": weights_name,
         "step": state["progress"]["step"], "source": _shown_source(source)}
     out.mkdir(parents=True, exist_ok=True)
     written = [out / WEIGHTS, out / model_card.SAMPLES, out / model_card.CARD, out / DESCRIPTION]
@@ -125,6 +127,15 @@ def training_data(path: Path, data_path: str | None = None) -> DataConfig:
     else:
         recorded = read_state(resolve(path))["config"]["data"]
     return replace(recorded_config(recorded), **({"path": data_path} if data_path else {}))
+
+
+def scored_with(path: Path) -> str:
+    """The feature network (eval.features) the run of an exported folder, a checkpoint or a run directory was
+    scored with: what the tools score it with unless told otherwise; `auto` where that was not recorded."""
+    path = Path(path)
+    if (path / DESCRIPTION).is_file():
+        return checked_json(path / DESCRIPTION, DESCRIPTION_SCHEMA).get("features", EvalConfig.features)
+    return read_state(resolve(path))["config"].get("eval", {}).get("features", EvalConfig.features)
 
 
 def _build_to_fit(model: dict, drawn: images.ImageSpec, weights: Path, described_in: Path) -> nn.Module:
