@@ -25,7 +25,7 @@ from train.data.images import ImageSpec
 from train.data.sharding import ShardedBatches, derived_seed
 from train.distributed import check_ranks_agree, share_buffers
 from train.ema import GeneratorEMA
-from train.errors import EXIT_NONFINITE, EXIT_PREEMPTED
+from train.errors import EXIT_NONFINITE, EXIT_PREEMPTED, RunWriteError
 from train.faults import FaultMonitor, NonFiniteError, Preempted
 from train.profiling import StepProfiler
 from train.quality.evaluator import Evaluator, generate_sharded
@@ -63,7 +63,12 @@ def train(cfg: Config, resume_from: Path | None) -> int:
         return EXIT_NONFINITE
     finally:
         training.bar.close()
-        training.log.close()
+        stopped_by = sys.exc_info()[1]  # what stops the run, if anything: the error to report
+        try:
+            training.log.close()
+        except RunWriteError:
+            if stopped_by is None:
+                raise  # W&B could not flush a run that ended well: that is the failure
 
 
 def due(every: int, step: int, last: bool) -> bool:

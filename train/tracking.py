@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import io
 import json
+import logging
 import os
 import secrets
 import sys
@@ -103,6 +104,9 @@ class RunLog:
         if accelerator.is_main_process:
             run_dir.mkdir(parents=True, exist_ok=True)
         if self.use_wandb:
+            # W&B's debug log lives in its run folder: once that folder is full, each of its lines would print a
+            # "--- Logging error ---" traceback. The run reports the failure itself, once, and stops (exit 74).
+            logging.raiseExceptions = False
             self.wandb_run_id = wandb_run_id or secrets.token_hex(4)
             with stop_on_write_failure(f"starting W&B in {run_dir / WANDB_DIR}", run_dir):
                 _start_wandb(accelerator, cfg, run_dir, self.wandb_run_id)
@@ -241,7 +245,8 @@ class RunLog:
             except OSError as error:
                 self.message(f"warning: drawing {self.run_dir / CURVES_FILE} failed ({error}); "
                              f"`python -m train.plots --run {self.run_dir}` draws it once there is room")
-        self.accelerator.end_training()
+        with stop_on_write_failure(f"finishing the W&B run in {self.run_dir / WANDB_DIR}", self.run_dir):
+            self.accelerator.end_training()
         if self.use_wandb and self.accelerator.is_main_process:  # W&B has flushed what it was sent: now it has it
             self.sent["history_step"] = max(self.sent["history_step"], self.logged_step)
             with contextlib.suppress(RunWriteError):  # not knowing costs only a resend
