@@ -30,17 +30,8 @@ def self_supervised() -> None:
 
 
 def inception_features(count: int = 200) -> None:
-    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
-
-    class Unloaded(FeatureExtractorInceptionV3):
-        def load_state_dict(self, state_dict, strict=True, assign=False):
-            """Keeps the random initialisation."""
-
     with tempfile.TemporaryDirectory() as folder:
-        torch.save({}, Path(folder) / "nothing.pth")
-        weights = Path(folder) / "random.pth"
-        torch.save(Unloaded("inception-v3-compat", ["2048"], str(Path(folder) / "nothing.pth")).state_dict(), weights)
-        network = inception.load(weights, COLOUR_DIGITS)[0]
+        network = inception.load(inception.write_random_weights(Path(folder) / "random.pth"), COLOUR_DIGITS)[0]
     pictures = torch.from_numpy(colour_digits.coloured("test", count)[0]).permute(0, 3, 1, 2).contiguous()
     metrics.extract(network, pictures[:inception.BATCH])  # the first pass allocates
     started = time.perf_counter()

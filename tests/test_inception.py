@@ -16,7 +16,7 @@ from train.config import INCEPTION_WEIGHTS_URL, DataConfig, inception_weights
 from train.data.sources import load
 from train.errors import ConfigError
 from train.models import to_uint8
-from train.quality import metrics, reported
+from train.quality import inception, metrics, reported
 from train.quality.evaluator import INCEPTION, Evaluator
 
 PICTURES = 24  # 12 of them held out (data.holdout=0.5): Inception-v3 takes 0.12 s a picture on 2 CPU cores
@@ -24,23 +24,8 @@ PICTURES = 24  # 12 of them held out (data.holdout=0.5): Inception-v3 takes 0.12
 
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory) -> Path:
-    """torch-fidelity's Inception-v3 with random weights (He-initialised, so that features neither vanish nor
-    explode through its 94 convolutions), saved as the standard file is: a state dict."""
-    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
-
-    class Unloaded(FeatureExtractorInceptionV3):
-        def load_state_dict(self, state_dict, strict=True, assign=False):
-            """Keeps the random initialisation: there are no weights to load yet."""
-
-    folder = tmp_path_factory.mktemp("inception")
-    torch.save({}, folder / "nothing.pth")
-    torch.manual_seed(0)
-    network = Unloaded("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(folder / "nothing.pth"))
-    for module in network.modules():
-        if isinstance(module, torch.nn.Conv2d):
-            torch.nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
-    torch.save(network.state_dict(), folder / "random-inception.pth")
-    return folder / "random-inception.pth"
+    """torch-fidelity's Inception-v3 with random weights, saved as the standard file is."""
+    return inception.write_random_weights(tmp_path_factory.mktemp("inception") / "random-inception.pth")
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ are computed on its features as on the data's own networks'.
 from __future__ import annotations
 
 import hashlib
+import tempfile
 from pathlib import Path
 
 import torch
@@ -47,3 +48,25 @@ def load(weights: Path, images: ImageSpec, device: torch.device | str = "cpu") -
              f"Inception-v3 weights {weights} (sha256:{digest[:12]}), not the standard {STANDARD}: its FID is not "
              "comparable with published ones")
     return InceptionFeatures(images, weights).to(device).eval(), digest, named
+
+
+def write_random_weights(path: Path, seed: int = 0) -> Path:
+    """A weights file of torch-fidelity's Inception-v3 with random weights, saved as the standard file is (a state
+    dict): for timing the network and testing its plumbing where the real file cannot be had. He-initialised, so
+    that features neither vanish nor explode through its 94 convolutions; named as not the standard by `load`."""
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    class Unloaded(FeatureExtractorInceptionV3):
+        def load_state_dict(self, state_dict, strict=True, assign=False):
+            """Keeps the random initialisation: there are no weights to load yet."""
+
+    with tempfile.TemporaryDirectory() as folder, torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        nothing = Path(folder) / "nothing.pth"
+        torch.save({}, nothing)
+        network = Unloaded("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(nothing))
+        for module in network.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+    torch.save(network.state_dict(), path)
+    return Path(path)

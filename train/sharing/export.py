@@ -68,8 +68,7 @@ def export_generator(path: Path, out: Path, use_ema: bool = True, name: str | No
     description = {
         "arch": model["arch"], "z_dim": model["z_dim"], "conditional": model.get("conditional", False),
         "class_norm": model.get("class_norm", False),
-        "images": images.recorded(state).as_dict(), "data": state["config"]["data"],
-        "features": state["config"].get("eval", {}).get("features", EvalConfig.features), "weights": weights_name,
+        "images": images.recorded(state).as_dict(), **_data_and_features(state["config"]), "weights": weights_name,
         "step": state["progress"]["step"], "source": _shown_source(source)}
     out.mkdir(parents=True, exist_ok=True)
     written = [out / WEIGHTS, out / model_card.SAMPLES, out / model_card.CARD, out / DESCRIPTION]
@@ -121,21 +120,29 @@ def load_generator(path: Path, device: str = "cpu", use_ema: bool = True) -> nn.
 def training_data(path: Path, data_path: str | None = None) -> DataConfig:
     """Where the generator of an exported folder, a checkpoint or a run directory was trained (its data config, as
     recorded; `data_path` in place of the recorded path where given): the data its quality is measured on."""
-    path = Path(path)
-    if (path / DESCRIPTION).is_file():
-        recorded = checked_json(path / DESCRIPTION, DESCRIPTION_SCHEMA).get("data", {})
-    else:
-        recorded = read_state(resolve(path))["config"]["data"]
+    recorded = _recorded(path)["data"]
     return replace(recorded_config(recorded), **({"path": data_path} if data_path else {}))
 
 
 def scored_with(path: Path) -> str:
     """The feature network (eval.features) the run of an exported folder, a checkpoint or a run directory was
     scored with: what the tools score it with unless told otherwise; `auto` where that was not recorded."""
+    return _recorded(path)["features"]
+
+
+def _recorded(path: Path) -> dict:
+    """{"data": the data config, "features": eval.features} as an export's description or a checkpoint records
+    them (an export or a run from before `features` was recorded: auto)."""
     path = Path(path)
     if (path / DESCRIPTION).is_file():
-        return checked_json(path / DESCRIPTION, DESCRIPTION_SCHEMA).get("features", EvalConfig.features)
-    return read_state(resolve(path))["config"].get("eval", {}).get("features", EvalConfig.features)
+        described = checked_json(path / DESCRIPTION, DESCRIPTION_SCHEMA)
+        return {"data": described.get("data", {}), "features": described.get("features", EvalConfig.features)}
+    return _data_and_features(read_state(resolve(path))["config"])
+
+
+def _data_and_features(config: dict) -> dict:
+    """What a run's resolved config says of how its generator is scored: its data, its feature network."""
+    return {"data": config["data"], "features": config.get("eval", {}).get("features", EvalConfig.features)}
 
 
 def _build_to_fit(model: dict, drawn: images.ImageSpec, weights: Path, described_in: Path) -> nn.Module:
