@@ -38,6 +38,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
 from train import models
+from train.networks import NetworkOptions
 from train.config import REPO_ROOT, SHIPPED_MNIST, EvalConfig
 from train.errors import EXIT_PREEMPTED
 from train.launch import free_port
@@ -67,7 +68,7 @@ def blog_loop(device: torch.device, steps: int, warmup: int) -> dict:
                                              transform=torchvision.transforms.ToTensor())
         loader = DataLoader(dataset, batch_size=64, shuffle=True, num_workers=0)
         torch.manual_seed(0)
-        generator, discriminator = (m.to(device) for m in models.build("seed", 100, upsample="native"))
+        generator, discriminator = (m.to(device) for m in models.build("seed", 100, options=NetworkOptions(upsample="native")))
         gen_optimizer = torch.optim.Adam(generator.parameters(), lr=1e-3, amsgrad=True)
         disc_optimizer = torch.optim.Adam(discriminator.parameters(), lr=1e-3, amsgrad=True)
         loss_fn = nn.BCELoss()

@@ -13,6 +13,7 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from train import losses, models  # noqa: E402
+from train.networks import NetworkOptions  # noqa: E402
 
 
 def step(generator, discriminator, g_optimizer, d_optimizer, real):
@@ -33,7 +34,7 @@ if __name__ == "__main__":
     steps = int(sys.argv[1]) if len(sys.argv) > 1 else 50
     for upsample in ("native", "fused"):
         torch.manual_seed(0)
-        generator, discriminator = (m.cuda() for m in models.build("seed", 100, upsample))
+        generator, discriminator = (m.cuda() for m in models.build("seed", 100, options=NetworkOptions(upsample=upsample)))
         optimizers = [torch.optim.Adam(m.parameters(), lr=1e-3, amsgrad=True, fused=True)
                       for m in (generator, discriminator)]
         real = torch.rand(64, 1, 28, 28, device="cuda")

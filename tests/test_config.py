@@ -37,6 +37,8 @@ def test_overrides_take_dotted_keys_and_convert_types():
                                                                              "model.arch=dcgan"),
     (["model.d_width=0"], "config key 'model.d_width' is 0; it must be greater than 0"),
     (["model.arch=seed", "model.d_width=48"], "model.d_width=48 needs model.arch=dcgan: the blog's discriminator"),
+    (["model.g_width=0"], "config key 'model.g_width' is 0; it must be greater than 0"),
+    (["model.arch=seed", "model.g_width=32"], "model.g_width=32 needs model.arch=dcgan: the blog's generator"),
     (["data.holdout=1"], "config key 'data.holdout' is 1.0; it must be in [0, 1)"),
     (["logging.wandb=maybe"], "allowed values: online, offline, disabled"),
     (["train.mixed_precision=fp8"], "allowed values: null, fp32, bf16, fp16"),

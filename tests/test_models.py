@@ -2,13 +2,15 @@
 
 import pytest
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
 from helpers.blog_reference import Discriminator as BlogDiscriminator, Generator as BlogGenerator, blog_losses
 from train import losses, models, regularisation
-from train.networks import dcgan, seed
-from train.data.images import ImageSpec
-from train.errors import DataError
+from train.networks import NetworkOptions, dcgan, seed
+from train.data.images import MNIST, ImageSpec
+from train.errors import CheckpointError, DataError
+from train.sharing.export import _build_to_fit
 
 LOSS_TOLERANCE = 1e-5  # float32 BCE on probabilities vs softplus on logits
 UPSAMPLE_TOLERANCE = 1e-5  # float32, relative to the reference's norm: the same sums, in another order
@@ -36,7 +38,7 @@ def test_seed_networks_have_the_blogs_parameter_counts_and_shapes():
 
 def test_seed_networks_compute_the_blogs_functions():
     torch.manual_seed(1)
-    generator, discriminator = models.build("seed", z_dim=100, upsample="native")
+    generator, discriminator = models.build("seed", z_dim=100, options=NetworkOptions(upsample="native"))
     blog_generator, blog_discriminator = BlogGenerator(100), BlogDiscriminator()
     # Same parameter and (saved) buffer order and shapes, so our weights copy into the blog's positionally.
     with torch.no_grad():
@@ -119,11 +121,30 @@ def test_dcgan_is_built_for_the_datas_size_channels_and_classes(channels, size):
 
 def test_dcgans_discriminator_is_built_at_the_width_asked():
     """model.d_width: the first convolution's channels, doubled at each halving; the same logit shape."""
-    generator, discriminator = models.build("dcgan", z_dim=16, conditional=True, d_width=48)
+    generator, discriminator = models.build("dcgan", z_dim=16, conditional=True, options=NetworkOptions(d_width=48))
     convolutions = [m for m in discriminator.modules() if isinstance(m, torch.nn.Conv2d)]
     assert [m.out_channels for m in convolutions] == [48, 96, 1]
     labels = torch.tensor([0, 3, 1])
     assert discriminator(generator(torch.randn(3, 16), labels), labels).shape == (3,)
+
+
+def test_dcgans_generator_is_built_at_the_width_asked_and_rebuilt_from_what_a_run_recorded(tmp_path):
+    """model.g_width: the channels into G's last transposed convolution, doubled towards its first; the same images.
+    A recorded model config (state.json, generator.json) that names it rebuilds that generator; one without the
+    key describes the 64-wide one, which the file does not fit: refused by name."""
+    generator = models.build_generator("dcgan", 16, conditional=True, options=NetworkOptions(g_width=32))
+    transposed = [m for m in generator.modules() if isinstance(m, torch.nn.ConvTranspose2d)]
+    assert [(m.in_channels, m.out_channels) for m in transposed] == [(16 + 32, 64), (64, 32), (32, 1)]
+    assert generator(torch.randn(3, 16), torch.tensor([0, 3, 1])).shape == (3, 1, 28, 28)
+    weights = tmp_path / "generator.safetensors"
+    save_file(generator.state_dict(), weights)
+    recorded = {"arch": "dcgan", "z_dim": 16, "conditional": True, "g_width": 32, "bn_group": None}
+    assert NetworkOptions.of(recorded) == NetworkOptions(g_width=32)
+    rebuilt = _build_to_fit(recorded, MNIST, weights, tmp_path / "state.json")
+    assert {k: v.shape for k, v in rebuilt.state_dict().items()} == {k: v.shape for k, v in generator.state_dict().items()}
+    del recorded["g_width"]
+    with pytest.raises(CheckpointError, match="does not fit the generator"):
+        _build_to_fit(recorded, MNIST, weights, tmp_path / "state.json")
 
 
 def test_mnists_dcgan_keeps_its_parameter_names_and_shapes():
@@ -178,7 +199,7 @@ def test_dcgans_first_layer_is_the_transposed_convolution_it_replaces_forward_an
 
 def test_both_seed_generators_compute_the_same_function_from_the_same_weights():
     torch.manual_seed(4)
-    fused, native = models.build("seed", 100, "fused")[0], models.build("seed", 100, "native")[0]
+    fused, native = (models.build("seed", 100, options=NetworkOptions(upsample=upsample))[0] for upsample in ("fused", "native"))
     native.load_state_dict(fused.state_dict())
     z = torch.randn(16, 100)
     assert relative_error(fused(z), native(z)) < UPSAMPLE_TOLERANCE
@@ -203,7 +224,7 @@ def test_class_norm_moves_each_batchnorm_of_g_by_its_class_and_starts_as_the_pla
     """model.class_norm: per-class offsets of every BatchNorm's gain and bias, zero at the start, so a new generator
     draws what the conditional generator of the same weights draws; trained offsets make each class's maps its own."""
     plain = models.build_generator("dcgan", 100, conditional=True)
-    generator = models.build_generator("dcgan", 100, conditional=True, class_norm=True)
+    generator = models.build_generator("dcgan", 100, conditional=True, options=NetworkOptions(class_norm=True))
     added = set(generator.state_dict()) - set(plain.state_dict())
     assert added == {f"net.{i}.class_{kind}.weight" for i in (1, 4) for kind in ("gain", "bias")}
     assert generator.net[1].class_gain.weight.shape == (10, 128)

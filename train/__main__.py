@@ -19,6 +19,7 @@ from train.storage import layout, run_lock  # noqa: E402
 from train.config import Config, changed_settings, parse_args  # noqa: E402
 from train.errors import EXIT_BAD_INPUT, EXIT_WRITE_FAILED, ConfigError, RunError, RunWriteError  # noqa: E402
 from train.launch import EXIT_CODES_ENV, stop_with_parent  # noqa: E402
+from train.networks import NetworkOptions  # noqa: E402
 from train.storage.manifest import read_state, resume_point  # noqa: E402
 
 
@@ -61,8 +62,8 @@ def start(cfg: Config, report) -> int:
         if (met := quality_target_met(state["progress"], cfg)) is not None:
             report(f"nothing to train: {resume_from} {met}")
             return 0
-        for key, made_before_the_key in (("conditional", False), ("class_norm", False), ("d_width", 64)):
-            state["config"]["model"].setdefault(key, made_before_the_key)
+        state["config"]["model"].setdefault("conditional", False)  # made before the key existed
+        state["config"]["model"] |= vars(NetworkOptions.of(state["config"]["model"]))
         report_changed_settings(changed_settings(state["config"], cfg), report)
     from train.loop import train  # loaded only for a run that can start
 
@@ -86,7 +87,8 @@ def quality_target_met(progress: dict, cfg: Config) -> str | None:
 FIXED_ON_RESUME = {"optim.amsgrad": "the checkpoint's Adam state was made with",
                    "model.conditional": "the checkpoint's networks were made with",
                    "model.class_norm": "the checkpoint's generator was made with",
-                   "model.d_width": "the checkpoint's discriminator was made with"}
+                   "model.d_width": "the checkpoint's discriminator was made with",
+                   "model.g_width": "the checkpoint's generator was made with"}
 
 
 def report_changed_settings(changed: dict[str, tuple], report) -> None:

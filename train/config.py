@@ -59,6 +59,7 @@ class ModelConfig:
     conditional: bool = False  # class-conditional G and D: G draws the digit it is given (train.sample --label)
     class_norm: bool = False  # conditional DCGAN: G's BatchNorms also take the class (conditional BatchNorm)
     d_width: int = 64  # DCGAN's D: channels of its first convolution, doubled at each halving
+    g_width: int = 64  # DCGAN's G: channels of its last transposed convolution's input, doubled towards its first
     bn_group: int | None = None  # BatchNorm normalises over groups of this many samples; null: each process's share
 
 
@@ -176,6 +177,7 @@ RULES = {
     "data.resolution": (lambda v: v is None or v >= 8, "null (the pictures' own size) or at least 8"),
     "model.z_dim": _GREATER_THAN_ZERO,
     "model.d_width": _GREATER_THAN_ZERO,
+    "model.g_width": _GREATER_THAN_ZERO,
     "loss.r1_gamma": _NOT_NEGATIVE,
     "loss.r1_every": _GREATER_THAN_ZERO,
     "optim.g_lr": _GREATER_THAN_ZERO,
@@ -318,9 +320,10 @@ def validate(cfg: Config) -> None:
     if cfg.model.class_norm and not (cfg.model.conditional and cfg.model.arch == "dcgan"):
         raise ConfigError("model.class_norm=true needs model.conditional=true and model.arch=dcgan: it gives a "
                           "class-conditional DCGAN generator's BatchNorms the class")
-    if cfg.model.d_width != ModelConfig.d_width and cfg.model.arch != "dcgan":
-        raise ConfigError(f"model.d_width={cfg.model.d_width} needs model.arch=dcgan: the blog's discriminator "
-                          f"(model.arch={cfg.model.arch}) has its own widths")
+    for key, network in (("d_width", "discriminator"), ("g_width", "generator")):
+        if getattr(cfg.model, key) != getattr(ModelConfig, key) and cfg.model.arch != "dcgan":
+            raise ConfigError(f"model.{key}={getattr(cfg.model, key)} needs model.arch=dcgan: the blog's {network} "
+                              f"(model.arch={cfg.model.arch}) has its own widths")
     if cfg.loss.r1_gamma and cfg.train.compile:
         raise ConfigError("loss.r1_gamma > 0 needs train.compile=false: the R1 penalty backpropagates through D's "
                           "gradient, and torch.compile (AOTAutograd) has no double backward")

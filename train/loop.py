@@ -25,6 +25,7 @@ from train.data.images import ImageSpec
 from train.data.sharding import ShardedBatches, derived_seed
 from train.distributed import check_ranks_agree, share_buffers
 from train.ema import GeneratorEMA
+from train.networks import NetworkOptions
 from train.errors import EXIT_NONFINITE, EXIT_PREEMPTED, RunWriteError
 from train.faults import FaultMonitor, NonFiniteError, Preempted
 from train.profiling import StepProfiler
@@ -111,8 +112,8 @@ class Training:
         # The plain modules (no DDP, no torch.compile wrapper): what is saved, averaged and sampled from.
         plain_generator, plain_discriminator = (accelerator.unwrap_model(m, keep_torch_compile=False)
                                                 for m in (generator, discriminator))
-        average = models.build_generator(cfg.model.arch, cfg.model.z_dim, cfg.model.upsample, cfg.model.conditional,
-                                         self.images, cfg.model.class_norm).to(accelerator.device)
+        average = models.build_generator(cfg.model.arch, cfg.model.z_dim, cfg.model.conditional, self.images,
+                                         NetworkOptions.of(cfg.model)).to(accelerator.device)
         self.ema = GeneratorEMA(average, plain_generator, cfg.ema.half_life_images, cfg.ema.rampup,
                                 cfg.ema.statistics_images, seed=derived_seed(cfg.run.seed, *b"ema statistics"))
         self.snapshot = Snapshot(
@@ -343,5 +344,4 @@ def build_networks(cfg: Config, images: ImageSpec) -> tuple[torch.nn.Module, tor
 
 def build_models(cfg: Config, images: ImageSpec) -> tuple[torch.nn.Module, torch.nn.Module]:
     """G and D as `model.*` describes them, for `images`: for the run, and on the meta device for the early check."""
-    return models.build(cfg.model.arch, cfg.model.z_dim, cfg.model.upsample, cfg.model.conditional, images,
-                        class_norm=cfg.model.class_norm, d_width=cfg.model.d_width)
+    return models.build(cfg.model.arch, cfg.model.z_dim, cfg.model.conditional, images, NetworkOptions.of(cfg.model))

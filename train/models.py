@@ -49,20 +49,18 @@ def set_batchnorm_group(network: nn.Module, group: int | None) -> None:
             module.group = group
 
 
-def build_generator(arch: str, z_dim: int, upsample: str = "fused", conditional: bool = False,
-                    images: ImageSpec = MNIST, class_norm: bool = False) -> nn.Module:
-    """The generator of `model.arch` for `images`; `upsample` picks the seed generator's implementation. A
-    conditional one draws the images' classes; with `class_norm` (DCGAN) through every BatchNorm too."""
-    options = networks.NetworkOptions(upsample=upsample, class_norm=class_norm)
+def build_generator(arch: str, z_dim: int, conditional: bool = False, images: ImageSpec = MNIST,
+                    options: networks.NetworkOptions = networks.NetworkOptions()) -> nn.Module:
+    """The generator of `model.arch` for `images`, as `options` (the model.* keys networks read) say; a conditional
+    one draws the images' classes."""
     return networks.load(arch).build_generator(z_dim, images.num_classes if conditional else 0, images, options)
 
 
-def build(arch: str, z_dim: int, upsample: str = "fused", conditional: bool = False, images: ImageSpec = MNIST, *,
-          class_norm: bool = False, d_width: int = 64) -> tuple[nn.Module, nn.Module]:
-    """(generator, discriminator) for `model.arch` and `images`, built in that order (the order their weights are
-    drawn in); `d_width`: DCGAN's D's first width (model.d_width)."""
+def build(arch: str, z_dim: int, conditional: bool = False, images: ImageSpec = MNIST,
+          options: networks.NetworkOptions = networks.NetworkOptions()) -> tuple[nn.Module, nn.Module]:
+    """(generator, discriminator) for `model.arch` and `images`, as `options` say, built in that order (the order
+    their weights are drawn in)."""
     network = networks.load(arch)
-    options = networks.NetworkOptions(upsample=upsample, class_norm=class_norm, d_width=d_width)
     num_classes = images.num_classes if conditional else 0
     generator = network.build_generator(z_dim, num_classes, images, options)
     return generator, network.build_discriminator(num_classes, images, options)

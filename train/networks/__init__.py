@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
 
 from train.errors import ConfigError
 
@@ -19,9 +20,21 @@ KINDS = tuple(sorted(module.name for module in pkgutil.iter_modules(__path__) if
 
 @dataclass(frozen=True)
 class NetworkOptions:
+    """The model.* keys a network may read. A new one is a field here and a key of the same name in ModelConfig: the
+    run, the checkpoints and the exported generator pass it on from there. Each default is what a network was made
+    with before its key existed, so a recorded config that lacks the key builds the network it describes."""
+
     upsample: str = "fused"  # model.upsample (seed)
     class_norm: bool = False  # model.class_norm (dcgan)
     d_width: int = 64  # model.d_width (dcgan)
+    g_width: int = 64  # model.g_width (dcgan)
+
+    @classmethod
+    def of(cls, model) -> NetworkOptions:
+        """The options in `model`: a ModelConfig, or a model config as a run recorded it (a dict from config.yaml,
+        state.json or generator.json), whose missing keys take the defaults."""
+        values = model if isinstance(model, Mapping) else vars(model)
+        return cls(**{field.name: values[field.name] for field in fields(cls) if field.name in values})
 
 
 def load(arch: str):

@@ -1,5 +1,6 @@
-"""`model.arch: dcgan`: DCGAN (Radford et al. 2016), built for the data's size and channels; `model.d_width` sets D's
-first width, `model.class_norm` gives a conditional G class-conditional BatchNorms."""
+"""`model.arch: dcgan`: DCGAN (Radford et al. 2016), built for the data's size and channels; `model.g_width` and
+`model.d_width` set G's last and D's first width, `model.class_norm` gives a conditional G class-conditional
+BatchNorms."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ MAX_BASE = 8  # DCGAN's smallest map is at most this wide
 
 
 def build_generator(z_dim: int, num_classes: int, images: ImageSpec, options: NetworkOptions) -> nn.Module:
-    return DCGANGenerator(z_dim, num_classes=num_classes, images=images, class_norm=options.class_norm)
+    return DCGANGenerator(z_dim, options.g_width, num_classes, images, options.class_norm)
 
 
 def build_discriminator(num_classes: int, images: ImageSpec, options: NetworkOptions) -> nn.Module:

@@ -25,6 +25,7 @@ from train.config import CHOICES, DataConfig, EvalConfig
 from train.data import images
 from train.data.sources import recorded_config
 from train.errors import CheckpointError, DataError
+from train.networks import NetworkOptions
 from train.sharing import hub, model_card
 from train.storage.checkpoint import load_network, tensor_shapes
 from train.storage.files import write_atomically
@@ -37,7 +38,10 @@ DESCRIPTION = "generator.json"
 # Where the images came from.
 DATA_SCHEMA = {"source": str, "path": str, "split?": str, "torchvision_name?": str, "holdout?": (int, float)}
 # What `load_generator` reads from generator.json (a description without "conditional" is of an unconditional one).
-DESCRIPTION_SCHEMA = {"arch": str, "z_dim": int, "conditional?": bool, "class_norm?": bool, "images?": images.SCHEMA,
+# The model.* keys (networks.NetworkOptions) the generator is built from; those of its run's config are in it.
+GENERATOR_OPTIONS = ("upsample", "class_norm", "g_width")
+DESCRIPTION_SCHEMA = {"arch": str, "z_dim": int, "conditional?": bool, "upsample?": str, "class_norm?": bool,
+                      "g_width?": int, "images?": images.SCHEMA,
                       "data?": DATA_SCHEMA, "features?": str, "weights": str, "step": int, "source": str,
                       "sha256": str}
 
@@ -67,7 +71,7 @@ def export_generator(path: Path, out: Path, use_ema: bool = True, name: str | No
     model = state["config"]["model"]
     description = {
         "arch": model["arch"], "z_dim": model["z_dim"], "conditional": model.get("conditional", False),
-        "class_norm": model.get("class_norm", False),
+        **{key: model[key] for key in GENERATOR_OPTIONS if key in model},
         "images": images.recorded(state).as_dict(), **_data_and_features(state["config"]), "weights": weights_name,
         "step": state["progress"]["step"], "source": _shown_source(source)}
     out.mkdir(parents=True, exist_ok=True)
@@ -150,8 +154,7 @@ def _build_to_fit(model: dict, drawn: images.ImageSpec, weights: Path, described
     `weights`: they are compared on a network without memory (the meta device), so an edited description (an unknown
     arch, an absurd z_dim, a size no network has) is refused by name instead of being allocated."""
     arch, z_dim, conditional = model["arch"], model["z_dim"], model.get("conditional", False)
-    build = functools.partial(models.build_generator, arch, z_dim, conditional=conditional, images=drawn,
-                              class_norm=model.get("class_norm", False))
+    build = functools.partial(models.build_generator, arch, z_dim, conditional, drawn, NetworkOptions.of(model))
     if arch not in CHOICES["model.arch"]:
         raise CheckpointError(f"{described_in} names the architecture {arch!r}; this code builds "
                               f"{', '.join(CHOICES['model.arch'])}")

@@ -38,7 +38,7 @@ STATE_SCHEMA = {
     "world_size": int, "global_batch": int, "scaler": (dict, type(None)), "images?": images.SCHEMA,
     "hardware?": {"device": str, "processes": int, "mixed_precision": str}, "noise?": str,
     "config": {"model": {"arch": str, "z_dim": int, "conditional?": bool, "class_norm?": bool,
-                         "d_width?": int}},
+                         "d_width?": int, "g_width?": int}},
 }
 OPTIMIZERS_SCHEMA = {"generator": {"param_groups": [{"params": [int]}]},
                      "discriminator": {"param_groups": [{"params": [int]}]}}
