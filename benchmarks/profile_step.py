@@ -34,7 +34,8 @@ if __name__ == "__main__":
     steps = int(sys.argv[1]) if len(sys.argv) > 1 else 50
     for upsample in ("native", "fused"):
         torch.manual_seed(0)
-        generator, discriminator = (m.cuda() for m in models.build("seed", 100, options=NetworkOptions(upsample=upsample)))
+        networks = models.build("seed", 100, options=NetworkOptions(upsample=upsample))
+        generator, discriminator = (m.cuda() for m in networks)
         optimizers = [torch.optim.Adam(m.parameters(), lr=1e-3, amsgrad=True, fused=True)
                       for m in (generator, discriminator)]
         real = torch.rand(64, 1, 28, 28, device="cuda")

@@ -141,7 +141,8 @@ def test_dcgans_generator_is_built_at_the_width_asked_and_rebuilt_from_what_a_ru
     recorded = {"arch": "dcgan", "z_dim": 16, "conditional": True, "g_width": 32, "bn_group": None}
     assert NetworkOptions.of(recorded) == NetworkOptions(g_width=32)
     rebuilt = _build_to_fit(recorded, MNIST, weights, tmp_path / "state.json")
-    assert {k: v.shape for k, v in rebuilt.state_dict().items()} == {k: v.shape for k, v in generator.state_dict().items()}
+    shapes = {name: tensor.shape for name, tensor in generator.state_dict().items()}
+    assert {name: tensor.shape for name, tensor in rebuilt.state_dict().items()} == shapes
     del recorded["g_width"]
     with pytest.raises(CheckpointError, match="does not fit the generator"):
         _build_to_fit(recorded, MNIST, weights, tmp_path / "state.json")
@@ -199,7 +200,8 @@ def test_dcgans_first_layer_is_the_transposed_convolution_it_replaces_forward_an
 
 def test_both_seed_generators_compute_the_same_function_from_the_same_weights():
     torch.manual_seed(4)
-    fused, native = (models.build("seed", 100, options=NetworkOptions(upsample=upsample))[0] for upsample in ("fused", "native"))
+    fused, native = (models.build("seed", 100, options=NetworkOptions(upsample=upsample))[0]
+                     for upsample in ("fused", "native"))
     native.load_state_dict(fused.state_dict())
     z = torch.randn(16, 100)
     assert relative_error(fused(z), native(z)) < UPSAMPLE_TOLERANCE

@@ -25,9 +25,9 @@ from train.data.images import ImageSpec
 from train.data.sharding import ShardedBatches, derived_seed
 from train.distributed import check_ranks_agree, share_buffers
 from train.ema import GeneratorEMA
-from train.networks import NetworkOptions
 from train.errors import EXIT_NONFINITE, EXIT_PREEMPTED, RunWriteError
 from train.faults import FaultMonitor, NonFiniteError, Preempted
+from train.networks import NetworkOptions
 from train.profiling import StepProfiler
 from train.quality.evaluator import Evaluator, generate_sharded
 from train.sharing import artifacts

@@ -20,9 +20,12 @@ KINDS = tuple(sorted(module.name for module in pkgutil.iter_modules(__path__) if
 
 @dataclass(frozen=True)
 class NetworkOptions:
-    """The model.* keys a network may read. A new one is a field here and a key of the same name in ModelConfig: the
-    run, the checkpoints and the exported generator pass it on from there. Each default is what a network was made
-    with before its key existed, so a recorded config that lacks the key builds the network it describes."""
+    """The model.* keys a network may read, each a key of the same name in ModelConfig: `of` reads them from a run's
+    config and from what a checkpoint or an export recorded, so the run, its resume and its exported generator build
+    the same networks. Each default is what a network was made with before its key existed, so a recorded config
+    that lacks the key builds the network it describes. A new one also needs its place in the recorded files'
+    schemas (storage/manifest.py; sharing/export.py where G reads it) and, if it changes the weights' shapes, in
+    __main__.FIXED_ON_RESUME."""
 
     upsample: str = "fused"  # model.upsample (seed)
     class_norm: bool = False  # model.class_norm (dcgan)
