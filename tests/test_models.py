@@ -1,5 +1,7 @@
 """The seed architecture is the blog's; the losses are the blog's in logit form."""
 
+import dataclasses
+
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -7,6 +9,7 @@ from torch import nn
 
 from helpers.blog_reference import Discriminator as BlogDiscriminator, Generator as BlogGenerator, blog_losses
 from train import losses, models, regularisation
+from train.__main__ import FIXED_ON_RESUME
 from train.networks import NetworkOptions, dcgan, seed
 from train.data.images import MNIST, ImageSpec
 from train.errors import CheckpointError, DataError
@@ -146,6 +149,31 @@ def test_dcgans_generator_is_built_at_the_width_asked_and_rebuilt_from_what_a_ru
     del recorded["g_width"]
     with pytest.raises(CheckpointError, match="does not fit the generator"):
         _build_to_fit(recorded, MNIST, weights, tmp_path / "state.json")
+
+
+# Another value of each network option, and the architecture that reads it: a new option must be added here.
+ANOTHER_VALUE = {"upsample": ("seed", "native"), "class_norm": ("dcgan", True), "d_width": ("dcgan", 32),
+                 "g_width": ("dcgan", 32)}
+
+
+@pytest.mark.parametrize("option", [field.name for field in dataclasses.fields(NetworkOptions)])
+def test_each_network_option_says_truly_which_network_it_changes_and_whether_its_weights_shapes(option):
+    """The resume checks (__main__.FIXED_ON_RESUME) and the recorded files' schemas are derived from each option's
+    declaration: at another value it changes the shapes of its own network's weights exactly when it says it does,
+    and never the other network's."""
+    arch, value = ANOTHER_VALUE[option]
+
+    def shapes(options: NetworkOptions) -> dict[str, dict]:
+        networks = models.build(arch, z_dim=16, conditional=True, options=options)
+        return {name: {key: tensor.shape for key, tensor in network.state_dict().items()}
+                for name, network in zip(("generator", "discriminator"), networks)}
+
+    default, changed = shapes(NetworkOptions()), shapes(NetworkOptions(**{option: value}))
+    network = {field.name: field.metadata for field in dataclasses.fields(NetworkOptions)}[option]["network"]
+    other = {"generator": "discriminator", "discriminator": "generator"}[network]
+    assert default[other] == changed[other]
+    assert (default[network] != changed[network]) == (f"model.{option}" in FIXED_ON_RESUME)
+    assert option in NetworkOptions.names(network) and option not in NetworkOptions.names(other)
 
 
 def test_mnists_dcgan_keeps_its_parameter_names_and_shapes():

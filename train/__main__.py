@@ -85,10 +85,7 @@ def quality_target_met(progress: dict, cfg: Config) -> str | None:
 
 # Settings the checkpoint's tensors were made for: another value cannot resume from them.
 FIXED_ON_RESUME = {"optim.amsgrad": "the checkpoint's Adam state was made with",
-                   "model.conditional": "the checkpoint's networks were made with",
-                   "model.class_norm": "the checkpoint's generator was made with",
-                   "model.d_width": "the checkpoint's discriminator was made with",
-                   "model.g_width": "the checkpoint's generator was made with"}
+                   "model.conditional": "the checkpoint's networks were made with", **NetworkOptions.fixed_on_resume()}
 
 
 def report_changed_settings(changed: dict[str, tuple], report) -> None:

@@ -39,10 +39,8 @@ DESCRIPTION = "generator.json"
 DATA_SCHEMA = {"source": str, "path": str, "split?": str, "torchvision_name?": str, "holdout?": (int, float)}
 # What `load_generator` reads from generator.json (a description without "conditional" is of an unconditional one).
 # The model.* keys (networks.NetworkOptions) the generator is built from; those of its run's config are in it.
-GENERATOR_OPTIONS = ("upsample", "class_norm", "g_width")
-DESCRIPTION_SCHEMA = {"arch": str, "z_dim": int, "conditional?": bool, "upsample?": str, "class_norm?": bool,
-                      "g_width?": int, "images?": images.SCHEMA,
-                      "data?": DATA_SCHEMA, "features?": str, "weights": str, "step": int, "source": str,
+DESCRIPTION_SCHEMA = {"arch": str, "z_dim": int, "conditional?": bool, **NetworkOptions.schema("generator"),
+                      "images?": images.SCHEMA, "data?": DATA_SCHEMA, "features?": str, "weights": str, "step": int, "source": str,
                       "sha256": str}
 
 
@@ -71,7 +69,7 @@ def export_generator(path: Path, out: Path, use_ema: bool = True, name: str | No
     model = state["config"]["model"]
     description = {
         "arch": model["arch"], "z_dim": model["z_dim"], "conditional": model.get("conditional", False),
-        **{key: model[key] for key in GENERATOR_OPTIONS if key in model},
+        **{key: model[key] for key in NetworkOptions.names("generator") if key in model},
         "images": images.recorded(state).as_dict(), **_data_and_features(state["config"]), "weights": weights_name,
         "step": state["progress"]["step"], "source": _shown_source(source)}
     out.mkdir(parents=True, exist_ok=True)

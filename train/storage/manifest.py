@@ -19,6 +19,7 @@ from pathlib import Path
 
 from train.data import images
 from train.errors import CheckpointError, ConfigError, RunWriteError
+from train.networks import NetworkOptions
 from train.storage.files import fsync, write_file
 from train.storage.layout import BEST, CHECKPOINTS, LATEST, check_best_link
 from train.storage.run_lock import LOCK_FILE
@@ -37,8 +38,7 @@ STATE_SCHEMA = {
                  "evaluations_since_best?": int},
     "world_size": int, "global_batch": int, "scaler": (dict, type(None)), "images?": images.SCHEMA,
     "hardware?": {"device": str, "processes": int, "mixed_precision": str}, "noise?": str,
-    "config": {"model": {"arch": str, "z_dim": int, "conditional?": bool, "class_norm?": bool,
-                         "d_width?": int, "g_width?": int}},
+    "config": {"model": {"arch": str, "z_dim": int, "conditional?": bool, **NetworkOptions.schema()}},
 }
 OPTIMIZERS_SCHEMA = {"generator": {"param_groups": [{"params": [int]}]},
                      "discriminator": {"param_groups": [{"params": [int]}]}}
