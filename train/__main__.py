@@ -10,6 +10,7 @@ from train import preemption
 
 preemption.install()  # before the slow imports and start-up below
 
+import gc  # noqa: E402
 import os  # noqa: E402
 import sys  # noqa: E402
 from contextlib import nullcontext  # noqa: E402
@@ -99,5 +100,14 @@ def report_changed_settings(changed: dict[str, tuple], report) -> None:
         report("resuming with changed settings (the new values apply): "
                + ", ".join(f"{key} {saved!r} -> {now!r}" for key, (saved, now) in changed.items()))
 
+
+def exit_with(code: int):
+    """Exit with `code` without Python's final garbage collection: it walks every object torch and its compiler
+    stack made, none of which needs finalising once the run has closed its files and logs, and took 1.3 s of the
+    6 s a six-step run takes from start to exit."""
+    gc.freeze()
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_with(main())

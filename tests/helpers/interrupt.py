@@ -20,7 +20,7 @@ import sys
 import torch
 
 from train import faults
-from train.__main__ import main
+from train.__main__ import exit_with, main
 from train.data import sharding
 from train.storage import checkpoint
 
@@ -68,4 +68,4 @@ def check_or_stop(self):
 sharding.ShardedBatches.next = next_batch
 faults.FaultMonitor.check = check_or_stop
 checkpoint._write_tensors = write_tensors_then_fault
-sys.exit(main(sys.argv[4:]))
+exit_with(main(sys.argv[4:]))
