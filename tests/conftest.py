@@ -105,7 +105,7 @@ def tiny_mnist(tmp_path_factory) -> Path:
 def eval_cache(tmp_path_factory) -> Path:
     """One `eval.cache_dir` for every evaluating test of this pytest session, on all xdist workers.
 
-    Extracting the features of the 10,000 MNIST test images costs about 18 s of one core; the cache
+    Extracting the features of the 10,000 MNIST test images costs about 6 s of one core; the cache
     is keyed by its content and written atomically, so sharing it is safe. Never the repository's
     `.cache/eval`: a test must not depend on what an earlier session left there.
     """

@@ -56,8 +56,14 @@ class Features:
         return self._neighbours[:, k - 1]
 
 
+# Images per forward pass of a feature network: a batch's activations stay in a CPU core's caches. On a 2-core EPYC,
+# MNIST's 60,000 training images took 37 s at 128 against 74 s at 1000 on one thread, 18 s against 41 s on two,
+# and gave the same features to the bit.
+EXTRACTION_BATCH = 128
+
+
 @torch.no_grad()
-def extract(network: torch.nn.Module, images: Tensor, batch_size: int = 1000) -> Features:
+def extract(network: torch.nn.Module, images: Tensor, batch_size: int = EXTRACTION_BATCH) -> Features:
     """Features of uint8 images [N, C, H, W] (or [N, H, W] of grey ones), on the network's device, from a feature
     network (classifier.py, contrastive.py, inception.py); class probabilities where the network classifies."""
     device = next(network.parameters()).device
