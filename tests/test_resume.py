@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from conftest import all_state, assert_bitwise_equal, logged_metrics, run_env, run_train, run_with_fault
+from conftest import all_state, assert_bitwise_equal, logged_metrics, run_train, run_with_fault
 from train.errors import EXIT_PREEMPTED
 
 pytestmark = pytest.mark.slow

@@ -32,7 +32,7 @@ from train.profiling import StepProfiler
 from train.quality.evaluator import Evaluator, generate_sharded
 from train.sharing import artifacts
 from train.step import GANStep, Players
-from train.storage import checkpoint, manifest
+from train.storage import checkpoint, layout, manifest
 from train.storage.checkpoint import Progress, Snapshot
 
 SAMPLE_GRID_SIZE = 64
@@ -53,7 +53,7 @@ def train(cfg: Config, resume_from: Path | None) -> int:
         preempted.flag.report_saved(path.name)
         if best:
             artifacts.log_best(training.log)  # its W&B artifact, as a best written when due has
-        training.log.message(f"preempted: checkpoint {path.name}{f' (now {manifest.BEST})' if best else ''} written; "
+        training.log.message(f"preempted: checkpoint {path.name}{f' (now {layout.BEST})' if best else ''} written; "
                              f"exiting with {EXIT_PREEMPTED} so the job can be requeued (the run resumes from it)")
         return EXIT_PREEMPTED
     except NonFiniteError as stop:
@@ -179,14 +179,14 @@ class Training:
                 with self.window.paused():
                     path = self.save_checkpoint()
                 if new_best:
-                    self.log.message(f"step {step}: the lowest FD so far; checkpoints/{manifest.BEST} is now "
+                    self.log.message(f"step {step}: the lowest FD so far; checkpoints/{layout.BEST} is now "
                                      f"{path.name}")
                 if new_best or (last and not cfg.eval.num_samples):  # to W&B, where it logs
                     with self.window.paused():
                         artifacts.log_generator(self.log, path, step)
             if stopping:
-                self.log.message(f"step {step}: {self.stop_reason}: stopping; checkpoints/{manifest.LATEST} is "
-                                 f"{path.name}, checkpoints/{manifest.BEST} the lowest FD")
+                self.log.message(f"step {step}: {self.stop_reason}: stopping; checkpoints/{layout.LATEST} is "
+                                 f"{path.name}, checkpoints/{layout.BEST} the lowest FD")
                 return
 
     def log_if_due(self, step: int, last: bool) -> None:

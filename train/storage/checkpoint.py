@@ -38,8 +38,9 @@ from train.data.images import ImageSpec, recorded
 from train.data.sharding import DataPosition
 from train.errors import CheckpointError
 from train.storage.files import fsync, write_atomically, write_file
+from train.storage.layout import BEST, LATEST
 from train.storage.manifest import (
-    BEST, LATEST, STATE, checkpoint_name, checkpoints_dir, mark_best, prune, read_state, stop_on_write_failure,
+    STATE, checkpoint_name, checkpoints_dir, mark_best, prune, read_state, stop_on_write_failure,
     verify, write_manifest
 )
 

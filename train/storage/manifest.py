@@ -21,7 +21,7 @@ from train.data import images
 from train.errors import CheckpointError, ConfigError, RunWriteError
 from train.networks import NetworkOptions
 from train.storage.files import fsync, write_file
-from train.storage.layout import BEST, CHECKPOINTS, LATEST, check_best_link
+from train.storage.layout import BEST, CHECKPOINTS, check_best_link
 from train.storage.run_lock import LOCK_FILE
 
 FORMAT_VERSION = 1
