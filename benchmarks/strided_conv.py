@@ -1,9 +1,9 @@
 """`python -m benchmarks.strided_conv`: DCGAN's second discriminator convolution at model.d_width 64 (4x4, stride 2,
 64 to 128 channels, 14x14 to 7x7, batch 128), the largest share of a full-width step on the CPU, timed forward and
-backward in bf16 autocast in the forms that compute the same function: direct, as a 2x2 stride-1 convolution on pixel_unshuffle of the padded input,
-as unfold and a matrix product, and in channels_last. Prints ms per forward+backward, the mean of 20 after 20, and
-the direct form's FLOP/s forward and forward+backward beside a large bf16 matrix product's in the same run: how near
-the machine's limit the step's largest operator already runs."""
+backward in bf16 autocast in the forms that compute the same function: direct, as a 2x2 stride-1 convolution on
+pixel_unshuffle of the padded input, as unfold and a matrix product, and in channels_last. Prints ms per
+forward+backward, the mean of 20 after 20, and the direct form's FLOP/s forward and forward+backward beside a large
+bf16 matrix product's in the same run: how near the machine's limit the step's largest operator already runs."""
 
 import time
 

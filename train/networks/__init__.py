@@ -46,15 +46,19 @@ class NetworkOptions:
         return cls(**{field.name: values[field.name] for field in fields(cls) if field.name in values})
 
     @classmethod
+    def _read_by(cls, network: str | None) -> list:
+        """The fields of the options `network` ("generator", "discriminator") reads; all of them without one."""
+        return [field for field in fields(cls) if network in (None, field.metadata["network"])]
+
+    @classmethod
     def names(cls, network: str | None = None) -> tuple[str, ...]:
-        """The options `network` ("generator", "discriminator") reads; all of them without one."""
-        return tuple(field.name for field in fields(cls) if network in (None, field.metadata["network"]))
+        """The options `network` reads; all of them without one."""
+        return tuple(field.name for field in cls._read_by(network))
 
     @classmethod
     def schema(cls, network: str | None = None) -> dict[str, type]:
         """The options `network` reads as a recorded file's schema (storage/manifest.py's): each may be absent."""
-        defaults = {field.name: field.default for field in fields(cls)}
-        return {f"{name}?": type(defaults[name]) for name in cls.names(network)}
+        return {f"{field.name}?": type(field.default) for field in cls._read_by(network)}
 
     @classmethod
     def fixed_on_resume(cls) -> dict[str, str]:

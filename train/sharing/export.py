@@ -40,8 +40,8 @@ DATA_SCHEMA = {"source": str, "path": str, "split?": str, "torchvision_name?": s
 # What `load_generator` reads from generator.json (a description without "conditional" is of an unconditional one).
 # The model.* keys (networks.NetworkOptions) the generator is built from; those of its run's config are in it.
 DESCRIPTION_SCHEMA = {"arch": str, "z_dim": int, "conditional?": bool, **NetworkOptions.schema("generator"),
-                      "images?": images.SCHEMA, "data?": DATA_SCHEMA, "features?": str, "weights": str, "step": int, "source": str,
-                      "sha256": str}
+                      "images?": images.SCHEMA, "data?": DATA_SCHEMA, "features?": str, "weights": str, "step": int,
+                      "source": str, "sha256": str}
 
 
 class Exported(NamedTuple):
