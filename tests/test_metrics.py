@@ -22,13 +22,12 @@ def random_features(n, dim=8, seed=0, shift=0.0):
 
 
 def direct_fd(a, b):
-    """Fréchet distance through the symmetric form Tr((S_a^1/2 S_b S_a^1/2)^1/2), via eigendecompositions."""
+    """Fréchet distance as its formula is written, Tr((S_a S_b)^1/2) through scipy's general matrix square root
+    (pytorch-fid's way; the metrics take the symmetric form's eigenvalues instead)."""
     a, b = a.double().numpy(), b.double().numpy()
     sa, sb = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    values, vectors = np.linalg.eigh(sa)
-    root_a = vectors @ np.diag(np.sqrt(values.clip(0))) @ vectors.T
-    inner = np.linalg.eigvalsh(root_a @ sb @ root_a).clip(0)
-    return ((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(sa) + np.trace(sb) - 2 * np.sqrt(inner).sum()
+    root = scipy.linalg.sqrtm(sa @ sb).real
+    return ((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(sa) + np.trace(sb) - 2 * np.trace(root)
 
 
 def direct_knn_metrics(real, fake, k_pr, k_dc):
@@ -51,6 +50,17 @@ def test_fd_matches_a_direct_computation_and_is_symmetric():
     assert math.isclose(metrics.frechet_distance(a, b), metrics.frechet_distance(b, a), rel_tol=FD_TOLERANCE)
     assert abs(metrics.frechet_distance(a, a)) < FD_TOLERANCE
     assert metrics.frechet_distance(a, random_features(300, seed=3, shift=2.0)) > metrics.frechet_distance(a, b)
+
+
+def test_fd_against_one_repeated_image_is_the_distance_to_it_plus_the_spread():
+    """A generator that draws one image over and over: its covariance is 0 (singular), and the FD is exactly
+    ||mu_a - x||^2 + Tr S_a, where a matrix square root of the singular product can come out complex or NaN."""
+    a = random_features(300, seed=1)
+    point = random_features(1, seed=2, shift=0.5)
+    expected = ((a.double().mean(0) - point.double()[0]) ** 2).sum() + np.trace(np.cov(a.double().numpy(),
+                                                                                        rowvar=False))
+    for fd in (metrics.frechet_distance(a, point.repeat(50, 1)), metrics.frechet_distance(point.repeat(50, 1), a)):
+        assert math.isclose(fd, float(expected), rel_tol=FD_TOLERANCE)
 
 
 def test_knn_metrics_match_a_direct_computation():
@@ -120,7 +130,7 @@ def test_the_fd_interval_contains_the_fd_and_narrows_with_more_samples():
     bias, so it describes the spread of the FD actually measured."""
     generator = torch.Generator().manual_seed(0)
     real = torch.randn(5000, 32, generator=generator)
-    few, many = (metrics.fd_interval(real, torch.randn(n, 32, generator=generator) * 1.1, resamples=200)
+    few, many = (metrics.fd_interval(metrics.Gaussian.of(real), torch.randn(n, 32, generator=generator) * 1.1, resamples=200)
                  for n in (500, 2000))
     for interval in (few, many):
         assert interval["low"] <= interval["fd"] <= interval["high"]
