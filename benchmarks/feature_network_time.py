@@ -1,7 +1,8 @@
 """`python -m benchmarks.feature_network_time`: seconds to train the self-supervised feature network of unlabelled
 data (train/quality/contrastive.py) on the 60,000 colour digits (3x32x32), on the CPU; with `--inception`, the
 seconds Inception-v3 (train/quality/inception.py) takes per picture, per FD of its 2048 features and per bootstrap
-resample of that FD instead (docs/performance.md). Inception's time does not depend on its weights' values: it runs on random ones."""
+resample of that FD instead (docs/performance.md). Inception's time does not depend on its weights' values: it runs
+on random ones."""
 
 import argparse
 import platform
