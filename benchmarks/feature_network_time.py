@@ -57,7 +57,8 @@ def inception_features(count: int = 200) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.feature_network_time", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.feature_network_time",
+                                     description=__doc__.split("\n")[0])
     parser.add_argument("--inception", action="store_true", help="time Inception-v3's features and FD instead")
     if parser.parse_args().inception:
         inception_features()

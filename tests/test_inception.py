@@ -92,7 +92,8 @@ def test_without_its_weights_a_run_and_the_tools_are_refused_before_any_work_say
 def test_inception_features_give_torch_fidelitys_fid_and_the_report_names_the_weights(
         pictures, weights, eval_cache):
     training = load(data_config(pictures))
-    evaluator = Evaluator.for_data(data_config(pictures), training.spec, eval_cache, features=INCEPTION, weights=str(weights))
+    evaluator = Evaluator.for_data(data_config(pictures), training.spec, eval_cache, features=INCEPTION,
+                                   weights=str(weights))
     assert evaluator.feature_network.startswith(f"Inception-v3 weights {weights} (sha256:")
     assert evaluator.feature_network.endswith("not the standard pt_inception-2015-12-05: its FID is not comparable "
                                               "with published ones")

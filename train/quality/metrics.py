@@ -228,7 +228,8 @@ def compare(real: Features, fake: Features) -> dict[str, float]:
 def per_digit(real: Features, real_labels: Tensor, fake: Features, asked: Tensor | None = None
               ) -> dict[int, dict[str, float]]:
     """Each digit's generated samples against the test images of that digit: their count, and where there are
-    at least MIN_PER_DIGIT of them (and more test images than k) their FD and recall, which show the digits a generator makes badly or misses.
+    at least MIN_PER_DIGIT of them (and more test images than k) their FD and recall, which show the digits a
+    generator makes badly or misses.
     The samples are grouped by the classifier's label, or by `asked`, the labels a conditional generator was
     given; then each digit also has `agreement`, the share of its samples the classifier labels as asked."""
     predicted, real_labels = fake.probabilities.argmax(1), real_labels.to(real.features.device)
