@@ -46,10 +46,10 @@ def inception_features(count: int = 200) -> None:
     started = time.perf_counter()
     metrics.frechet_distance(real, fake)
     fd_seconds = time.perf_counter() - started
-    test_set = metrics.Gaussian.of(real)
-    test_set.root  # computed once per test set, as an evaluation keeps it
+    test_set = metrics.Features(real)
+    test_set.gaussian().root  # computed once per test set, as an evaluation keeps it
     started = time.perf_counter()
-    metrics.fd_interval(test_set, fake, RESAMPLES)
+    metrics.fd_interval(test_set, metrics.Features(fake), RESAMPLES)
     resample_seconds = (time.perf_counter() - started) / (RESAMPLES + 1)
     print(f"Inception-v3: {per_picture:.3f} s a picture; an FD of {inception.FEATURE_DIM} features of "
           f"{EVALUATION_SET:,} samples against {EVALUATION_SET:,} pictures {fd_seconds:.1f} s, each further one "

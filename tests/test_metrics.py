@@ -130,8 +130,8 @@ def test_the_fd_interval_contains_the_fd_and_narrows_with_more_samples():
     bias, so it describes the spread of the FD actually measured."""
     generator = torch.Generator().manual_seed(0)
     real = torch.randn(5000, 32, generator=generator)
-    few, many = (metrics.fd_interval(metrics.Gaussian.of(real), torch.randn(n, 32, generator=generator) * 1.1,
-                                     resamples=200) for n in (500, 2000))
+    samples = (metrics.Features(torch.randn(n, 32, generator=generator) * 1.1) for n in (500, 2000))
+    few, many = (metrics.fd_interval(metrics.Features(real), fake, resamples=200) for fake in samples)
     for interval in (few, many):
         assert interval["low"] <= interval["fd"] <= interval["high"]
     assert many["high"] - many["low"] < 0.75 * (few["high"] - few["low"])  # 4x the samples: about half as wide

@@ -166,7 +166,7 @@ class Evaluator:
             report["metrics"]["label_agreement"] = (predicted == asked.cpu()).double().mean().item()
             report["per_asked_digit"] = per_digit(self.real, self.real_labels, fake, asked)
         if bootstrap:
-            report["fd_interval"] = fd_interval(self.real.gaussian(), fake.features, bootstrap, seed=seed)
+            report["fd_interval"] = fd_interval(self.real, fake, bootstrap, seed=seed)
         if copy_rate:
             report["metrics"]["copy_rate"] = self.copy_rate(fake.features)
         return report
@@ -196,7 +196,7 @@ class Evaluator:
 
     def fd_interval(self, images: Tensor, resamples: int, seed: int = 0) -> dict:
         """The FD of uint8 images against the test set, with its bootstrap interval (`fd_interval`)."""
-        return fd_interval(self.real.gaussian(), extract(self.network, images).features, resamples, seed=seed)
+        return fd_interval(self.real, extract(self.network, images), resamples, seed=seed)
 
     def training_set_floor(self, num: int, seed: int = 0) -> dict[str, float]:
         """The same metrics for `num` real training images: what a perfect generator would reach."""

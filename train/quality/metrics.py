@@ -117,15 +117,17 @@ class Gaussian:
                      - 2 * np.sqrt(inner).sum())
 
 
-def fd_interval(real: Gaussian, fake: Tensor, resamples: int, level: float = 0.95, seed: int = 0) -> dict:
+def fd_interval(real: Features, fake: Features, resamples: int, level: float = 0.95, seed: int = 0) -> dict:
     """How much the FD of this many generated samples varies from one draw to another: the FD of `resamples`
     bootstrap resamples of `fake` (with replacement; the real set is fixed), as a percentile interval moved
     by the bootstrap's own bias. Resampling repeats samples, which alone raises the FD (it falls with the
-    number of samples), so the raw percentiles would lie above the FD they describe."""
-    full = real.frechet_distance(Gaussian.of(fake))
+    number of samples), so the raw percentiles would lie above the FD they describe. Both sets' Gaussians are
+    the ones they keep: an evaluation has fitted them for its FD already."""
+    reference, samples = real.gaussian(), fake.features
+    full = reference.frechet_distance(fake.gaussian())
     generator = torch.Generator().manual_seed(seed)
-    values = np.array([real.frechet_distance(Gaussian.of(fake[torch.randint(len(fake), (len(fake),),
-                                                                            generator=generator)]))
+    values = np.array([reference.frechet_distance(Gaussian.of(samples[torch.randint(len(samples), (len(samples),),
+                                                                                    generator=generator)]))
                        for _ in range(resamples)])
     bias = values.mean() - full
     low, high = np.percentile(values - bias, [50 * (1 - level), 50 * (1 + level)])
